@@ -1,0 +1,37 @@
+// Leaf centres on the CPU: (corner + size / 2) / min_patch_size - 0.5, per axis.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../leaf_center.h"
+
+namespace mixres {
+namespace {
+
+at::Tensor leaf_centers_cpu(const at::Tensor& boxes, int64_t min_patch_size) {
+  TORCH_CHECK_VALUE(boxes.dim() == 3 && boxes.size(2) == 3, "mixres.leaf_centers: boxes must be [B, N, 3], got ",
+                    boxes.sizes());
+  TORCH_CHECK_TYPE(boxes.scalar_type() == at::kInt, "mixres.leaf_centers: boxes must be int32, got ",
+                   boxes.scalar_type());
+  TORCH_CHECK_VALUE(min_patch_size > 0, "mixres.leaf_centers: min_patch_size must be positive, got ",
+                    min_patch_size);
+  auto centers = at::empty({boxes.size(0), boxes.size(1), 2}, boxes.options().dtype(at::kFloat));
+  const auto src = boxes.contiguous();
+  const int32_t* box = src.const_data_ptr<int32_t>();
+  float* out = centers.mutable_data_ptr<float>();
+  const float unit = static_cast<float>(min_patch_size);
+  at::parallel_for(0, boxes.size(0) * boxes.size(1), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      out[2 * i] = leaf_center(box[3 * i], box[3 * i + 2], unit);
+      out[2 * i + 1] = leaf_center(box[3 * i + 1], box[3 * i + 2], unit);
+    }
+  });
+  return centers;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixres, CPU, m) { m.impl("leaf_centers", &leaf_centers_cpu); }
+
+}  // namespace mixres

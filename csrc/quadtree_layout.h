@@ -1,0 +1,66 @@
+// The packed score pyramid and the quadtree geometry, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace mixres {
+
+// Levels are numbered coarse to fine: level l holds patches of side max_size >> l.
+// Levels 0 .. n_splittable-1 have a score map; the last level (min_size) is never split.
+// The scores of one image are packed level after level, each map row-major, so that
+// one pointer and a few offsets address the whole pyramid on either device.
+constexpr int kMaxLevels = 16;
+
+struct PyramidLayout {
+  int64_t height = 0;
+  int64_t width = 0;
+  int64_t min_size = 0;
+  int64_t max_size = 0;
+  int n_levels = 0;  // including the unsplittable min_size level
+  int64_t offset[kMaxLevels + 1] = {};  // offset[l]: first packed score of level l
+
+  int n_splittable() const { return n_levels - 1; }
+  int64_t size(int level) const { return max_size >> level; }
+  int64_t rows(int level) const { return height / size(level); }
+  int64_t cols(int level) const { return width / size(level); }
+  int64_t n_scores() const { return offset[n_splittable()]; }
+  int64_t n_roots() const { return rows(0) * cols(0); }
+  int64_t max_leaves() const { return rows(n_levels - 1) * cols(n_levels - 1); }
+  // Canonical order: raster order of the top-left corner, in pixels. Leaves never share a corner.
+  int64_t order_key(int64_t y, int64_t x) const { return y * width + x; }
+};
+
+inline PyramidLayout make_layout(int64_t height, int64_t width, int64_t min_size, int64_t max_size) {
+  TORCH_CHECK_VALUE(min_size > 0 && max_size >= min_size,
+                    "mixres: need 0 < min_patch_size <= max_patch_size, got ", min_size, " and ", max_size);
+  const int64_t ratio = max_size / min_size;
+  TORCH_CHECK_VALUE(max_size % min_size == 0 && (ratio & (ratio - 1)) == 0,
+                    "mixres: max_patch_size / min_patch_size must be a power of two, got ", max_size, " / ",
+                    min_size);
+  TORCH_CHECK_VALUE(height > 0 && width > 0 && height % max_size == 0 && width % max_size == 0,
+                    "mixres: height and width must be positive multiples of max_patch_size ", max_size, ", got ",
+                    height, "x", width);
+  PyramidLayout layout;
+  layout.height = height;
+  layout.width = width;
+  layout.min_size = min_size;
+  layout.max_size = max_size;
+  while ((max_size >> layout.n_levels) >= min_size) ++layout.n_levels;
+  TORCH_CHECK_VALUE(layout.n_levels <= kMaxLevels, "mixres: at most ", kMaxLevels, " patch sizes are supported");
+  for (int l = 0; l < layout.n_splittable(); ++l) {
+    layout.offset[l + 1] = layout.offset[l] + layout.rows(l) * layout.cols(l);
+  }
+  return layout;
+}
+
+inline void check_budget(const PyramidLayout& layout, int64_t n_patches) {
+  const int64_t n_roots = layout.n_roots();
+  TORCH_CHECK_VALUE(n_patches >= n_roots && n_patches <= layout.max_leaves() && (n_patches - n_roots) % 3 == 0,
+                    "mixres: n_patches must be ", n_roots, " + 3k and at most ", layout.max_leaves(), " for a ",
+                    layout.height, "x", layout.width, " image with patches of ", layout.min_size, " to ",
+                    layout.max_size, " px, got ", n_patches);
+}
+
+}  // namespace mixres

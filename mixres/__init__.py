@@ -1,0 +1,11 @@
+"""mixres: mixed-resolution quadtree tokenization for Vision Transformers (the Quadformer of Ronen et al., 2023).
+
+>>> mosaic = mixres.tokenize(images, scores, n_patches=100)   # tokens [B, N, C, 16, 16], boxes, centers
+"""
+from . import ops, reference
+from .mosaic import Mosaic, tokenize
+from .pyramid import QuadtreeGeometry, pack_pyramid, saliency_to_pyramid, valid_n_patches
+
+__version__ = "0.1.0"
+__all__ = ["Mosaic", "tokenize", "valid_n_patches", "QuadtreeGeometry", "pack_pyramid", "saliency_to_pyramid",
+           "ops", "reference"]

@@ -1,0 +1,156 @@
+"""``mixres.tokenize``: images and patch scores in, a mixed-resolution mosaic of tokens out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .pyramid import QuadtreeGeometry, pack_pyramid, saliency_to_pyramid
+
+__all__ = ["Mosaic", "tokenize"]
+
+_IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Mosaic:
+    """A batch of mixed-resolution mosaics. Leaves are in canonical order: raster order of their top-left corner.
+
+    Attributes:
+        tokens: ``[B, N, C, p, p]``, each leaf resized to p x p (the images' dtype and device).
+        boxes: ``[B, N, 3]`` int32, each leaf's (y, x, size) in pixels.
+        centers: ``[B, N, 2]`` float32, each leaf's centre (y, x) in units of the s_min grid, so that the first
+            s_min cell sits at 0.0: ``(corner + size / 2) / min_patch_size - 0.5``.
+        min_patch_size: s_min, the unit of ``centers``.
+        image_size: (H, W) of the tokenized images.
+    """
+
+    tokens: Tensor
+    boxes: Tensor
+    centers: Tensor
+    min_patch_size: int
+    image_size: tuple[int, int]
+
+    @property
+    def n_patches(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def patch_size(self) -> int:
+        return self.tokens.shape[-1]
+
+    @property
+    def tokens_channels_last(self) -> Tensor:
+        """``[B, N, p, p, C]``, a view of ``tokens`` (no copy)."""
+        return self.tokens.permute(0, 1, 3, 4, 2)
+
+    def flat_tokens(self) -> Tensor:
+        """``[B, N, C * p * p]``, a view in the (C, p, p) order of a ViT's ``Conv2d`` patch-embedding weight, so
+        ``flat_tokens() @ weight.flatten(1).T`` embeds each token."""
+        return self.tokens.flatten(2)
+
+
+def _check_images(images) -> None:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a Tensor [B, C, H, W], got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"images must have rank 4 [B, C, H, W], got rank {images.dim()} {list(images.shape)}")
+    if images.dtype not in _IMAGE_DTYPES:
+        raise TypeError(f"images must be float16, bfloat16, float32 or float64, got {images.dtype}"
+                        + (" (convert with images.float() / 255)" if images.dtype == torch.uint8 else ""))
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch (B=0): tokenize needs at least one image")
+    if images.shape[1] == 0:
+        raise ValueError("images has no channels (C=0)")
+
+
+def _score_pyramid(scores, images: Tensor, geometry: QuadtreeGeometry) -> Tensor:
+    batch = images.shape[0]
+    if isinstance(scores, Tensor):
+        if scores.dim() != 3:
+            raise ValueError(f"scores given as a Tensor must be a dense saliency map of rank 3 [B, h, w], got rank "
+                             f"{scores.dim()} {list(scores.shape)}; pass a pyramid as a list or dict of maps")
+        if not scores.is_floating_point():
+            raise TypeError(f"scores must be floating point, got {scores.dtype}")
+        if scores.device != images.device:
+            raise ValueError(f"scores is on {scores.device} but images are on {images.device}: put both on one "
+                             f"device")
+        if scores.shape[0] != batch:
+            raise ValueError(f"scores has batch size {scores.shape[0]} but images has {batch}")
+        scores = saliency_to_pyramid(scores, geometry)
+    return pack_pyramid(scores, geometry, batch, images.device)
+
+
+def _tokenize(backend: ModuleType, images: Tensor, scores, n_patches: int, min_patch_size: int,
+              max_patch_size: int, patch_size: int | None, mode: str) -> Mosaic:
+    _check_images(images)
+    height, width = images.shape[-2:]
+    geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
+    geometry.check_n_patches(n_patches)
+    if patch_size is None:
+        patch_size = min_patch_size
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive int or None (= min_patch_size), got {patch_size!r}")
+    if mode not in ("area", "bilinear"):
+        raise ValueError(f"mode must be 'area' or 'bilinear', got {mode!r}")
+    packed = _score_pyramid(scores, images, geometry)
+    boxes = backend.build_quadtree(packed, height, width, min_patch_size, max_patch_size, n_patches)
+    return Mosaic(
+        tokens=backend.extract_patches(images, boxes, patch_size, mode),
+        boxes=boxes,
+        centers=backend.leaf_centers(boxes, min_patch_size),
+        min_patch_size=min_patch_size,
+        image_size=(height, width),
+    )
+
+
+def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int = 16, max_patch_size: int = 64,
+             patch_size: int | None = None, mode: str = "area") -> Mosaic:
+    """Splits each image into a quadtree of ``n_patches`` square leaves, greedily by score, and resizes every leaf
+    to one token size.
+
+    Starting from the grid of ``max_patch_size`` roots, each step splits the leaf with the highest score into its 4
+    quadrants, until there are ``n_patches`` leaves. Ties go to the leaf whose top-left corner comes first in
+    raster order. The result is identical on every device and in :mod:`mixres.reference`.
+
+    Args:
+        images: ``[B, C, H, W]`` float16, bfloat16, float32 or float64, B >= 1. H and W must be multiples of
+            ``max_patch_size`` (non-square images are fine).
+        scores: the split priority, higher splits first, on the images' device, in one of two forms:
+
+            - a score pyramid: a list of maps ordered coarse to fine, one per splittable patch size
+              s = max_patch_size, max_patch_size/2, ..., 2*min_patch_size, the map of size s being ``[B, H/s, W/s]``;
+              or a dict ``{s: map}``;
+            - a dense saliency map ``[B, h, w]`` with the images' aspect ratio (e.g. Grad-CAM). Each patch's score
+              is the **sum** of the map over its area (after the map is brought to the min_patch_size grid: cell
+              averages when it divides evenly, bilinear resampling otherwise).
+
+            Scores must be finite. float16/bfloat16 maps are compared as float32.
+        n_patches: leaves per image, N = (H/s_max)(W/s_max) + 3k, at most (H/s_min)(W/s_min). See
+            :func:`mixres.valid_n_patches`.
+        min_patch_size, max_patch_size: the smallest and largest leaf side, in pixels; their ratio is a power of 2.
+        patch_size: token side p; default ``min_patch_size``.
+        mode: how a leaf is resized to p x p: ``"area"`` (exact box averaging, ``F.interpolate(mode="area")``) or
+            ``"bilinear"`` (``align_corners=False``, no antialiasing).
+
+    Returns:
+        :class:`Mosaic` with ``tokens [B, N, C, p, p]`` (differentiable w.r.t. ``images``), ``boxes [B, N, 3]``
+        int32 (y, x, size) and ``centers [B, N, 2]`` float32.
+
+    Raises:
+        TypeError: images or scores not floating point, or n_patches not an int.
+        ValueError: a wrong rank or shape, an empty batch, images and scores on different devices, H or W not a
+            multiple of max_patch_size, a patch-size ratio that is not a power of two, an unreachable n_patches
+            (the message names the nearest valid ones), NaN or Inf scores, or an unknown mode.
+
+    Example:
+        >>> images = torch.rand(2, 3, 256, 256)
+        >>> pyramid = [torch.rand(2, 4, 4), torch.rand(2, 8, 8)]  # patch sizes 64 and 32
+        >>> mosaic = mixres.tokenize(images, pyramid, n_patches=100)
+        >>> mosaic.tokens.shape, mosaic.boxes.shape
+        (torch.Size([2, 100, 3, 16, 16]), torch.Size([2, 100, 3]))
+    """
+    return _tokenize(ops, images, scores, n_patches, min_patch_size, max_patch_size, patch_size, mode)

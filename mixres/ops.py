@@ -1,0 +1,115 @@
+"""The mixres operators: ``torch.ops.mixres.*`` where the C++/CUDA extension has a kernel for the tensors' device,
+the pure-PyTorch reference (:mod:`mixres.reference`) elsewhere, with a one-time warning.
+
+This module registers the fake (meta) kernels, which make the ops traceable by ``torch.compile(fullgraph=True)``,
+and the autograd formula of ``extract_patches``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.mixres)
+except ImportError as error:  # a source checkout that was never built, or a broken build
+    _IMPORT_ERROR: ImportError | None = error
+else:
+    _IMPORT_ERROR = None
+
+__all__ = ["build_quadtree", "extract_patches", "leaf_centers", "has_kernel", "cuda_version"]
+
+_OP_NAMES = ("build_quadtree", "extract_patches", "leaf_centers")
+_warned: set[str] = set()
+
+
+def cuda_version() -> int:
+    """The CUDA version the extension's GPU kernels were built with (e.g. 13000), or 0 without them."""
+    return torch.ops.mixres.cuda_version() if _IMPORT_ERROR is None else 0
+
+
+def _kernel_devices() -> frozenset[str]:
+    if _IMPORT_ERROR is not None:
+        return frozenset()
+    return frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA")) if all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"mixres::{name}", key) for name in _OP_NAMES))
+
+
+# Looked up once: a plain set membership test is free under torch.compile, a dispatcher query is not.
+_KERNEL_DEVICES = _kernel_devices()
+
+
+def has_kernel(device: torch.device | str) -> bool:
+    """Whether the compiled extension has kernels for ``device`` (otherwise the reference is used)."""
+    return torch.device(device).type in _KERNEL_DEVICES
+
+
+def _use_kernel(device: torch.device) -> bool:
+    if has_kernel(device):
+        return True
+    if device.type not in _warned:
+        _warned.add(device.type)
+        reason = f"the extension failed to import ({_IMPORT_ERROR})" if _IMPORT_ERROR else \
+            f"the extension was built without {device.type} kernels"
+        warnings.warn(f"mixres: {reason}; using the pure-PyTorch reference on {device.type}, which is much slower. "
+                      f"Reinstall with `pip install --no-build-isolation .` to build the kernels.", stacklevel=3)
+    return False
+
+
+def build_quadtree(scores: Tensor, height: int, width: int, min_patch_size: int, max_patch_size: int,
+                   n_patches: int) -> Tensor:
+    """Greedy quadtree. ``scores [B, P]`` packed pyramid (:func:`mixres.pyramid.pack_pyramid`) -> boxes
+    ``[B, n_patches, 3]`` int32 (y, x, size), in raster order of the corners."""
+    impl = torch.ops.mixres.build_quadtree if _use_kernel(scores.device) else reference.build_quadtree
+    return impl(scores, height, width, min_patch_size, max_patch_size, n_patches)
+
+
+def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str = "area") -> Tensor:
+    """``images [B, C, H, W]``, ``boxes [B, N, 3]`` int32 -> tokens ``[B, N, C, p, p]``; differentiable."""
+    impl = torch.ops.mixres.extract_patches if _use_kernel(images.device) else reference.extract_patches
+    return impl(images, boxes, patch_size, mode)
+
+
+def leaf_centers(boxes: Tensor, min_patch_size: int) -> Tensor:
+    """``boxes [B, N, 3]`` int32 -> centres ``[B, N, 2]`` float32 (y, x) in units of the s_min grid."""
+    impl = torch.ops.mixres.leaf_centers if _use_kernel(boxes.device) else reference.leaf_centers
+    return impl(boxes, min_patch_size)
+
+
+if _IMPORT_ERROR is None:
+
+    @torch.library.register_fake("mixres::build_quadtree")
+    def _(scores, height, width, min_patch_size, max_patch_size, n_patches):
+        torch._check(scores.dim() == 2, lambda: "scores must be [B, P]")
+        return scores.new_empty(scores.shape[0], n_patches, 3, dtype=torch.int32)
+
+    @torch.library.register_fake("mixres::extract_patches")
+    def _(images, boxes, patch_size, mode):
+        torch._check(images.dim() == 4 and boxes.dim() == 3, lambda: "images [B, C, H, W], boxes [B, N, 3]")
+        return images.new_empty(images.shape[0], boxes.shape[1], images.shape[1], patch_size, patch_size)
+
+    @torch.library.register_fake("mixres::extract_patches_backward")
+    def _(grad_tokens, boxes, height, width, mode):
+        return grad_tokens.new_empty(grad_tokens.shape[0], grad_tokens.shape[2], height, width)
+
+    @torch.library.register_fake("mixres::leaf_centers")
+    def _(boxes, min_patch_size):
+        return boxes.new_empty(boxes.shape[0], boxes.shape[1], 2, dtype=torch.float32)
+
+    def _extract_patches_setup_context(ctx, inputs, output):
+        images, boxes, _, mode = inputs
+        ctx.save_for_backward(boxes)
+        ctx.image_size = images.shape[-2:]
+        ctx.mode = mode
+
+    def _extract_patches_backward(ctx, grad_tokens):
+        (boxes,) = ctx.saved_tensors
+        grad_images = torch.ops.mixres.extract_patches_backward(grad_tokens, boxes, ctx.image_size[0],
+                                                               ctx.image_size[1], ctx.mode)
+        return grad_images, None, None, None
+
+    torch.library.register_autograd("mixres::extract_patches", _extract_patches_backward,
+                                    setup_context=_extract_patches_setup_context)
