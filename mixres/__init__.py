@@ -2,10 +2,11 @@
 
 >>> mosaic = mixres.tokenize(images, scores, n_patches=100)   # tokens [B, N, C, 16, 16], boxes, centers
 """
-from . import ops, reference
+from . import ops, reference, scorers, viz
 from .mosaic import Mosaic, tokenize
 from .pyramid import QuadtreeGeometry, pack_pyramid, saliency_to_pyramid, valid_n_patches
+from .scorers import PixelBlur
 
 __version__ = "0.1.0"
 __all__ = ["Mosaic", "tokenize", "valid_n_patches", "QuadtreeGeometry", "pack_pyramid", "saliency_to_pyramid",
-           "ops", "reference"]
+           "PixelBlur", "ops", "reference", "scorers", "viz"]

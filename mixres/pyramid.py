@@ -32,7 +32,9 @@ class QuadtreeGeometry:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         lo, hi = self.min_patch_size, self.max_patch_size
-        if hi < lo or hi % lo or (hi // lo) & (hi // lo - 1):
+        if lo > hi:
+            raise ValueError(f"min_patch_size {lo} must be at most max_patch_size {hi}")
+        if hi % lo or (hi // lo) & (hi // lo - 1):
             raise ValueError(f"max_patch_size / min_patch_size must be a power of two (1, 2, 4, ...), got "
                              f"max_patch_size={hi}, min_patch_size={lo}")
         for name in ("height", "width"):

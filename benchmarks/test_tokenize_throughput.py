@@ -1,0 +1,53 @@
+"""Throughput of mixres.tokenize (C++/CUDA ops) vs mixres.reference.tokenize (plain PyTorch), same run, same device.
+
+    pytest benchmarks --benchmark-json=out/benchmark.json
+
+Environment: MIXRES_BENCH_DEVICE (default: cuda if available, else cpu), MIXRES_BENCH_BATCH (default 64).
+Scores are precomputed random pyramids: this measures the quadtree, the resize and the centres, not a scorer.
+"""
+import os
+
+import pytest
+import torch
+
+import mixres
+
+from conftest import record
+
+DEVICE = torch.device(os.environ.get("MIXRES_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+BATCH = int(os.environ.get("MIXRES_BENCH_BATCH", "64"))
+# DESIGN.md's reference setting is 224 px with 16-64 px patches, but 224 is not a multiple of 64 (the root grid
+# must tile the image): 224 px runs with 16-32 px patches, and 256 px with 16-64 px patches.
+CONFIGS = {"224px-16to32-N100": (224, 16, 32, 100), "256px-16to64-N100": (256, 16, 64, 100)}
+IMPLS = {"ops": mixres.tokenize, "reference": mixres.reference.tokenize}
+
+
+def inputs(size, min_size, max_size):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(BATCH, 3, size, size, generator=generator).to(DEVICE)
+    geometry = mixres.QuadtreeGeometry(size, size, min_size, max_size)
+    pyramid = [torch.rand(BATCH, *geometry.grid(s), generator=generator).to(DEVICE)
+               for s in geometry.splittable_sizes]
+    return images, pyramid
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_tokenize(benchmark, config, impl):
+    size, min_size, max_size, n_patches = CONFIGS[config]
+    images, pyramid = inputs(size, min_size, max_size)
+    tokenize = IMPLS[impl]
+
+    def run():
+        mosaic = tokenize(images, pyramid, n_patches=n_patches, min_patch_size=min_size, max_patch_size=max_size)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return mosaic
+
+    benchmark.group = f"{config} B={BATCH} {DEVICE.type}"
+    mosaic = benchmark.pedantic(run, warmup_rounds=2, rounds=20 if impl == "ops" else 5, iterations=1)
+    assert mosaic.tokens.shape == (BATCH, n_patches, 3, min_size, min_size)
+    images_per_second = BATCH / benchmark.stats.stats.median
+    benchmark.extra_info.update(images_per_second=images_per_second, device=str(DEVICE), batch=BATCH,
+                                torch=torch.__version__, threads=torch.get_num_threads())
+    record(f"{config} B={BATCH} {DEVICE.type}", impl, images_per_second)

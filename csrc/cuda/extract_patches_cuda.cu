@@ -1,0 +1,280 @@
+// Resizing every leaf of a mosaic to a p x p token on CUDA, and the gradient back to the images.
+// One thread per token element: consecutive threads write consecutive elements of a token row.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/Atomic.cuh>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "../resample.h"
+
+namespace mixres {
+namespace {
+
+struct Box {
+  int32_t y, x, size;
+};
+
+constexpr int kThreads = 256;
+// Caps the grid; the kernels stride over the rest. With it, 32-bit indices never overflow below kMax32BitWork.
+constexpr int64_t kMaxBlocks = int64_t{1} << 20;
+constexpr int64_t kMax32BitWork = int64_t{1} << 30;
+
+unsigned int n_blocks(int64_t work) {
+  return static_cast<unsigned int>(std::min(kMaxBlocks, (work + kThreads - 1) / kThreads));
+}
+
+// The host cannot read the boxes without a sync, so the kernels check them; a failed assert stops the kernel
+// before any read or write outside the image.
+__device__ __forceinline__ bool box_inside(const Box& box, int64_t height, int64_t width) {
+  return box.size > 0 && box.y >= 0 && box.x >= 0 && static_cast<int64_t>(box.y) + box.size <= height &&
+         static_cast<int64_t>(box.x) + box.size <= width;
+}
+
+// Area mode when the leaf side is F times the token side: the same summation order as the CPU kernel (each
+// column of the F x F cell over its rows, then the column sums), so that the results agree bit for bit.
+template <int F, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t area_cell_multiple(const scalar_t* __restrict__ cell, int64_t width) {
+  acc_t sum = 0;
+#pragma unroll
+  for (int dx = 0; dx < F; ++dx) {
+    acc_t column = static_cast<acc_t>(cell[dx]);
+#pragma unroll
+    for (int dy = 1; dy < F; ++dy) column += static_cast<acc_t>(cell[dy * width + dx]);
+    sum = dx == 0 ? column : sum + column;
+  }
+  return sum * (acc_t(1) / acc_t(F * F));
+}
+
+// Area mode in general, again in the CPU kernel's order: each row of the bin, then the row sums.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t area_cell_any(const scalar_t* __restrict__ leaf, int64_t width, int32_t i,
+                                               int32_t j, int32_t size, int32_t patch) {
+  const int32_t y_begin = area_begin(i, size, patch), y_end = area_end(i, size, patch);
+  const int32_t x_begin = area_begin(j, size, patch), x_end = area_end(j, size, patch);
+  acc_t total = 0;
+  for (int32_t y = y_begin; y < y_end; ++y) {
+    const scalar_t* row = leaf + y * width;
+    acc_t sum = 0;
+    for (int32_t x = x_begin; x < x_end; ++x) sum += static_cast<acc_t>(row[x]);
+    total += sum;
+  }
+  return total / static_cast<acc_t>((y_end - y_begin) * (x_end - x_begin));
+}
+
+// Bilinear mode, in the order of F.interpolate: blend along x within the two source rows, then along y.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t bilinear_cell(const scalar_t* __restrict__ leaf, int64_t width, int32_t i,
+                                               int32_t j, int32_t size, int32_t patch) {
+  const BilinearTap<acc_t> ty = bilinear_tap<acc_t>(i, size, patch);
+  const BilinearTap<acc_t> tx = bilinear_tap<acc_t>(j, size, patch);
+  const scalar_t* lo = leaf + ty.lo * width;
+  const scalar_t* hi = leaf + ty.hi * width;
+  const acc_t top = tx.w_lo * static_cast<acc_t>(lo[tx.lo]) + tx.w_hi * static_cast<acc_t>(lo[tx.hi]);
+  const acc_t bottom = tx.w_lo * static_cast<acc_t>(hi[tx.lo]) + tx.w_hi * static_cast<acc_t>(hi[tx.hi]);
+  return ty.w_lo * top + ty.w_hi * bottom;
+}
+
+// Where token element o lives: o = ((leaf * channels + c) * patch + i) * patch + j.
+template <typename index_t>
+struct TokenIndex {
+  index_t leaf, c;
+  int32_t i, j;
+};
+
+template <typename index_t>
+__device__ __forceinline__ TokenIndex<index_t> token_index(index_t o, index_t channels, int32_t patch) {
+  const index_t plane_numel = static_cast<index_t>(patch) * patch;
+  const index_t plane = o / plane_numel;
+  const int32_t t = static_cast<int32_t>(o - plane * plane_numel);
+  TokenIndex<index_t> index;
+  index.leaf = plane / channels;
+  index.c = plane - index.leaf * channels;
+  index.i = t / patch;
+  index.j = t - index.i * patch;
+  return index;
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+extract_patches_kernel(const scalar_t* __restrict__ images, const Box* __restrict__ boxes,
+                       scalar_t* __restrict__ tokens, index_t total, index_t n_leaves, index_t channels,
+                       int64_t height, int64_t width, int32_t patch, ResizeMode mode) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t o = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
+    const TokenIndex<index_t> idx = token_index(o, channels, patch);
+    const Box box = boxes[idx.leaf];
+    const bool inside = box_inside(box, height, width);
+    CUDA_KERNEL_ASSERT(inside && "mixres.extract_patches: every box must lie inside the image");
+    if (!inside) {  // only reached where device asserts are compiled out
+      tokens[o] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+      continue;
+    }
+    const int64_t image = idx.leaf / n_leaves;
+    const scalar_t* leaf = images + ((image * channels + idx.c) * height + box.y) * width + box.x;
+    acc_t value;
+    if (mode == ResizeMode::kBilinear) {
+      value = bilinear_cell<scalar_t, acc_t>(leaf, width, idx.i, idx.j, box.size, patch);
+    } else {
+      const int32_t factor = box.size % patch == 0 ? box.size / patch : 0;
+      const scalar_t* cell = leaf + static_cast<int64_t>(idx.i) * factor * width + idx.j * factor;
+      switch (factor) {
+        case 1: value = static_cast<acc_t>(cell[0]); break;
+        case 2: value = area_cell_multiple<2, scalar_t, acc_t>(cell, width); break;
+        case 4: value = area_cell_multiple<4, scalar_t, acc_t>(cell, width); break;
+        case 8: value = area_cell_multiple<8, scalar_t, acc_t>(cell, width); break;
+        default: value = area_cell_any<scalar_t, acc_t>(leaf, width, idx.i, idx.j, box.size, patch);
+      }
+    }
+    tokens[o] = static_cast<scalar_t>(value);
+  }
+}
+
+// The adjoint of the forward kernel, one thread per token element. Leaves of a mosaic are disjoint, but boxes in
+// general may overlap and upsampled leaves share pixels between cells, hence the atomics.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+extract_patches_backward_kernel(const scalar_t* __restrict__ grad_tokens, const Box* __restrict__ boxes,
+                                at::opmath_type<scalar_t>* __restrict__ grad_images, index_t total,
+                                index_t n_leaves, index_t channels, int64_t height, int64_t width, int32_t patch,
+                                ResizeMode mode) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t o = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
+    const TokenIndex<index_t> idx = token_index(o, channels, patch);
+    const Box box = boxes[idx.leaf];
+    const bool inside = box_inside(box, height, width);
+    CUDA_KERNEL_ASSERT(inside && "mixres.extract_patches_backward: every box must lie inside the image");
+    if (!inside) continue;  // only reached where device asserts are compiled out
+    const int64_t image = idx.leaf / n_leaves;
+    acc_t* leaf = grad_images + ((image * channels + idx.c) * height + box.y) * width + box.x;
+    const acc_t g = static_cast<acc_t>(grad_tokens[o]);
+    if (mode == ResizeMode::kBilinear) {
+      const BilinearTap<acc_t> ty = bilinear_tap<acc_t>(idx.i, box.size, patch);
+      const BilinearTap<acc_t> tx = bilinear_tap<acc_t>(idx.j, box.size, patch);
+      acc_t* lo = leaf + ty.lo * width;
+      acc_t* hi = leaf + ty.hi * width;
+      gpuAtomicAdd(lo + tx.lo, ty.w_lo * tx.w_lo * g);
+      gpuAtomicAdd(lo + tx.hi, ty.w_lo * tx.w_hi * g);
+      gpuAtomicAdd(hi + tx.lo, ty.w_hi * tx.w_lo * g);
+      gpuAtomicAdd(hi + tx.hi, ty.w_hi * tx.w_hi * g);
+    } else {
+      const int32_t y_begin = area_begin(idx.i, box.size, patch), y_end = area_end(idx.i, box.size, patch);
+      const int32_t x_begin = area_begin(idx.j, box.size, patch), x_end = area_end(idx.j, box.size, patch);
+      const acc_t share = g / static_cast<acc_t>((y_end - y_begin) * (x_end - x_begin));
+      for (int32_t y = y_begin; y < y_end; ++y) {
+        acc_t* row = leaf + y * width;
+        for (int32_t x = x_begin; x < x_end; ++x) gpuAtomicAdd(row + x, share);
+      }
+    }
+  }
+}
+
+void check_boxes(const at::Tensor& boxes, int64_t batch, int64_t patch_size, const char* op) {
+  TORCH_CHECK_VALUE(boxes.dim() == 3 && boxes.size(0) == batch && boxes.size(2) == 3,
+                    op, ": boxes must be [B=", batch, ", N, 3], got ", boxes.sizes());
+  TORCH_CHECK_TYPE(boxes.scalar_type() == at::kInt, op, ": boxes must be int32, got ", boxes.scalar_type());
+  TORCH_CHECK_VALUE(patch_size > 0 && patch_size <= (int64_t{1} << 15), op,
+                    ": patch_size must be positive and at most 32768, got ", patch_size);
+}
+
+void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                       const char* op) {
+  TORCH_CHECK_VALUE(a.is_cuda() && a.device() == b.device(), op, ": ", a_name, " and ", b_name,
+                    " must be on the same CUDA device, got ", a_name, " on ", a.device(), " and ", b_name, " on ",
+                    b.device());
+}
+
+at::Tensor extract_patches_cuda(const at::Tensor& images, const at::Tensor& boxes, int64_t patch_size,
+                                c10::string_view mode_name) {
+  constexpr const char* op = "mixres.extract_patches";
+  const ResizeMode mode = parse_mode(mode_name);
+  TORCH_CHECK_VALUE(images.dim() == 4, op, ": images must be [B, C, H, W], got ", images.sizes());
+  const int64_t batch = images.size(0), channels = images.size(1), height = images.size(2), width = images.size(3);
+  check_boxes(boxes, batch, patch_size, op);
+  check_same_device(images, "images", boxes, "boxes", op);
+  const c10::cuda::CUDAGuard guard(images.device());
+  const int64_t n_leaves = boxes.size(1);
+  auto tokens = at::empty({batch, n_leaves, channels, patch_size, patch_size}, images.options());
+  const int64_t total = tokens.numel();
+  if (total == 0) return tokens;
+  const auto src = images.contiguous();
+  const auto leaf_boxes = boxes.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "mixres_extract_patches_cuda", [&] {
+    const Box* box_ptr = reinterpret_cast<const Box*>(leaf_boxes.const_data_ptr<int32_t>());
+    if (total <= kMax32BitWork) {
+      extract_patches_kernel<scalar_t, int32_t><<<n_blocks(total), kThreads, 0, stream>>>(
+          src.const_data_ptr<scalar_t>(), box_ptr, tokens.mutable_data_ptr<scalar_t>(), static_cast<int32_t>(total),
+          static_cast<int32_t>(n_leaves), static_cast<int32_t>(channels), height, width,
+          static_cast<int32_t>(patch_size), mode);
+    } else {
+      extract_patches_kernel<scalar_t, int64_t><<<n_blocks(total), kThreads, 0, stream>>>(
+          src.const_data_ptr<scalar_t>(), box_ptr, tokens.mutable_data_ptr<scalar_t>(), total, n_leaves, channels,
+          height, width, static_cast<int32_t>(patch_size), mode);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return tokens;
+}
+
+at::Tensor extract_patches_backward_cuda(const at::Tensor& grad_tokens, const at::Tensor& boxes, int64_t height,
+                                         int64_t width, c10::string_view mode_name) {
+  constexpr const char* op = "mixres.extract_patches_backward";
+  const ResizeMode mode = parse_mode(mode_name);
+  TORCH_CHECK_VALUE(grad_tokens.dim() == 5 && grad_tokens.size(3) == grad_tokens.size(4), op,
+                    ": grad_tokens must be [B, N, C, p, p], got ", grad_tokens.sizes());
+  const int64_t batch = grad_tokens.size(0), n_leaves = grad_tokens.size(1), channels = grad_tokens.size(2);
+  const int64_t patch_size = grad_tokens.size(3);
+  check_boxes(boxes, batch, patch_size, op);
+  TORCH_CHECK_VALUE(boxes.size(1) == n_leaves, op, ": boxes has ", boxes.size(1), " leaves but grad_tokens has ",
+                    n_leaves);
+  TORCH_CHECK_VALUE(height >= 0 && width >= 0, op, ": height and width must be non-negative, got ", height, "x",
+                    width);
+  check_same_device(grad_tokens, "grad_tokens", boxes, "boxes", op);
+  const c10::cuda::CUDAGuard guard(grad_tokens.device());
+  // Accumulates in opmath precision (float for half and bfloat16), like the CPU kernel.
+  const auto acc_dtype = at::toOpMathType(grad_tokens.scalar_type());
+  auto grad_images = at::zeros({batch, channels, height, width}, grad_tokens.options().dtype(acc_dtype));
+  const int64_t total = grad_tokens.numel();
+  if (total == 0) return grad_images.to(grad_tokens.scalar_type());
+  const auto grad = grad_tokens.contiguous();
+  const auto leaf_boxes = boxes.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mixres_extract_patches_bwd_cuda",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Box* box_ptr = reinterpret_cast<const Box*>(leaf_boxes.const_data_ptr<int32_t>());
+    acc_t* out = grad_images.mutable_data_ptr<acc_t>();
+    if (total <= kMax32BitWork) {
+      extract_patches_backward_kernel<scalar_t, int32_t><<<n_blocks(total), kThreads, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), box_ptr, out, static_cast<int32_t>(total), static_cast<int32_t>(n_leaves),
+          static_cast<int32_t>(channels), height, width, static_cast<int32_t>(patch_size), mode);
+    } else {
+      extract_patches_backward_kernel<scalar_t, int64_t><<<n_blocks(total), kThreads, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), box_ptr, out, total, n_leaves, channels, height, width,
+          static_cast<int32_t>(patch_size), mode);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_images.to(grad_tokens.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixres, CUDA, m) {
+  m.impl("extract_patches", &extract_patches_cuda);
+  m.impl("extract_patches_backward", &extract_patches_backward_cuda);
+}
+
+}  // namespace mixres

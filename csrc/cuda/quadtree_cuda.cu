@@ -1,0 +1,285 @@
+// Greedy quadtree on CUDA: one thread block per image, the image's leaves in shared memory.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "../quadtree_layout.h"
+
+namespace mixres {
+namespace {
+
+// A leaf is one int64: its canonical order key shifted left, its level in the low bits. Keys are unique within a
+// mosaic, so comparing packed leaves compares keys, and the final sort is a plain integer sort.
+constexpr int kLevelBits = 4;
+constexpr int64_t kLevelMask = (int64_t{1} << kLevelBits) - 1;
+static_assert(kMaxLevels <= (1 << kLevelBits), "the level must fit in the low bits of a packed leaf");
+constexpr int64_t kPadLeaf = std::numeric_limits<int64_t>::max();  // sorts after every real leaf
+
+constexpr int kMaxThreads = 256;
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kDefaultSharedBytes = 48 * 1024;  // what a launch may use without opting in
+
+// PyramidLayout's accessors are host-only, so the kernel receives their values per level, computed by them.
+struct DeviceLayout {
+  int64_t width;
+  int64_t n_scores;
+  int64_t offset[kMaxLevels];  // first packed score of each splittable level
+  int64_t cols[kMaxLevels];
+  int32_t size[kMaxLevels];
+  int32_t n_levels;
+  int32_t n_roots;
+  int32_t root_cols;
+};
+
+template <typename scalar_t>
+struct Best {
+  scalar_t score;
+  int64_t leaf;
+  int32_t slot;  // -1: no candidate
+};
+
+// The greedy order: highest score first, then smallest key. (score, key) is a total order on candidates because
+// keys are unique, so the reduction's shape cannot change which leaf wins.
+template <typename scalar_t>
+__device__ __forceinline__ bool beats(const Best<scalar_t>& a, const Best<scalar_t>& b) {
+  return a.slot >= 0 && (b.slot < 0 || a.score > b.score || (a.score == b.score && a.leaf < b.leaf));
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ Best<scalar_t> shuffle_down(const Best<scalar_t>& v, int delta) {
+  Best<scalar_t> out;
+  out.score = __shfl_down_sync(0xffffffffu, v.score, delta);
+  out.leaf = __shfl_down_sync(0xffffffffu, v.leaf, delta);
+  out.slot = __shfl_down_sync(0xffffffffu, v.slot, delta);
+  return out;
+}
+
+__device__ __forceinline__ int64_t pack_leaf(int64_t y, int64_t x, int32_t level, int64_t width) {
+  return ((y * width + x) << kLevelBits) | level;
+}
+
+__device__ __forceinline__ bool is_finite_score(float v) { return isfinite(v); }
+__device__ __forceinline__ bool is_finite_score(double v) { return isfinite(v); }
+
+// Shared (or workspace) memory of one image: leaves[sort_size] | leaf_scores[n_patches] | staged pyramid[n_scores].
+// Slot s holds a leaf and, when it can still be split, its score. sort_size is n_patches rounded up to a power of
+// two, for the bitonic sort at the end.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads)
+build_quadtree_kernel(const scalar_t* __restrict__ scores, const DeviceLayout layout, int32_t n_patches,
+                      int32_t n_splits, int32_t sort_size, bool stage_pyramid, unsigned char* __restrict__ workspace,
+                      int64_t workspace_stride, int32_t* __restrict__ boxes) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  __shared__ scalar_t warp_score[kMaxWarps];
+  __shared__ int64_t warp_leaf[kMaxWarps];
+  __shared__ int32_t warp_slot[kMaxWarps];
+
+  const int64_t image = blockIdx.x;
+  unsigned char* memory = workspace != nullptr ? workspace + image * workspace_stride : shared_bytes;
+  int64_t* leaves = reinterpret_cast<int64_t*>(memory);
+  scalar_t* leaf_scores = reinterpret_cast<scalar_t*>(leaves + sort_size);
+  scalar_t* staged = leaf_scores + n_patches;
+
+  const int tid = threadIdx.x;
+  const int n_threads = blockDim.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int n_warps = n_threads >> 5;
+  const int last_level = layout.n_levels - 1;
+  const int64_t width = layout.width;
+
+  // The CPU op rejects a non-finite score anywhere in the pyramid, read or not; without a host sync the closest
+  // equivalent is a device assert over every score. The same pass stages the pyramid in shared memory, so that
+  // the serial split loop below never waits on global memory.
+  const scalar_t* image_scores = scores + image * layout.n_scores;
+  for (int64_t i = tid; i < layout.n_scores; i += n_threads) {
+    const scalar_t v = image_scores[i];
+    CUDA_KERNEL_ASSERT(is_finite_score(v) && "mixres.build_quadtree: scores must be finite");
+    if (stage_pyramid) staged[i] = v;
+  }
+  const scalar_t* pyramid = stage_pyramid ? staged : image_scores;
+
+  for (int32_t i = tid; i < layout.n_roots; i += n_threads) {
+    const int64_t y = static_cast<int64_t>(i / layout.root_cols) * layout.size[0];
+    const int64_t x = static_cast<int64_t>(i % layout.root_cols) * layout.size[0];
+    leaves[i] = pack_leaf(y, x, 0, width);
+    // Root i is cell i of the level-0 map.
+    leaf_scores[i] = last_level > 0 ? image_scores[i] : scalar_t(0);
+  }
+  __syncthreads();
+
+  int32_t count = layout.n_roots;
+  for (int32_t step = 0; step < n_splits; ++step, count += 3) {
+    Best<scalar_t> best{scalar_t(0), kPadLeaf, -1};
+    for (int32_t s = tid; s < count; s += n_threads) {
+      const int64_t leaf = leaves[s];
+      if ((leaf & kLevelMask) < last_level) {
+        const Best<scalar_t> candidate{leaf_scores[s], leaf, s};
+        if (beats(candidate, best)) best = candidate;
+      }
+    }
+#pragma unroll
+    for (int delta = 16; delta > 0; delta >>= 1) {
+      const Best<scalar_t> other = shuffle_down(best, delta);
+      if (beats(other, best)) best = other;
+    }
+    if (lane == 0) {
+      warp_score[warp] = best.score;
+      warp_leaf[warp] = best.leaf;
+      warp_slot[warp] = best.slot;
+    }
+    __syncthreads();
+    // Every thread reduces the few warp winners itself: no second barrier to broadcast the result.
+    best = Best<scalar_t>{warp_score[0], warp_leaf[0], warp_slot[0]};
+    for (int w = 1; w < n_warps; ++w) {
+      const Best<scalar_t> other{warp_score[w], warp_leaf[w], warp_slot[w]};
+      if (beats(other, best)) best = other;
+    }
+    // check_budget guarantees a candidate at every step; only NaN scores (already asserted on) can leave none.
+    if (best.slot < 0) break;  // uniform: every thread read the same winners
+    if (tid < 4) {
+      const int64_t key = best.leaf >> kLevelBits;
+      const int32_t level = static_cast<int32_t>(best.leaf & kLevelMask) + 1;
+      const int64_t half = layout.size[level];
+      const int64_t y = key / width + (tid >> 1) * half;
+      const int64_t x = key % width + (tid & 1) * half;
+      // The first quadrant takes the parent's slot, the others are appended.
+      const int32_t slot = tid == 0 ? best.slot : count + tid - 1;
+      leaves[slot] = pack_leaf(y, x, level, width);
+      if (level < last_level) {
+        leaf_scores[slot] = pyramid[layout.offset[level] + (y / half) * layout.cols[level] + x / half];
+      }
+    }
+    // Publishes the children before the next scan, and keeps the warp winners until everyone has read them.
+    __syncthreads();
+  }
+
+  // Bitonic sort of the packed leaves, padded to a power of two.
+  for (int32_t i = n_patches + tid; i < sort_size; i += n_threads) leaves[i] = kPadLeaf;
+  __syncthreads();
+  for (int32_t k = 2; k <= sort_size; k <<= 1) {
+    for (int32_t j = k >> 1; j > 0; j >>= 1) {
+      for (int32_t i = tid; i < sort_size / 2; i += n_threads) {
+        const int32_t lo = ((i & ~(j - 1)) << 1) | (i & (j - 1));
+        const int32_t hi = lo | j;
+        const int64_t a = leaves[lo];
+        const int64_t b = leaves[hi];
+        if ((a > b) == ((lo & k) == 0)) {
+          leaves[lo] = b;
+          leaves[hi] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  int32_t* out = boxes + image * n_patches * 3;
+  for (int32_t i = tid; i < n_patches; i += n_threads) {
+    const int64_t leaf = leaves[i];
+    const int64_t key = leaf >> kLevelBits;
+    out[3 * i] = static_cast<int32_t>(key / width);
+    out[3 * i + 1] = static_cast<int32_t>(key % width);
+    out[3 * i + 2] = layout.size[leaf & kLevelMask];
+  }
+}
+
+int64_t round_up_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+at::Tensor build_quadtree_cuda(const at::Tensor& scores, int64_t height, int64_t width, int64_t min_patch_size,
+                               int64_t max_patch_size, int64_t n_patches) {
+  const PyramidLayout layout = make_layout(height, width, min_patch_size, max_patch_size);
+  check_budget(layout, n_patches);
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) == layout.n_scores(),
+                    "mixres.build_quadtree: scores must be the packed pyramid [B, ", layout.n_scores(),
+                    "], got ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.is_cuda(), "mixres.build_quadtree: scores must be a CUDA tensor, got ", scores.device());
+  // The packed leaf holds y * width + x above the level bits; slots and sort indices are int32.
+  TORCH_CHECK_VALUE(height * width < (int64_t{1} << (62 - kLevelBits)) && n_patches <= (int64_t{1} << 29),
+                    "mixres.build_quadtree: a ", height, "x", width, " image with ", n_patches,
+                    " patches is too large for the CUDA kernel");
+  const int64_t batch = scores.size(0);
+  TORCH_CHECK_VALUE(batch <= std::numeric_limits<int32_t>::max(), "mixres.build_quadtree: batch too large: ",
+                    batch);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  auto boxes = at::empty({batch, n_patches, 3}, scores.options().dtype(at::kInt));
+  if (batch == 0) return boxes;
+
+  DeviceLayout device_layout{};
+  device_layout.width = layout.width;
+  device_layout.n_scores = layout.n_scores();
+  device_layout.n_levels = layout.n_levels;
+  device_layout.n_roots = static_cast<int32_t>(layout.n_roots());
+  device_layout.root_cols = static_cast<int32_t>(layout.cols(0));
+  for (int l = 0; l < layout.n_levels; ++l) {
+    device_layout.offset[l] = layout.offset[l];
+    device_layout.cols[l] = layout.cols(l);
+    device_layout.size[l] = static_cast<int32_t>(layout.size(l));
+  }
+  const int64_t n_splits = (n_patches - layout.n_roots()) / 3;
+  const int64_t sort_size = round_up_pow2(n_patches);
+  const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, sort_size / 2)));
+
+  const auto packed = scores.contiguous();
+  int device_index = 0;
+  int shared_limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device_index));
+  // An attribute query, not a synchronisation.
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_index));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "mixres_build_quadtree_cuda", [&] {
+    const int64_t static_bytes = kMaxWarps * static_cast<int64_t>(sizeof(scalar_t) + sizeof(int64_t) +
+                                                                  sizeof(int32_t));
+    const int64_t dynamic_limit = shared_limit - static_bytes;
+    const int64_t leaf_bytes = sort_size * static_cast<int64_t>(sizeof(int64_t)) +
+                               n_patches * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t staged_bytes = leaf_bytes + layout.n_scores() * static_cast<int64_t>(sizeof(scalar_t));
+    bool stage_pyramid = true;
+    int64_t shared_bytes = staged_bytes;
+    if (shared_bytes > dynamic_limit) {
+      stage_pyramid = false;
+      shared_bytes = leaf_bytes;
+    }
+    // Too many leaves for shared memory: the same kernel runs on a global-memory workspace (slower, but the
+    // shapes stay static and nothing waits on the host).
+    at::Tensor workspace;
+    int64_t workspace_stride = 0;
+    if (shared_bytes > dynamic_limit) {
+      workspace_stride = (leaf_bytes + 15) / 16 * 16;
+      workspace = at::empty({batch * workspace_stride}, packed.options().dtype(at::kByte));
+      shared_bytes = 0;
+    }
+    auto kernel = build_quadtree_kernel<scalar_t>;
+    if (shared_bytes > kDefaultSharedBytes) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(shared_bytes)));
+    }
+    kernel<<<static_cast<unsigned int>(batch), threads, static_cast<size_t>(shared_bytes), stream>>>(
+        packed.const_data_ptr<scalar_t>(), device_layout, static_cast<int32_t>(n_patches),
+        static_cast<int32_t>(n_splits), static_cast<int32_t>(sort_size), stage_pyramid,
+        workspace.defined() ? static_cast<unsigned char*>(workspace.mutable_data_ptr()) : nullptr,
+        workspace_stride, boxes.mutable_data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return boxes;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixres, CUDA, m) { m.impl("build_quadtree", &build_quadtree_cuda); }
+
+}  // namespace mixres

@@ -1,0 +1,138 @@
+"""Tokenizes the photos that ship with scikit-image, draws their mosaics and times the tokenizer.
+
+    python -m mixres.demo [--out DIR] [--n-patches N] [--batch B] [--repeats R]
+
+For each photo (astronaut, chelsea, coffee, rocket) it writes ``<out>/<name>.png`` (the photo with its leaf borders,
+then the mosaic rendered from the tokens) and ``<out>/<name>.json`` (the leaves), then prints the images/s of
+``mixres.tokenize`` (the C++ ops) against ``mixres.reference.tokenize`` (plain PyTorch) and of the scorer.
+Needs scikit-image (``pip install mixres[demo]``); everything runs on the CPU, offline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops, reference
+from .mosaic import tokenize
+from .pyramid import QuadtreeGeometry
+from .scorers import PixelBlur
+from .viz import save_mosaic_figure
+
+__all__ = ["main", "load_photo", "nearest_valid_n_patches"]
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+MIN_PATCH, MAX_PATCH = 16, 64
+
+
+def load_photo(name: str, short_side: int = 256, multiple: int = MAX_PATCH) -> Tensor:
+    """A scikit-image sample photo as ``[3, H, W]`` float32 in [0, 1], resized so that the short side is
+    ``short_side`` and the long side the nearest multiple of ``multiple`` to its aspect ratio."""
+    import skimage.data
+
+    pixels = torch.from_numpy(getattr(skimage.data, name)()).float() / 255
+    photo = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels[None].expand(3, -1, -1)
+    height, width = photo.shape[-2:]
+    scale = short_side / min(height, width)
+    size = [max(multiple, round(side * scale / multiple) * multiple) for side in (height, width)]
+    resized = F.interpolate(photo[None], size=size, mode="bilinear", align_corners=False, antialias=True)
+    return resized[0].clamp(0, 1)
+
+
+def nearest_valid_n_patches(geometry: QuadtreeGeometry, n_patches: float) -> int:
+    """The reachable budget closest to ``n_patches`` (the smaller one on a tie)."""
+    return min(geometry.valid_n_patches(), key=lambda valid: (abs(valid - n_patches), valid))
+
+
+def _images_per_second(fn: Callable[[], object], n_images: int, repeats: int) -> float:
+    """Median throughput of ``fn`` over ``repeats`` timed calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return n_images / statistics.median(times)
+
+
+def _center_square(photo: Tensor, side: int) -> Tensor:
+    """``[C, H, W]`` (short side ``side``) -> its central ``[C, side, side]`` crop."""
+    top, left = (photo.shape[1] - side) // 2, (photo.shape[2] - side) // 2
+    return photo[:, top:top + side, left:left + side]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the demo (see the module docstring). Returns what it printed, as a dict: ``photos`` (one entry per
+    photo: name, size, n_patches, leaves per size, files) and ``throughput`` (images/s)."""
+    parser = argparse.ArgumentParser(prog="python -m mixres.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
+    parser.add_argument("--n-patches", type=int, default=None,
+                        help="leaves per photo, rounded to the nearest valid budget (default: about a third of "
+                             "the most)")
+    parser.add_argument("--batch", type=int, default=64, help="batch size of the throughput test (default: 64)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions, after a warm-up (default: 5)")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.repeats < 1:
+        parser.error("--batch and --repeats must be at least 1")
+
+    device = torch.device("cpu")
+    scorer = PixelBlur(MIN_PATCH, MAX_PATCH)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"mixres demo on {device.type} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"C++ kernels: {'yes' if ops.has_kernel(device) else 'no, using the reference'}), writing to {args.out}")
+
+    photos, report = {}, {"device": device.type, "photos": []}
+    for name in PHOTOS:
+        photo = photos[name] = load_photo(name).to(device)
+        height, width = photo.shape[-2:]
+        geometry = QuadtreeGeometry(height, width, MIN_PATCH, MAX_PATCH)
+        target = args.n_patches if args.n_patches is not None else geometry.max_patches / 3
+        n_patches = nearest_valid_n_patches(geometry, target)
+        mosaic = tokenize(photo[None], scorer(photo[None]), n_patches, MIN_PATCH, MAX_PATCH)
+        leaves = mosaic.boxes[0].tolist()
+        sizes, counts = mosaic.boxes[0, :, 2].unique(return_counts=True)
+        per_size = {int(s): int(c) for s, c in sorted(zip(sizes, counts), key=lambda sc: -sc[0])}
+
+        png, js = args.out / f"{name}.png", args.out / f"{name}.json"
+        save_mosaic_figure(photo, mosaic, png)
+        js.write_text(json.dumps({"name": name, "height": height, "width": width, "min_patch_size": MIN_PATCH,
+                                  "max_patch_size": MAX_PATCH, "n_patches": n_patches,
+                                  "leaves": leaves}) + "\n")
+        print(f"  {name:<10} {height}x{width}  n_patches={n_patches:<4} leaves per size: "
+              + ", ".join(f"{s} px: {c}" for s, c in per_size.items()))
+        report["photos"].append({"name": name, "size": (height, width), "n_patches": n_patches,
+                                 "leaves_per_size": per_size, "png": png, "json": js})
+
+    side = 256
+    squares = [_center_square(photos[name], side) for name in PHOTOS]
+    images = torch.stack([squares[i % len(squares)] for i in range(args.batch)])
+    geometry = QuadtreeGeometry(side, side, MIN_PATCH, MAX_PATCH)
+    n_patches = nearest_valid_n_patches(geometry, geometry.max_patches / 3)
+    scores = scorer(images)  # precomputed: the comparison below is of the tokenizers alone
+    rates = {
+        "tokenize": _images_per_second(lambda: tokenize(images, scores, n_patches, MIN_PATCH, MAX_PATCH),
+                                       args.batch, args.repeats),
+        "reference": _images_per_second(lambda: reference.tokenize(images, scores, n_patches, MIN_PATCH,
+                                                                   MAX_PATCH), args.batch, args.repeats),
+        "scorer": _images_per_second(lambda: scorer(images), args.batch, args.repeats),
+    }
+    rates["speedup"] = rates["tokenize"] / rates["reference"]
+    report["throughput"] = rates
+    print(f"Throughput on {device.type}: batch of {args.batch} {side}x{side} RGB images, n_patches={n_patches}, "
+          f"{MIN_PATCH}-{MAX_PATCH} px patches, median of {args.repeats} runs after a warm-up")
+    print(f"  mixres.tokenize (C++ ops)            {rates['tokenize']:10.0f} images/s")
+    print(f"  mixres.reference.tokenize (PyTorch)  {rates['reference']:10.0f} images/s")
+    print(f"  speed-up                             {rates['speedup']:10.1f}x")
+    print(f"  PixelBlur({MIN_PATCH}, {MAX_PATCH}) scorer               {rates['scorer']:10.0f} images/s")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Inputs shared by the tests: random score pyramids, with and without ties, and an independent resize oracle."""
+import torch
+import torch.nn.functional as F
+
+from mixres.pyramid import QuadtreeGeometry
+
+
+def random_pyramid(geometry: QuadtreeGeometry, batch: int, seed: int = 0, ties: bool = False,
+                   dtype=torch.float32, device="cpu") -> list[torch.Tensor]:
+    """One random map per splittable size. With ``ties``, scores come from {0, 1, 2}: many equal values."""
+    generator = torch.Generator().manual_seed(seed)
+    maps = []
+    for size in geometry.splittable_sizes:
+        shape = (batch, *geometry.grid(size))
+        if ties:
+            maps.append(torch.randint(0, 3, shape, generator=generator).to(dtype))
+        else:
+            maps.append(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype))
+    return [m.to(device) for m in maps]
+
+
+def interpolate_each_leaf(images: torch.Tensor, boxes: torch.Tensor, patch_size: int, mode: str) -> torch.Tensor:
+    """tokens [B, N, C, p, p] by one F.interpolate per leaf: the definition of extract_patches, as slowly as it gets."""
+    batch, n_leaves, _ = boxes.shape
+    out = images.new_empty(batch, n_leaves, images.shape[1], patch_size, patch_size)
+    for b in range(batch):
+        for n in range(n_leaves):
+            y, x, s = boxes[b, n].tolist()
+            crop = images[b:b + 1, :, y:y + s, x:x + s]
+            out[b, n] = F.interpolate(crop, size=(patch_size, patch_size), mode=mode,
+                                      align_corners=False if mode == "bilinear" else None)[0]
+    return out
+
+
+def coverage(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """How many leaves cover each pixel, [B, H, W]: all ones for a mosaic."""
+    count = torch.zeros(boxes.shape[0], height, width, dtype=torch.int32)
+    for b in range(boxes.shape[0]):
+        for y, x, s in boxes[b].tolist():
+            count[b, y:y + s, x:x + s] += 1
+    return count

@@ -1,0 +1,373 @@
+"""The CUDA kernels against the CPU kernels and the pure-PyTorch reference; no host sync, CUDA graphs, torch.compile.
+
+Boxes and centres must be identical on every device; area tokens too (same arithmetic, same summation order);
+bilinear tokens and the gradients (atomics) agree to rounding.
+"""
+import pytest
+import torch
+
+import mixres
+from mixres import reference
+from mixres.pyramid import QuadtreeGeometry, pack_pyramid
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DEVICE = torch.device("cuda")
+ops = torch.ops.mixres
+MODES = ["area", "bilinear"]
+# (height, width, min_patch_size, max_patch_size): non-square images, 2 to 4 patch sizes, and a single size.
+GEOMETRIES = [(128, 192, 16, 64), (256, 448, 16, 64), (224, 224, 16, 32), (96, 160, 8, 32), (64, 128, 32, 32)]
+LOW_PRECISION_TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # input plus output rounding, values in [0, 1]
+
+
+def geometry_id(g):
+    return "{}x{}_{}-{}".format(*g)
+
+
+def budgets(geometry: QuadtreeGeometry) -> list[int]:
+    """The smallest, a middle and the largest reachable n_patches."""
+    valid = geometry.valid_n_patches()
+    return sorted({valid[0], valid[len(valid) // 2], valid[-1]})
+
+
+def random_maps(geometry: QuadtreeGeometry, batch: int, seed: int = 0, ties: bool = False,
+                dtype=torch.float32) -> list[torch.Tensor]:
+    """One map per splittable size, on the device. With ``ties`` the scores are 0, 1 or 2: many equal values."""
+    generator = torch.Generator().manual_seed(seed)
+    maps = []
+    for size in geometry.splittable_sizes:
+        shape = (batch, *geometry.grid(size))
+        if ties:
+            maps.append(torch.randint(0, 3, shape, generator=generator).to(dtype))
+        else:
+            maps.append(torch.rand(shape, generator=generator, dtype=torch.float64).to(dtype))
+    return [m.to(DEVICE) for m in maps]
+
+
+def packed_scores(geometry: QuadtreeGeometry, batch: int, seed: int = 0, ties: bool = False, dtype=torch.float32):
+    return pack_pyramid(random_maps(geometry, batch, seed, ties, dtype), geometry, batch, DEVICE)
+
+
+def random_images(batch, channels, height, width, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, channels, height, width, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
+
+
+def mosaic_boxes(height, width, batch, seed=0, min_patch_size=16, max_patch_size=64):
+    geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
+    scores = packed_scores(geometry, batch, seed)
+    n_patches = budgets(geometry)[1]
+    return ops.build_quadtree(scores, height, width, min_patch_size, max_patch_size, n_patches)
+
+
+def random_boxes(batch, n_leaves, height, width, sizes, seed=0):
+    """Arbitrary boxes inside the image: they overlap, and their sides need not be multiples of the token side."""
+    generator = torch.Generator().manual_seed(seed)
+    size = torch.tensor(sizes)[torch.randint(0, len(sizes), (batch, n_leaves), generator=generator)]
+    y = (torch.rand(batch, n_leaves, generator=generator) * (height - size + 1)).long()
+    x = (torch.rand(batch, n_leaves, generator=generator) * (width - size + 1)).long()
+    return torch.stack([y, x, size], dim=-1).to(DEVICE, torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------- quadtree
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("batch", [1, 7, 64, 512])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_build_quadtree_matches_cpu_and_reference(geometry, batch, ties):
+    height, width, lo, hi = geometry
+    geo = QuadtreeGeometry(height, width, lo, hi)
+    scores = packed_scores(geo, batch, seed=batch, ties=ties)
+    for n_patches in budgets(geo):
+        boxes = ops.build_quadtree(scores, height, width, lo, hi, n_patches)
+        assert boxes.device == scores.device and boxes.dtype == torch.int32
+        assert boxes.shape == (batch, n_patches, 3)
+        assert torch.equal(boxes.cpu(), ops.build_quadtree(scores.cpu(), height, width, lo, hi, n_patches))
+        assert torch.equal(boxes, reference.build_quadtree(scores, height, width, lo, hi, n_patches))
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_build_quadtree_float64_and_uniform(ties):
+    height, width, lo, hi = 256, 448, 16, 64
+    geo = QuadtreeGeometry(height, width, lo, hi)
+    scores = packed_scores(geo, 7, seed=5, ties=ties, dtype=torch.float64)
+    # Scores that differ only beyond float32 precision must still be told apart.
+    scores = scores + torch.arange(scores.shape[1], device=DEVICE, dtype=torch.float64) * 1e-12
+    uniform = torch.ones_like(scores)
+    for n_patches in budgets(geo):
+        for s in (scores, uniform):
+            boxes = ops.build_quadtree(s, height, width, lo, hi, n_patches)
+            assert torch.equal(boxes.cpu(), ops.build_quadtree(s.cpu(), height, width, lo, hi, n_patches))
+    # Uniform scores at the largest budget give the plain ViT grid in raster order.
+    boxes = ops.build_quadtree(uniform, height, width, lo, hi, geo.max_patches)[0].cpu()
+    ys, xs = torch.meshgrid(torch.arange(0, height, lo), torch.arange(0, width, lo), indexing="ij")
+    grid = torch.stack([ys.flatten(), xs.flatten(), torch.full_like(ys.flatten(), lo)], dim=1).int()
+    assert torch.equal(boxes, grid)
+
+
+# The candidates of a large tree no longer fit the default 48 KiB of shared memory: the kernel opts in to more,
+# stops staging the pyramid, or runs on a global-memory workspace. All must agree with the CPU.
+@pytest.mark.parametrize("lo, n_patches", [(16, 4096), (4, 256 + 3 * 5000), (4, 65536)],
+                         ids=["opt-in", "unstaged", "workspace"])
+def test_build_quadtree_large_trees(lo, n_patches):
+    height = width = 1024
+    geo = QuadtreeGeometry(height, width, lo, 64)
+    scores = packed_scores(geo, 2, seed=1, ties=True)
+    boxes = ops.build_quadtree(scores, height, width, lo, 64, n_patches)
+    assert torch.equal(boxes.cpu(), ops.build_quadtree(scores.cpu(), height, width, lo, 64, n_patches))
+
+
+def test_build_quadtree_rejects_bad_inputs_on_the_host():
+    geo = QuadtreeGeometry(128, 192, 16, 64)
+    scores = packed_scores(geo, 2)
+    with pytest.raises(ValueError, match="n_patches"):
+        ops.build_quadtree(scores, 128, 192, 16, 64, geo.n_roots + 1)
+    with pytest.raises(ValueError, match="packed pyramid"):
+        ops.build_quadtree(scores[:, 1:], 128, 192, 16, 64, geo.n_roots)
+    with pytest.raises(ValueError, match="multiples"):
+        ops.build_quadtree(scores, 100, 192, 16, 64, geo.n_roots)
+
+
+# ------------------------------------------------------------------------------------------------ extract_patches
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("height, width", [(128, 192), (256, 448)])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("patch_size", [16, 8, 24])  # F = 1, 2, 4; down-sampling by 2/3 and 4/3; up-sampling
+def test_extract_patches_matches_cpu_and_reference(mode, height, width, batch, patch_size):
+    images = random_images(batch, 3, height, width, seed=batch)
+    boxes = mosaic_boxes(height, width, batch, seed=batch)
+    tokens = ops.extract_patches(images, boxes, patch_size, mode)
+    assert tokens.shape == (batch, boxes.shape[1], 3, patch_size, patch_size)
+    on_cpu = ops.extract_patches(images.cpu(), boxes.cpu(), patch_size, mode)
+    if mode == "area":  # sums in the CPU kernel's order: identical
+        assert torch.equal(tokens.cpu(), on_cpu)
+    else:
+        torch.testing.assert_close(tokens.cpu(), on_cpu, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tokens, reference.extract_patches(images, boxes, patch_size, mode),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_extract_patches_dtypes(mode, dtype):
+    height, width = 128, 192
+    images = random_images(7, 3, height, width, seed=2)
+    boxes = mosaic_boxes(height, width, 7, seed=2)
+    expected = ops.extract_patches(images, boxes, 16, mode)  # float32
+    tokens = ops.extract_patches(images.to(dtype), boxes, 16, mode)
+    assert tokens.dtype == dtype
+    tol = LOW_PRECISION_TOL.get(dtype, 1e-6)
+    torch.testing.assert_close(tokens.float(), expected, rtol=tol, atol=tol)
+    on_cpu = ops.extract_patches(images.to(dtype).cpu(), boxes.cpu(), 16, mode)
+    if mode == "area":
+        assert torch.equal(tokens.cpu(), on_cpu)
+    else:
+        torch.testing.assert_close(tokens.cpu(), on_cpu, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("patch_size", [8, 16])
+def test_extract_patches_arbitrary_boxes(mode, patch_size):
+    """Overlapping boxes of sides that are not multiples of the token side, smaller than it, or 8x larger."""
+    height, width = 96, 160
+    images = random_images(3, 2, height, width, seed=4)
+    boxes = random_boxes(3, 50, height, width, sizes=[5, 8, 16, 24, 32, 40, 64, 96], seed=4)
+    tokens = ops.extract_patches(images, boxes, patch_size, mode)
+    on_cpu = ops.extract_patches(images.cpu(), boxes.cpu(), patch_size, mode)
+    if mode == "area":
+        assert torch.equal(tokens.cpu(), on_cpu)
+    else:
+        torch.testing.assert_close(tokens.cpu(), on_cpu, rtol=1e-6, atol=1e-6)
+    # Strided (channels-last) images give the same tokens.
+    strided = ops.extract_patches(images.to(memory_format=torch.channels_last), boxes, patch_size, mode)
+    assert torch.equal(strided, tokens)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("overlapping", [False, True], ids=["mosaic", "overlapping"])
+def test_extract_patches_backward_matches_cpu(mode, dtype, overlapping):
+    height, width, patch_size = 128, 192, 12
+    if overlapping:
+        boxes = random_boxes(3, 40, height, width, sizes=[4, 12, 16, 24, 48, 64], seed=7)
+    else:
+        boxes = mosaic_boxes(height, width, 3, seed=7)
+    generator = torch.Generator().manual_seed(8)
+    grad = torch.randn(3, boxes.shape[1], 2, patch_size, patch_size, generator=generator).to(DEVICE, dtype)
+    grad_images = ops.extract_patches_backward(grad, boxes, height, width, mode)
+    assert grad_images.dtype == dtype and grad_images.shape == (3, 2, height, width)
+    expected = ops.extract_patches_backward(grad.cpu(), boxes.cpu(), height, width, mode)
+    tol = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12), torch.float16: (2e-3, 1e-4),
+           torch.bfloat16: (1.6e-2, 1e-4)}[dtype]
+    torch.testing.assert_close(grad_images.cpu(), expected, rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("patch_size", [4, 3])
+def test_extract_patches_gradcheck(mode, patch_size):
+    images = random_images(2, 2, 8, 12, seed=9, dtype=torch.float64).requires_grad_()
+    boxes = random_boxes(2, 6, 8, 12, sizes=[2, 3, 4, 5, 8], seed=9)
+    # Atomics add in any order: the backward is deterministic only to rounding.
+    assert torch.autograd.gradcheck(lambda x: mixres.ops.extract_patches(x, boxes, patch_size, mode), (images,),
+                                    nondet_tol=1e-12)
+
+
+def test_extract_patches_rejects_bad_inputs_on_the_host():
+    images = random_images(2, 3, 64, 64)
+    boxes = mosaic_boxes(64, 64, 2)
+    with pytest.raises(ValueError, match="images.*boxes.*same CUDA device"):
+        ops.extract_patches(images, boxes.cpu(), 16, "area")
+    with pytest.raises(ValueError, match="mode"):
+        ops.extract_patches(images, boxes, 16, "nearest")
+    with pytest.raises(ValueError, match="boxes"):
+        ops.extract_patches(images, boxes[:1], 16, "area")
+    with pytest.raises(TypeError, match="int32"):
+        ops.extract_patches(images, boxes.long(), 16, "area")
+    grad = torch.zeros(2, boxes.shape[1], 3, 16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="grad_tokens.*boxes.*same CUDA device"):
+        ops.extract_patches_backward(grad, boxes.cpu(), 64, 64, "area")
+
+
+# ------------------------------------------------------------------------------------------------- leaf_centers
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=geometry_id)
+def test_leaf_centers_match_cpu_and_reference(geometry):
+    height, width, lo, hi = geometry
+    geo = QuadtreeGeometry(height, width, lo, hi)
+    boxes = ops.build_quadtree(packed_scores(geo, 64, seed=3), height, width, lo, hi, budgets(geo)[1])
+    centers = ops.leaf_centers(boxes, lo)
+    assert centers.dtype == torch.float32 and centers.shape == (*boxes.shape[:2], 2)
+    assert torch.equal(centers.cpu(), ops.leaf_centers(boxes.cpu(), lo))
+    assert torch.equal(centers, reference.leaf_centers(boxes, lo))
+
+
+# ------------------------------------------------------------------------------------------------- empty inputs
+
+
+def test_empty_inputs():
+    geo = QuadtreeGeometry(64, 128, 16, 64)
+    scores = torch.zeros(0, geo.n_scores, device=DEVICE)
+    assert ops.build_quadtree(scores, 64, 128, 16, 64, geo.n_roots).shape == (0, geo.n_roots, 3)
+    images = random_images(2, 3, 64, 128)
+    no_boxes = torch.zeros(2, 0, 3, dtype=torch.int32, device=DEVICE)
+    assert ops.extract_patches(images, no_boxes, 16, "area").shape == (2, 0, 3, 16, 16)
+    assert ops.leaf_centers(no_boxes, 16).shape == (2, 0, 2)
+    grad = torch.zeros(2, 0, 3, 16, 16, device=DEVICE, dtype=torch.float16)
+    grad_images = ops.extract_patches_backward(grad, no_boxes, 64, 128, "bilinear")
+    assert grad_images.dtype == torch.float16 and grad_images.shape == (2, 3, 64, 128)
+    assert not grad_images.any()
+    boxes = mosaic_boxes(64, 128, 2)
+    assert ops.extract_patches(images[:, :0], boxes, 16, "area").shape == (2, boxes.shape[1], 0, 16, 16)
+
+
+# ----------------------------------------------------------------------------------------------------- tokenize
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 7, 64, 512])
+def test_tokenize_matches_reference(dtype, batch):
+    height, width = 128, 192
+    geo = QuadtreeGeometry(height, width, 16, 64)
+    images = random_images(batch, 3, height, width, seed=batch, dtype=dtype)
+    maps = random_maps(geo, batch, seed=batch, ties=batch % 2 == 1)
+    n_patches = budgets(geo)[1]
+    mosaic = mixres.tokenize(images, maps, n_patches=n_patches)
+    expected = reference.tokenize(images, maps, n_patches=n_patches)
+    assert mosaic.tokens.dtype == dtype and mosaic.tokens.device == images.device
+    assert torch.equal(mosaic.boxes, expected.boxes)
+    assert torch.equal(mosaic.centers, expected.centers)
+    tol = LOW_PRECISION_TOL.get(dtype, 1e-5)
+    torch.testing.assert_close(mosaic.tokens, expected.tokens, rtol=tol, atol=tol)
+
+
+def test_tokenize_does_not_synchronize():
+    height, width = 128, 192
+    geo = QuadtreeGeometry(height, width, 16, 64)
+    images = random_images(4, 3, height, width).requires_grad_()
+    maps = random_maps(geo, 4)
+    saliency = torch.rand(4, 32, 48, device=DEVICE)
+    n_patches = budgets(geo)[1]
+    grad = torch.randn(4, n_patches, 3, 16, 16, device=DEVICE)
+    for scores in (maps, saliency):  # warm-up: lazy initialisation may synchronize once
+        mixres.tokenize(images, scores, n_patches=n_patches, mode="bilinear")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for scores in (maps, saliency):
+            for mode in MODES:
+                mosaic = mixres.tokenize(images.detach(), scores, n_patches=n_patches, mode=mode)
+                ops.extract_patches_backward(grad, mosaic.boxes, height, width, mode)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_tokenize_cuda_graph_replay():
+    height, width, batch = 128, 192, 8
+    geo = QuadtreeGeometry(height, width, 16, 64)
+    n_patches = budgets(geo)[1]
+    images = random_images(batch, 3, height, width)
+    maps = random_maps(geo, batch)
+
+    def run():
+        mosaic = mixres.tokenize(images, maps, n_patches=n_patches)
+        return mosaic.tokens, mosaic.boxes, mosaic.centers
+
+    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graph's documentation asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run()
+    for seed in range(1, 4):
+        images.copy_(random_images(batch, 3, height, width, seed=seed))
+        for m, new in zip(maps, random_maps(geo, batch, seed=seed, ties=seed == 2)):
+            m.copy_(new)
+        graph.replay()
+        for replayed, eager in zip(static, run()):
+            assert torch.equal(replayed, eager)
+
+
+def test_tokenize_compiles_fullgraph():
+    height, width = 128, 192
+    geo = QuadtreeGeometry(height, width, 16, 64)
+    n_patches = budgets(geo)[1]
+    images = random_images(3, 3, height, width)
+    maps = random_maps(geo, 3)
+
+    def run(images, maps):
+        mosaic = mixres.tokenize(images, maps, n_patches=n_patches)
+        return mosaic.tokens, mosaic.boxes, mosaic.centers
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True)
+    for got, expected in zip(compiled(images, maps), run(images, maps)):
+        assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------------------------------------------------ opcheck
+
+
+def test_opcheck_build_quadtree():
+    geo = QuadtreeGeometry(128, 192, 16, 64)
+    for dtype in (torch.float32, torch.float64):
+        scores = packed_scores(geo, 3, ties=True, dtype=dtype)
+        torch.library.opcheck(ops.build_quadtree.default, (scores, 128, 192, 16, 64, budgets(geo)[1]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_extract_patches(mode):
+    images = random_images(2, 3, 64, 128).requires_grad_()
+    boxes = mosaic_boxes(64, 128, 2)
+    torch.library.opcheck(ops.extract_patches.default, (images, boxes, 8, mode))
+    grad = torch.randn(2, boxes.shape[1], 3, 8, 8, device=DEVICE)
+    torch.library.opcheck(ops.extract_patches_backward.default, (grad, boxes, 64, 128, mode))
+
+
+def test_opcheck_leaf_centers():
+    torch.library.opcheck(ops.leaf_centers.default, (mosaic_boxes(64, 128, 2), 16))

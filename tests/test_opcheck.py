@@ -1,0 +1,41 @@
+"""torch.library.opcheck: schemas, fake kernels, autograd registration and AOT dispatch of every op."""
+import pytest
+import torch
+
+import mixres
+
+from helpers import random_pyramid
+
+
+def sample(batch=2, height=128, width=192):
+    geometry = mixres.QuadtreeGeometry(height, width, 16, 64)
+    packed = mixres.pack_pyramid(random_pyramid(geometry, batch), geometry, batch, torch.device("cpu"))
+    boxes = torch.ops.mixres.build_quadtree(packed, height, width, 16, 64, 30)
+    return packed, boxes, torch.rand(batch, 3, height, width)
+
+
+def test_build_quadtree():
+    packed, _, _ = sample()
+    torch.library.opcheck(torch.ops.mixres.build_quadtree.default, (packed, 128, 192, 16, 64, 30))
+
+
+@pytest.mark.parametrize("mode", ["area", "bilinear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extract_patches(mode, dtype):
+    _, boxes, images = sample()
+    images = images.to(dtype).requires_grad_()
+    torch.library.opcheck(torch.ops.mixres.extract_patches.default, (images, boxes, 16, mode))
+    grad = torch.rand(2, boxes.shape[1], 3, 16, 16, dtype=dtype)
+    torch.library.opcheck(torch.ops.mixres.extract_patches_backward.default, (grad, boxes, 128, 192, mode))
+
+
+def test_leaf_centers():
+    _, boxes, _ = sample()
+    torch.library.opcheck(torch.ops.mixres.leaf_centers.default, (boxes, 16))
+
+
+def test_empty_inputs_need_no_special_case_in_the_ops():
+    packed, boxes, images = sample()
+    assert torch.ops.mixres.build_quadtree(packed[:0], 128, 192, 16, 64, 30).shape == (0, 30, 3)
+    assert torch.ops.mixres.extract_patches(images[:, :0], boxes, 16, "area").shape == (2, 30, 0, 16, 16)
+    assert torch.ops.mixres.leaf_centers(boxes[:, :0], 16).shape == (2, 0, 2)

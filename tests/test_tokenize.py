@@ -1,0 +1,181 @@
+"""mixres.tokenize: outputs, score forms, the reference fallback and every bad-input case."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixres
+from mixres import ops
+
+from helpers import random_pyramid
+
+
+def make_inputs(batch=2, height=256, width=192, min_size=16, max_size=64, seed=0):
+    images = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    geometry = mixres.QuadtreeGeometry(height, width, min_size, max_size)
+    return images, random_pyramid(geometry, batch, seed)
+
+
+def assert_same_mosaic(a: mixres.Mosaic, b: mixres.Mosaic):
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.centers, b.centers)
+    torch.testing.assert_close(a.tokens, b.tokens)
+
+
+def test_outputs_and_their_layout():
+    images, pyramid = make_inputs()
+    mosaic = mixres.tokenize(images, pyramid, n_patches=63)
+    assert mosaic.tokens.shape == (2, 63, 3, 16, 16) and mosaic.tokens.dtype == torch.float32
+    assert mosaic.boxes.shape == (2, 63, 3) and mosaic.boxes.dtype == torch.int32
+    assert mosaic.centers.shape == (2, 63, 2) and mosaic.centers.dtype == torch.float32
+    assert (mosaic.n_patches, mosaic.patch_size, mosaic.image_size) == (63, 16, (256, 192))
+    channels_last = mosaic.tokens_channels_last
+    assert channels_last.shape == (2, 63, 16, 16, 3) and channels_last.data_ptr() == mosaic.tokens.data_ptr()
+    assert_same_mosaic(mosaic, mixres.reference.tokenize(images, pyramid, n_patches=63))
+
+
+def test_flat_tokens_feed_a_linear_patch_embedding():
+    # All leaves at s_min in raster order: the linear embedding of flat tokens is a ViT's strided Conv2d.
+    images = torch.rand(2, 3, 64, 96)
+    geometry = mixres.QuadtreeGeometry(64, 96, 16, 32)
+    uniform = [torch.ones(2, *geometry.grid(32))]
+    mosaic = mixres.tokenize(images, uniform, n_patches=geometry.max_patches, max_patch_size=32)
+    weight = torch.randn(8, 3, 16, 16)
+    conv = F.conv2d(images, weight, stride=16).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(mosaic.flat_tokens() @ weight.flatten(1).T, conv, rtol=1e-4, atol=1e-4)
+
+
+def test_pyramid_as_dict_and_float64():
+    images, pyramid = make_inputs()
+    as_list = mixres.tokenize(images, pyramid, n_patches=63)
+    assert_same_mosaic(as_list, mixres.tokenize(images, {64: pyramid[0], 32: pyramid[1]}, n_patches=63))
+    as_double = mixres.tokenize(images.double(), [m.double() for m in pyramid], n_patches=63)
+    assert as_double.tokens.dtype == torch.float64 and torch.equal(as_double.boxes, as_list.boxes)
+
+
+def test_dense_saliency_is_summed_over_each_patch():
+    images = torch.rand(1, 3, 128, 128)
+    saliency = torch.rand(1, 128, 128)
+    pyramid = mixres.saliency_to_pyramid(saliency, mixres.QuadtreeGeometry(128, 128, 16, 64))
+    for level, size in zip(pyramid, (64, 32)):
+        expected = saliency.reshape(1, 128 // size, size, 128 // size, size).sum((2, 4)) / 16 ** 2
+        torch.testing.assert_close(level, expected)
+    assert_same_mosaic(mixres.tokenize(images, saliency, n_patches=31), mixres.tokenize(images, pyramid, 31))
+
+
+def test_coarse_saliency_is_resampled_to_the_grid():
+    # A 7x7 Grad-CAM-like map over a 224 px image with 16-32 px patches (a 14x14 grid): bilinear, then summed.
+    saliency = torch.rand(2, 7, 7)
+    geometry = mixres.QuadtreeGeometry(224, 224, 16, 32)
+    (level32,) = mixres.saliency_to_pyramid(saliency, geometry)
+    cells = F.interpolate(saliency[:, None], size=(14, 14), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(level32, cells.reshape(2, 7, 2, 7, 2).sum((2, 4)))
+    mosaic = mixres.tokenize(torch.rand(2, 3, 224, 224), saliency, n_patches=100, max_patch_size=32)
+    assert mosaic.boxes.shape == (2, 100, 3)
+
+
+def test_gradients_reach_the_images():
+    images, pyramid = make_inputs()
+    images.requires_grad_()
+    mixres.tokenize(images, pyramid, n_patches=63, mode="bilinear").tokens.square().sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_reference_fallback_without_kernels(monkeypatch):
+    images, pyramid = make_inputs()
+    expected = mixres.tokenize(images, pyramid, n_patches=63)
+    monkeypatch.setattr(ops, "_KERNEL_DEVICES", frozenset())
+    monkeypatch.setattr(ops, "_warned", set())
+    with pytest.warns(UserWarning, match="using the pure-PyTorch reference on cpu"):
+        fallback = mixres.tokenize(images, pyramid, n_patches=63)
+    assert_same_mosaic(fallback, expected)
+
+
+def test_valid_n_patches():
+    budgets = mixres.valid_n_patches(224, min_patch_size=16, max_patch_size=32)
+    assert budgets[0] == 49 and budgets[-1] == 196 and 100 in budgets and 101 not in budgets
+    assert mixres.valid_n_patches(256, 192) == list(range(12, 193, 3))
+
+
+def test_docstring_documents_shapes_and_errors():
+    doc = mixres.tokenize.__doc__
+    for phrase in ("[B, C, H, W]", "[B, N, C, p, p]", "[B, N, 3]", "[B, N, 2]", "Raises", "nearest valid"):
+        assert phrase in doc
+
+
+BAD_INPUTS = [
+    # (what, kwargs changes, exception, message pattern)
+    ("rank", dict(images=torch.rand(3, 256, 192)), ValueError, r"images must have rank 4"),
+    ("integer images", dict(images=torch.zeros(2, 3, 256, 192, dtype=torch.uint8)), TypeError,
+     r"images must be float16.*got torch.uint8.*255"),
+    ("not a tensor", dict(images=[[0.0]]), TypeError, r"images must be a Tensor"),
+    ("empty batch", dict(images=torch.rand(0, 3, 256, 192)), ValueError, r"empty batch \(B=0\)"),
+    ("no channels", dict(images=torch.rand(2, 0, 256, 192)), ValueError, r"no channels"),
+    ("size not divisible", dict(images=torch.rand(2, 3, 224, 192)), ValueError,
+     r"height 224 is not a multiple of max_patch_size 64.*192 or 256.*max_patch_size=32"),
+    ("ratio not a power of two", dict(max_patch_size=48), ValueError, r"must be a power of two"),
+    ("min above max", dict(min_patch_size=128), ValueError, r"min_patch_size 128 must be at most max_patch_size 64"),
+    ("zero patch size", dict(min_patch_size=0), ValueError, r"min_patch_size must be a positive int"),
+    ("unreachable n_patches", dict(n_patches=64), ValueError, r"n_patches=64 is unreachable.*nearest valid: 63 or 66"),
+    ("too many patches", dict(n_patches=400), ValueError, r"at most 192; nearest valid: 192"),
+    ("too few patches", dict(n_patches=5), ValueError, r"nearest valid: 12"),
+    ("float n_patches", dict(n_patches=63.0), TypeError, r"n_patches must be an int"),
+    ("bad patch_size", dict(patch_size=0), ValueError, r"patch_size must be a positive int"),
+    ("bad mode", dict(mode="nearest"), ValueError, r"mode must be 'area' or 'bilinear'"),
+    ("wrong number of maps", dict(scores=[torch.rand(2, 4, 3)]), ValueError, r"must hold 2 maps"),
+    ("wrong map shape", dict(scores=[torch.rand(2, 4, 3), torch.rand(2, 8, 8)]), ValueError,
+     r"patch size 32 must have shape \[B, H/s, W/s\] = \[2, 8, 6\], got \[2, 8, 8\]"),
+    ("wrong batch in a map", dict(scores=[torch.rand(3, 4, 3), torch.rand(3, 8, 6)]), ValueError,
+     r"must have shape \[B, H/s, W/s\] = \[2, 4, 3\]"),
+    ("wrong dict keys", dict(scores={64: torch.rand(2, 4, 3), 16: torch.rand(2, 16, 12)}), ValueError,
+     r"one map per splittable patch size \[64, 32\], got keys \[64, 16\]"),
+    ("integer scores", dict(scores=[torch.ones(2, 4, 3, dtype=torch.long), torch.rand(2, 8, 6)]), TypeError,
+     r"must be floating point"),
+    ("scores of a wrong type", dict(scores="saliency"), TypeError, r"scores must be a dense saliency map"),
+    ("dense map of rank 4", dict(scores=torch.rand(2, 1, 256, 192)), ValueError, r"rank 3 \[B, h, w\]"),
+    ("dense map batch", dict(scores=torch.rand(3, 256, 192)), ValueError, r"scores has batch size 3"),
+    ("dense map aspect", dict(scores=torch.rand(2, 16, 16)), ValueError, r"does not have the image's aspect"),
+    ("device mix", dict(scores=[torch.rand(2, 4, 3, device="meta"), torch.rand(2, 8, 6)]), ValueError,
+     r"is on meta but images are on cpu"),
+]
+
+
+@pytest.mark.parametrize("what, changes, error, pattern", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+@pytest.mark.parametrize("tokenize", [mixres.tokenize, mixres.reference.tokenize], ids=["cpp", "reference"])
+def test_bad_input_gets_a_clear_error(tokenize, what, changes, error, pattern):
+    images, pyramid = make_inputs()
+    kwargs = dict(images=images, scores=pyramid, n_patches=63) | changes
+    with pytest.raises(error, match=pattern):
+        tokenize(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("tokenize", [mixres.tokenize, mixres.reference.tokenize], ids=["cpp", "reference"])
+def test_non_finite_scores_are_rejected(tokenize, bad):
+    images, pyramid = make_inputs()
+    pyramid[1][1, 3, 2] = bad
+    with pytest.raises(ValueError, match="scores must be finite"):
+        tokenize(images, pyramid, n_patches=63)
+    saliency = torch.rand(2, 256, 192)
+    saliency[0, 100, 100] = bad
+    with pytest.raises(ValueError, match="scores must be finite"):
+        tokenize(images, saliency, n_patches=63)
+
+
+def test_non_finite_error_names_the_place():
+    images, pyramid = make_inputs()
+    pyramid[1][1, 3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"found nan in image 1 at patch size 32, cell \(3, 2\)"):
+        mixres.tokenize(images, pyramid, n_patches=63)
+
+
+def test_the_ops_check_their_own_arguments():
+    # Users may call torch.ops.mixres directly: no crash, a clear error.
+    with pytest.raises(ValueError, match=r"n_patches must be 16 \+ 3k"):
+        torch.ops.mixres.build_quadtree(torch.rand(1, 80), 256, 256, 16, 64, 17)
+    with pytest.raises(ValueError, match=r"packed pyramid \[B, 80\]"):
+        torch.ops.mixres.build_quadtree(torch.rand(1, 79), 256, 256, 16, 64, 16)
+    with pytest.raises(ValueError, match=r"multiples of max_patch_size"):
+        torch.ops.mixres.build_quadtree(torch.rand(1, 80), 250, 256, 16, 64, 16)
+    with pytest.raises(ValueError, match=r"power of two"):
+        torch.ops.mixres.build_quadtree(torch.rand(1, 80), 256, 256, 16, 48, 16)

@@ -1,0 +1,72 @@
+"""Mosaic pictures: render_tokens against a per-leaf loop, draw_mosaic and save_mosaic_figure."""
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import mixres
+from mixres.viz import draw_mosaic, render_tokens, save_mosaic_figure
+
+
+def random_mosaic(batch=3, channels=3, height=128, width=192, n_patches=60, patch_size=16, mode="area", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, channels, height, width, generator=generator)
+    pyramid = [torch.rand(batch, height // s, width // s, generator=generator) for s in (64, 32)]
+    return images, mixres.tokenize(images, pyramid, n_patches, patch_size=patch_size, mode=mode)
+
+
+def per_leaf_render(mosaic, mode):
+    batch, _, channels, _, _ = mosaic.tokens.shape
+    canvas = torch.full((batch, channels, *mosaic.image_size), float("nan"))
+    for b in range(batch):
+        for n, (y, x, size) in enumerate(mosaic.boxes[b].tolist()):
+            canvas[b, :, y:y + size, x:x + size] = F.interpolate(
+                mosaic.tokens[b, n][None], size=(size, size), mode=mode,
+                align_corners=False if mode == "bilinear" else None)[0]
+    return canvas
+
+
+@pytest.mark.parametrize("mode", ["area", "bilinear"])
+def test_finest_mosaic_reproduces_the_image(mode):
+    images = torch.rand(2, 3, 128, 64)
+    finest = mixres.valid_n_patches(128, 64)[-1]
+    mosaic = mixres.tokenize(images, torch.rand(2, 8, 4), n_patches=finest, mode=mode)
+    for render_mode in ("nearest", "bilinear"):
+        assert torch.equal(render_tokens(mosaic, render_mode), images)
+
+
+@pytest.mark.parametrize("render_mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("patch_size", [16, 8, 24])
+def test_render_matches_per_leaf_loop(render_mode, patch_size):
+    _, mosaic = random_mosaic(patch_size=patch_size)
+    assert len(mosaic.boxes[..., 2].unique()) == 3  # every leaf size is exercised
+    rendered = render_tokens(mosaic, render_mode)
+    assert rendered.shape == (3, 3, 128, 192) and rendered.dtype == mosaic.tokens.dtype
+    torch.testing.assert_close(rendered, per_leaf_render(mosaic, render_mode), rtol=0, atol=1e-6)
+
+
+def test_render_rejects_unknown_mode():
+    _, mosaic = random_mosaic()
+    with pytest.raises(ValueError, match="mode"):
+        render_tokens(mosaic, "bicubic")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_draw_mosaic_size_and_borders(channels):
+    images, mosaic = random_mosaic(channels=channels)
+    picture = draw_mosaic(images[0], mosaic.boxes[0], color=(0, 255, 0))
+    assert isinstance(picture, Image.Image) and picture.size == (192, 128) and picture.mode == "RGB"
+    y, x, size = mosaic.boxes[0, 0].tolist()
+    assert picture.getpixel((x, y)) == (0, 255, 0)
+    assert picture.getpixel((x + size // 2, y + size // 2)) != (0, 255, 0)
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        draw_mosaic(torch.rand(2, 64, 64), mosaic.boxes[0])
+
+
+def test_save_mosaic_figure(tmp_path):
+    images, mosaic = random_mosaic()
+    path = tmp_path / "figure.png"
+    figure = save_mosaic_figure(images[1], mosaic, path, index=1, gap=4)
+    assert figure.size == (2 * 192 + 4, 128)
+    with Image.open(path) as saved:
+        assert saved.size == figure.size
