@@ -1,6 +1,7 @@
 // The packed score pyramid and the quadtree geometry, shared by the CPU and CUDA kernels.
 #pragma once
 
+#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -21,15 +22,15 @@ struct PyramidLayout {
   int n_levels = 0;  // including the unsplittable min_size level
   int64_t offset[kMaxLevels + 1] = {};  // offset[l]: first packed score of level l
 
-  int n_splittable() const { return n_levels - 1; }
-  int64_t size(int level) const { return max_size >> level; }
-  int64_t rows(int level) const { return height / size(level); }
-  int64_t cols(int level) const { return width / size(level); }
-  int64_t n_scores() const { return offset[n_splittable()]; }
-  int64_t n_roots() const { return rows(0) * cols(0); }
-  int64_t max_leaves() const { return rows(n_levels - 1) * cols(n_levels - 1); }
+  C10_HOST_DEVICE int n_splittable() const { return n_levels - 1; }
+  C10_HOST_DEVICE int64_t size(int level) const { return max_size >> level; }
+  C10_HOST_DEVICE int64_t rows(int level) const { return height / size(level); }
+  C10_HOST_DEVICE int64_t cols(int level) const { return width / size(level); }
+  C10_HOST_DEVICE int64_t n_scores() const { return offset[n_splittable()]; }
+  C10_HOST_DEVICE int64_t n_roots() const { return rows(0) * cols(0); }
+  C10_HOST_DEVICE int64_t max_leaves() const { return rows(n_levels - 1) * cols(n_levels - 1); }
   // Canonical order: raster order of the top-left corner, in pixels. Leaves never share a corner.
-  int64_t order_key(int64_t y, int64_t x) const { return y * width + x; }
+  C10_HOST_DEVICE int64_t order_key(int64_t y, int64_t x) const { return y * width + x; }
 };
 
 inline PyramidLayout make_layout(int64_t height, int64_t width, int64_t min_size, int64_t max_size) {

@@ -144,7 +144,8 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int =
         TypeError: images or scores not floating point, or n_patches not an int.
         ValueError: a wrong rank or shape, an empty batch, images and scores on different devices, H or W not a
             multiple of max_patch_size, a patch-size ratio that is not a power of two, an unreachable n_patches
-            (the message names the nearest valid ones), NaN or Inf scores, or an unknown mode.
+            (the message names the nearest valid ones), NaN or Inf scores, or an unknown mode. On CUDA, NaN or
+            Inf scores trip a device-side assert instead: raising would need a host synchronisation.
 
     Example:
         >>> images = torch.rand(2, 3, 256, 256)

@@ -29,18 +29,6 @@ constexpr int kMaxThreads = 256;
 constexpr int kMaxWarps = kMaxThreads / 32;
 constexpr int kDefaultSharedBytes = 48 * 1024;  // what a launch may use without opting in
 
-// PyramidLayout's accessors are host-only, so the kernel receives their values per level, computed by them.
-struct DeviceLayout {
-  int64_t width;
-  int64_t n_scores;
-  int64_t offset[kMaxLevels];  // first packed score of each splittable level
-  int64_t cols[kMaxLevels];
-  int32_t size[kMaxLevels];
-  int32_t n_levels;
-  int32_t n_roots;
-  int32_t root_cols;
-};
-
 template <typename scalar_t>
 struct Best {
   scalar_t score;
@@ -64,8 +52,8 @@ __device__ __forceinline__ Best<scalar_t> shuffle_down(const Best<scalar_t>& v, 
   return out;
 }
 
-__device__ __forceinline__ int64_t pack_leaf(int64_t y, int64_t x, int32_t level, int64_t width) {
-  return ((y * width + x) << kLevelBits) | level;
+__device__ __forceinline__ int64_t pack_leaf(const PyramidLayout& layout, int64_t y, int64_t x, int32_t level) {
+  return (layout.order_key(y, x) << kLevelBits) | level;
 }
 
 __device__ __forceinline__ bool is_finite_score(float v) { return isfinite(v); }
@@ -76,7 +64,7 @@ __device__ __forceinline__ bool is_finite_score(double v) { return isfinite(v); 
 // two, for the bitonic sort at the end.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreads)
-build_quadtree_kernel(const scalar_t* __restrict__ scores, const DeviceLayout layout, int32_t n_patches,
+build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout layout, int32_t n_patches,
                       int32_t n_splits, int32_t sort_size, bool stage_pyramid, unsigned char* __restrict__ workspace,
                       int64_t workspace_stride, int32_t* __restrict__ boxes) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -101,24 +89,26 @@ build_quadtree_kernel(const scalar_t* __restrict__ scores, const DeviceLayout la
   // The CPU op rejects a non-finite score anywhere in the pyramid, read or not; without a host sync the closest
   // equivalent is a device assert over every score. The same pass stages the pyramid in shared memory, so that
   // the serial split loop below never waits on global memory.
-  const scalar_t* image_scores = scores + image * layout.n_scores;
-  for (int64_t i = tid; i < layout.n_scores; i += n_threads) {
+  const scalar_t* image_scores = scores + image * layout.n_scores();
+  for (int64_t i = tid; i < layout.n_scores(); i += n_threads) {
     const scalar_t v = image_scores[i];
     CUDA_KERNEL_ASSERT(is_finite_score(v) && "mixres.build_quadtree: scores must be finite");
     if (stage_pyramid) staged[i] = v;
   }
   const scalar_t* pyramid = stage_pyramid ? staged : image_scores;
 
-  for (int32_t i = tid; i < layout.n_roots; i += n_threads) {
-    const int64_t y = static_cast<int64_t>(i / layout.root_cols) * layout.size[0];
-    const int64_t x = static_cast<int64_t>(i % layout.root_cols) * layout.size[0];
-    leaves[i] = pack_leaf(y, x, 0, width);
+  const int32_t n_roots = static_cast<int32_t>(layout.n_roots());
+  const int64_t root_cols = layout.cols(0);
+  for (int32_t i = tid; i < n_roots; i += n_threads) {
+    const int64_t y = (i / root_cols) * layout.max_size;
+    const int64_t x = (i % root_cols) * layout.max_size;
+    leaves[i] = pack_leaf(layout, y, x, 0);
     // Root i is cell i of the level-0 map.
     leaf_scores[i] = last_level > 0 ? image_scores[i] : scalar_t(0);
   }
   __syncthreads();
 
-  int32_t count = layout.n_roots;
+  int32_t count = n_roots;
   for (int32_t step = 0; step < n_splits; ++step, count += 3) {
     Best<scalar_t> best{scalar_t(0), kPadLeaf, -1};
     for (int32_t s = tid; s < count; s += n_threads) {
@@ -150,14 +140,14 @@ build_quadtree_kernel(const scalar_t* __restrict__ scores, const DeviceLayout la
     if (tid < 4) {
       const int64_t key = best.leaf >> kLevelBits;
       const int32_t level = static_cast<int32_t>(best.leaf & kLevelMask) + 1;
-      const int64_t half = layout.size[level];
+      const int64_t half = layout.size(level);
       const int64_t y = key / width + (tid >> 1) * half;
       const int64_t x = key % width + (tid & 1) * half;
       // The first quadrant takes the parent's slot, the others are appended.
       const int32_t slot = tid == 0 ? best.slot : count + tid - 1;
-      leaves[slot] = pack_leaf(y, x, level, width);
+      leaves[slot] = pack_leaf(layout, y, x, level);
       if (level < last_level) {
-        leaf_scores[slot] = pyramid[layout.offset[level] + (y / half) * layout.cols[level] + x / half];
+        leaf_scores[slot] = pyramid[layout.offset[level] + (y / half) * layout.cols(level) + x / half];
       }
     }
     // Publishes the children before the next scan, and keeps the warp winners until everyone has read them.
@@ -189,7 +179,7 @@ build_quadtree_kernel(const scalar_t* __restrict__ scores, const DeviceLayout la
     const int64_t key = leaf >> kLevelBits;
     out[3 * i] = static_cast<int32_t>(key / width);
     out[3 * i + 1] = static_cast<int32_t>(key % width);
-    out[3 * i + 2] = layout.size[leaf & kLevelMask];
+    out[3 * i + 2] = static_cast<int32_t>(layout.size(static_cast<int>(leaf & kLevelMask)));
   }
 }
 
@@ -218,17 +208,6 @@ at::Tensor build_quadtree_cuda(const at::Tensor& scores, int64_t height, int64_t
   auto boxes = at::empty({batch, n_patches, 3}, scores.options().dtype(at::kInt));
   if (batch == 0) return boxes;
 
-  DeviceLayout device_layout{};
-  device_layout.width = layout.width;
-  device_layout.n_scores = layout.n_scores();
-  device_layout.n_levels = layout.n_levels;
-  device_layout.n_roots = static_cast<int32_t>(layout.n_roots());
-  device_layout.root_cols = static_cast<int32_t>(layout.cols(0));
-  for (int l = 0; l < layout.n_levels; ++l) {
-    device_layout.offset[l] = layout.offset[l];
-    device_layout.cols[l] = layout.cols(l);
-    device_layout.size[l] = static_cast<int32_t>(layout.size(l));
-  }
   const int64_t n_splits = (n_patches - layout.n_roots()) / 3;
   const int64_t sort_size = round_up_pow2(n_patches);
   const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, sort_size / 2)));
@@ -269,7 +248,7 @@ at::Tensor build_quadtree_cuda(const at::Tensor& scores, int64_t height, int64_t
                                           static_cast<int>(shared_bytes)));
     }
     kernel<<<static_cast<unsigned int>(batch), threads, static_cast<size_t>(shared_bytes), stream>>>(
-        packed.const_data_ptr<scalar_t>(), device_layout, static_cast<int32_t>(n_patches),
+        packed.const_data_ptr<scalar_t>(), layout, static_cast<int32_t>(n_patches),
         static_cast<int32_t>(n_splits), static_cast<int32_t>(sort_size), stage_pyramid,
         workspace.defined() ? static_cast<unsigned char*>(workspace.mutable_data_ptr()) : nullptr,
         workspace_stride, boxes.mutable_data_ptr<int32_t>());
