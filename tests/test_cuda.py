@@ -10,6 +10,8 @@ import mixres
 from mixres import reference
 from mixres.pyramid import QuadtreeGeometry, pack_pyramid
 
+from helpers import random_pyramid
+
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DEVICE = torch.device("cuda")
@@ -32,16 +34,7 @@ def budgets(geometry: QuadtreeGeometry) -> list[int]:
 
 def random_maps(geometry: QuadtreeGeometry, batch: int, seed: int = 0, ties: bool = False,
                 dtype=torch.float32) -> list[torch.Tensor]:
-    """One map per splittable size, on the device. With ``ties`` the scores are 0, 1 or 2: many equal values."""
-    generator = torch.Generator().manual_seed(seed)
-    maps = []
-    for size in geometry.splittable_sizes:
-        shape = (batch, *geometry.grid(size))
-        if ties:
-            maps.append(torch.randint(0, 3, shape, generator=generator).to(dtype))
-        else:
-            maps.append(torch.rand(shape, generator=generator, dtype=torch.float64).to(dtype))
-    return [m.to(DEVICE) for m in maps]
+    return random_pyramid(geometry, batch, seed, ties, dtype, device=DEVICE)
 
 
 def packed_scores(geometry: QuadtreeGeometry, batch: int, seed: int = 0, ties: bool = False, dtype=torch.float32):

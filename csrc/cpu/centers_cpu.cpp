@@ -5,17 +5,13 @@
 #include <torch/library.h>
 
 #include "../leaf_center.h"
+#include "../op_checks.h"
 
 namespace mixres {
 namespace {
 
 at::Tensor leaf_centers_cpu(const at::Tensor& boxes, int64_t min_patch_size) {
-  TORCH_CHECK_VALUE(boxes.dim() == 3 && boxes.size(2) == 3, "mixres.leaf_centers: boxes must be [B, N, 3], got ",
-                    boxes.sizes());
-  TORCH_CHECK_TYPE(boxes.scalar_type() == at::kInt, "mixres.leaf_centers: boxes must be int32, got ",
-                   boxes.scalar_type());
-  TORCH_CHECK_VALUE(min_patch_size > 0, "mixres.leaf_centers: min_patch_size must be positive, got ",
-                    min_patch_size);
+  check_centers_args(boxes, min_patch_size);
   auto centers = at::empty({boxes.size(0), boxes.size(1), 2}, boxes.options().dtype(at::kFloat));
   const auto src = boxes.contiguous();
   const int32_t* box = src.const_data_ptr<int32_t>();

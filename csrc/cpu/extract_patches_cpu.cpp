@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "../op_checks.h"
 #include "../resample.h"
 
 namespace mixres {
@@ -26,12 +27,8 @@ void warm_cache(const void* data, int64_t bytes) {
   asm volatile("" : : "r"(sink));  // keeps the loads
 }
 
-void check_inputs(const at::Tensor& boxes, int64_t batch, int64_t height, int64_t width, int64_t patch_size,
-                  const char* op) {
-  TORCH_CHECK_VALUE(boxes.dim() == 3 && boxes.size(0) == batch && boxes.size(2) == 3,
-                    op, ": boxes must be [B=", batch, ", N, 3], got ", boxes.sizes());
-  TORCH_CHECK_TYPE(boxes.scalar_type() == at::kInt, op, ": boxes must be int32, got ", boxes.scalar_type());
-  TORCH_CHECK_VALUE(patch_size > 0, op, ": patch_size must be positive, got ", patch_size);
+// On the CPU the boxes can be read for free: reject any box outside the image before reading through it.
+void check_boxes_inside(const at::Tensor& boxes, int64_t height, int64_t width, const char* op) {
   const auto contiguous = boxes.contiguous();
   const int32_t* b = contiguous.const_data_ptr<int32_t>();
   for (int64_t i = 0; i < contiguous.numel() / 3; ++i, b += 3) {
@@ -197,9 +194,9 @@ struct PlanCache {
 at::Tensor extract_patches_cpu(const at::Tensor& images, const at::Tensor& boxes, int64_t patch_size,
                                c10::string_view mode_name) {
   const ResizeMode mode = parse_mode(mode_name);
-  TORCH_CHECK_VALUE(images.dim() == 4, "mixres.extract_patches: images must be [B, C, H, W], got ", images.sizes());
+  check_extract_args(images, boxes, patch_size);
   const int64_t batch = images.size(0), channels = images.size(1), height = images.size(2), width = images.size(3);
-  check_inputs(boxes, batch, height, width, patch_size, "mixres.extract_patches");
+  check_boxes_inside(boxes, height, width, "mixres.extract_patches");
   const int64_t n_leaves = boxes.size(1);
   const int32_t patch = static_cast<int32_t>(patch_size);
   auto tokens = at::empty({batch, n_leaves, channels, patch_size, patch_size}, images.options());
@@ -242,14 +239,10 @@ at::Tensor extract_patches_cpu(const at::Tensor& images, const at::Tensor& boxes
 at::Tensor extract_patches_backward_cpu(const at::Tensor& grad_tokens, const at::Tensor& boxes, int64_t height,
                                         int64_t width, c10::string_view mode_name) {
   const ResizeMode mode = parse_mode(mode_name);
-  TORCH_CHECK_VALUE(grad_tokens.dim() == 5 && grad_tokens.size(3) == grad_tokens.size(4),
-                    "mixres.extract_patches_backward: grad_tokens must be [B, N, C, p, p], got ",
-                    grad_tokens.sizes());
+  check_extract_backward_args(grad_tokens, boxes, height, width);
   const int64_t batch = grad_tokens.size(0), n_leaves = grad_tokens.size(1), channels = grad_tokens.size(2);
   const int64_t patch_size = grad_tokens.size(3);
-  check_inputs(boxes, batch, height, width, patch_size, "mixres.extract_patches_backward");
-  TORCH_CHECK_VALUE(boxes.size(1) == n_leaves, "mixres.extract_patches_backward: boxes has ", boxes.size(1),
-                    " leaves but grad_tokens has ", n_leaves);
+  check_boxes_inside(boxes, height, width, "mixres.extract_patches_backward");
   const auto acc_dtype = at::toOpMathType(grad_tokens.scalar_type());
   auto grad_images = at::zeros({batch, channels, height, width}, grad_tokens.options().dtype(acc_dtype));
   if (grad_tokens.numel() == 0) return grad_images.to(grad_tokens.scalar_type());

@@ -9,7 +9,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../quadtree_layout.h"
+#include "../op_checks.h"
 
 namespace mixres {
 namespace {
@@ -90,11 +90,8 @@ void build_one(const scalar_t* scores, const PyramidLayout& layout, int64_t n_sp
 
 at::Tensor build_quadtree_cpu(const at::Tensor& scores, int64_t height, int64_t width, int64_t min_patch_size,
                               int64_t max_patch_size, int64_t n_patches) {
-  const PyramidLayout layout = make_layout(height, width, min_patch_size, max_patch_size);
-  check_budget(layout, n_patches);
-  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) == layout.n_scores(),
-                    "mixres.build_quadtree: scores must be the packed pyramid [B, ", layout.n_scores(),
-                    "], got ", scores.sizes());
+  const PyramidLayout layout =
+      check_quadtree_args(scores, height, width, min_patch_size, max_patch_size, n_patches);
   const int64_t batch = scores.size(0);
   const int64_t n_splits = (n_patches - layout.n_roots()) / 3;
   auto boxes = at::empty({batch, n_patches, 3}, scores.options().dtype(at::kInt));

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "../leaf_center.h"
+#include "../op_checks.h"
 
 namespace mixres {
 namespace {
@@ -29,12 +30,7 @@ leaf_centers_kernel(const int32_t* __restrict__ boxes, float* __restrict__ cente
 }
 
 at::Tensor leaf_centers_cuda(const at::Tensor& boxes, int64_t min_patch_size) {
-  TORCH_CHECK_VALUE(boxes.dim() == 3 && boxes.size(2) == 3, "mixres.leaf_centers: boxes must be [B, N, 3], got ",
-                    boxes.sizes());
-  TORCH_CHECK_TYPE(boxes.scalar_type() == at::kInt, "mixres.leaf_centers: boxes must be int32, got ",
-                   boxes.scalar_type());
-  TORCH_CHECK_VALUE(min_patch_size > 0, "mixres.leaf_centers: min_patch_size must be positive, got ",
-                    min_patch_size);
+  check_centers_args(boxes, min_patch_size);
   TORCH_CHECK_VALUE(boxes.is_cuda(), "mixres.leaf_centers: boxes must be a CUDA tensor, got ", boxes.device());
   const c10::cuda::CUDAGuard guard(boxes.device());
   auto centers = at::empty({boxes.size(0), boxes.size(1), 2}, boxes.options().dtype(at::kFloat));

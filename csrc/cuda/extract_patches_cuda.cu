@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../op_checks.h"
 #include "../resample.h"
 
 namespace mixres {
@@ -180,14 +181,6 @@ extract_patches_backward_kernel(const scalar_t* __restrict__ grad_tokens, const 
   }
 }
 
-void check_boxes(const at::Tensor& boxes, int64_t batch, int64_t patch_size, const char* op) {
-  TORCH_CHECK_VALUE(boxes.dim() == 3 && boxes.size(0) == batch && boxes.size(2) == 3,
-                    op, ": boxes must be [B=", batch, ", N, 3], got ", boxes.sizes());
-  TORCH_CHECK_TYPE(boxes.scalar_type() == at::kInt, op, ": boxes must be int32, got ", boxes.scalar_type());
-  TORCH_CHECK_VALUE(patch_size > 0 && patch_size <= (int64_t{1} << 15), op,
-                    ": patch_size must be positive and at most 32768, got ", patch_size);
-}
-
 void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
                        const char* op) {
   TORCH_CHECK_VALUE(a.is_cuda() && a.device() == b.device(), op, ": ", a_name, " and ", b_name,
@@ -199,9 +192,8 @@ at::Tensor extract_patches_cuda(const at::Tensor& images, const at::Tensor& boxe
                                 c10::string_view mode_name) {
   constexpr const char* op = "mixres.extract_patches";
   const ResizeMode mode = parse_mode(mode_name);
-  TORCH_CHECK_VALUE(images.dim() == 4, op, ": images must be [B, C, H, W], got ", images.sizes());
+  check_extract_args(images, boxes, patch_size);
   const int64_t batch = images.size(0), channels = images.size(1), height = images.size(2), width = images.size(3);
-  check_boxes(boxes, batch, patch_size, op);
   check_same_device(images, "images", boxes, "boxes", op);
   const c10::cuda::CUDAGuard guard(images.device());
   const int64_t n_leaves = boxes.size(1);
@@ -232,15 +224,9 @@ at::Tensor extract_patches_backward_cuda(const at::Tensor& grad_tokens, const at
                                          int64_t width, c10::string_view mode_name) {
   constexpr const char* op = "mixres.extract_patches_backward";
   const ResizeMode mode = parse_mode(mode_name);
-  TORCH_CHECK_VALUE(grad_tokens.dim() == 5 && grad_tokens.size(3) == grad_tokens.size(4), op,
-                    ": grad_tokens must be [B, N, C, p, p], got ", grad_tokens.sizes());
+  check_extract_backward_args(grad_tokens, boxes, height, width);
   const int64_t batch = grad_tokens.size(0), n_leaves = grad_tokens.size(1), channels = grad_tokens.size(2);
   const int64_t patch_size = grad_tokens.size(3);
-  check_boxes(boxes, batch, patch_size, op);
-  TORCH_CHECK_VALUE(boxes.size(1) == n_leaves, op, ": boxes has ", boxes.size(1), " leaves but grad_tokens has ",
-                    n_leaves);
-  TORCH_CHECK_VALUE(height >= 0 && width >= 0, op, ": height and width must be non-negative, got ", height, "x",
-                    width);
   check_same_device(grad_tokens, "grad_tokens", boxes, "boxes", op);
   const c10::cuda::CUDAGuard guard(grad_tokens.device());
   // Accumulates in opmath precision (float for half and bfloat16), like the CPU kernel.

@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "../quadtree_layout.h"
+#include "../op_checks.h"
 
 namespace mixres {
 namespace {
@@ -191,11 +191,8 @@ int64_t round_up_pow2(int64_t v) {
 
 at::Tensor build_quadtree_cuda(const at::Tensor& scores, int64_t height, int64_t width, int64_t min_patch_size,
                                int64_t max_patch_size, int64_t n_patches) {
-  const PyramidLayout layout = make_layout(height, width, min_patch_size, max_patch_size);
-  check_budget(layout, n_patches);
-  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) == layout.n_scores(),
-                    "mixres.build_quadtree: scores must be the packed pyramid [B, ", layout.n_scores(),
-                    "], got ", scores.sizes());
+  const PyramidLayout layout =
+      check_quadtree_args(scores, height, width, min_patch_size, max_patch_size, n_patches);
   TORCH_CHECK_VALUE(scores.is_cuda(), "mixres.build_quadtree: scores must be a CUDA tensor, got ", scores.device());
   // The packed leaf holds y * width + x above the level bits; slots and sort indices are int32.
   TORCH_CHECK_VALUE(height * width < (int64_t{1} << (62 - kLevelBits)) && n_patches <= (int64_t{1} << 29),

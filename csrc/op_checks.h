@@ -1,0 +1,55 @@
+// Argument checks shared by the CPU and CUDA kernels. They look at shapes, dtypes and sizes only, never at tensor
+// data, which on a GPU would cost a synchronisation.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "quadtree_layout.h"
+
+namespace mixres {
+
+inline PyramidLayout check_quadtree_args(const at::Tensor& scores, int64_t height, int64_t width,
+                                         int64_t min_patch_size, int64_t max_patch_size, int64_t n_patches) {
+  const PyramidLayout layout = make_layout(height, width, min_patch_size, max_patch_size);
+  check_budget(layout, n_patches);
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) == layout.n_scores(),
+                    "mixres.build_quadtree: scores must be the packed pyramid [B, ", layout.n_scores(), "], got ",
+                    scores.sizes());
+  return layout;
+}
+
+inline void check_boxes(const at::Tensor& boxes, int64_t batch, const char* op) {
+  TORCH_CHECK_VALUE(boxes.dim() == 3 && (batch < 0 || boxes.size(0) == batch) && boxes.size(2) == 3, op,
+                    ": boxes must be [B", batch < 0 ? "" : "=", batch < 0 ? "" : std::to_string(batch), ", N, 3], got ",
+                    boxes.sizes());
+  TORCH_CHECK_TYPE(boxes.scalar_type() == at::kInt, op, ": boxes must be int32, got ", boxes.scalar_type());
+}
+
+inline void check_extract_args(const at::Tensor& images, const at::Tensor& boxes, int64_t patch_size) {
+  constexpr const char* op = "mixres.extract_patches";
+  TORCH_CHECK_VALUE(images.dim() == 4, op, ": images must be [B, C, H, W], got ", images.sizes());
+  check_boxes(boxes, images.size(0), op);
+  TORCH_CHECK_VALUE(patch_size > 0 && patch_size <= (int64_t{1} << 15), op,
+                    ": patch_size must be positive and at most 32768, got ", patch_size);
+}
+
+inline void check_extract_backward_args(const at::Tensor& grad_tokens, const at::Tensor& boxes, int64_t height,
+                                        int64_t width) {
+  constexpr const char* op = "mixres.extract_patches_backward";
+  TORCH_CHECK_VALUE(grad_tokens.dim() == 5 && grad_tokens.size(3) == grad_tokens.size(4), op,
+                    ": grad_tokens must be [B, N, C, p, p], got ", grad_tokens.sizes());
+  check_boxes(boxes, grad_tokens.size(0), op);
+  TORCH_CHECK_VALUE(boxes.size(1) == grad_tokens.size(1), op, ": boxes has ", boxes.size(1),
+                    " leaves but grad_tokens has ", grad_tokens.size(1));
+  TORCH_CHECK_VALUE(height >= 0 && width >= 0, op, ": height and width must be non-negative, got ", height, "x",
+                    width);
+}
+
+inline void check_centers_args(const at::Tensor& boxes, int64_t min_patch_size) {
+  check_boxes(boxes, -1, "mixres.leaf_centers");
+  TORCH_CHECK_VALUE(min_patch_size > 0, "mixres.leaf_centers: min_patch_size must be positive, got ",
+                    min_patch_size);
+}
+
+}  // namespace mixres
