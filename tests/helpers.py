@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+import mixres
 from mixres.pyramid import QuadtreeGeometry
 
 
@@ -17,6 +18,15 @@ def random_pyramid(geometry: QuadtreeGeometry, batch: int, seed: int = 0, ties: 
         else:
             maps.append(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype))
     return [m.to(device) for m in maps]
+
+
+def random_mosaic(batch=3, channels=3, height=128, width=192, n_patches=60, seed=0, dtype=torch.float32,
+                  **tokenize_kwargs):
+    """Random images [B, C, H, W] (16-64 px patches) and their mosaic for a random pyramid."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, channels, height, width, generator=generator, dtype=torch.float64).to(dtype)
+    geometry = QuadtreeGeometry(height, width, 16, 64)
+    return images, mixres.tokenize(images, random_pyramid(geometry, batch, seed), n_patches, **tokenize_kwargs)
 
 
 def interpolate_each_leaf(images: torch.Tensor, boxes: torch.Tensor, patch_size: int, mode: str) -> torch.Tensor:

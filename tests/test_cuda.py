@@ -32,13 +32,8 @@ def budgets(geometry: QuadtreeGeometry) -> list[int]:
     return sorted({valid[0], valid[len(valid) // 2], valid[-1]})
 
 
-def random_maps(geometry: QuadtreeGeometry, batch: int, seed: int = 0, ties: bool = False,
-                dtype=torch.float32) -> list[torch.Tensor]:
-    return random_pyramid(geometry, batch, seed, ties, dtype, device=DEVICE)
-
-
 def packed_scores(geometry: QuadtreeGeometry, batch: int, seed: int = 0, ties: bool = False, dtype=torch.float32):
-    return pack_pyramid(random_maps(geometry, batch, seed, ties, dtype), geometry, batch, DEVICE)
+    return pack_pyramid(random_pyramid(geometry, batch, seed, ties, dtype, device=DEVICE), geometry, batch, DEVICE)
 
 
 def random_images(batch, channels, height, width, seed=0, dtype=torch.float32):
@@ -266,7 +261,7 @@ def test_tokenize_matches_reference(dtype, batch):
     height, width = 128, 192
     geo = QuadtreeGeometry(height, width, 16, 64)
     images = random_images(batch, 3, height, width, seed=batch, dtype=dtype)
-    maps = random_maps(geo, batch, seed=batch, ties=batch % 2 == 1)
+    maps = random_pyramid(geo, batch, seed=batch, ties=batch % 2 == 1, device=DEVICE)
     n_patches = budgets(geo)[1]
     mosaic = mixres.tokenize(images, maps, n_patches=n_patches)
     expected = reference.tokenize(images, maps, n_patches=n_patches)
@@ -281,7 +276,7 @@ def test_tokenize_does_not_synchronize():
     height, width = 128, 192
     geo = QuadtreeGeometry(height, width, 16, 64)
     images = random_images(4, 3, height, width).requires_grad_()
-    maps = random_maps(geo, 4)
+    maps = random_pyramid(geo, 4, device=DEVICE)
     saliency = torch.rand(4, 32, 48, device=DEVICE)
     n_patches = budgets(geo)[1]
     grad = torch.randn(4, n_patches, 3, 16, 16, device=DEVICE)
@@ -303,7 +298,7 @@ def test_tokenize_cuda_graph_replay():
     geo = QuadtreeGeometry(height, width, 16, 64)
     n_patches = budgets(geo)[1]
     images = random_images(batch, 3, height, width)
-    maps = random_maps(geo, batch)
+    maps = random_pyramid(geo, batch, device=DEVICE)
 
     def run():
         mosaic = mixres.tokenize(images, maps, n_patches=n_patches)
@@ -319,7 +314,7 @@ def test_tokenize_cuda_graph_replay():
         static = run()
     for seed in range(1, 4):
         images.copy_(random_images(batch, 3, height, width, seed=seed))
-        for m, new in zip(maps, random_maps(geo, batch, seed=seed, ties=seed == 2)):
+        for m, new in zip(maps, random_pyramid(geo, batch, seed=seed, ties=seed == 2, device=DEVICE)):
             m.copy_(new)
         graph.replay()
         for replayed, eager in zip(static, run()):
@@ -331,7 +326,7 @@ def test_tokenize_compiles_fullgraph():
     geo = QuadtreeGeometry(height, width, 16, 64)
     n_patches = budgets(geo)[1]
     images = random_images(3, 3, height, width)
-    maps = random_maps(geo, 3)
+    maps = random_pyramid(geo, 3, device=DEVICE)
 
     def run(images, maps):
         mosaic = mixres.tokenize(images, maps, n_patches=n_patches)

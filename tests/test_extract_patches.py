@@ -5,23 +5,20 @@ import torch
 import mixres
 from mixres import reference
 
-from helpers import interpolate_each_leaf, random_pyramid
+from helpers import interpolate_each_leaf, random_mosaic
 
 MODES = ["area", "bilinear"]
 
 
-def random_mosaic(batch=3, channels=3, height=128, width=192, n_patches=60, seed=0, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, channels, height, width, generator=generator, dtype=torch.float64).to(dtype)
-    geometry = mixres.QuadtreeGeometry(height, width, 16, 64)
-    boxes = mixres.tokenize(images.float(), random_pyramid(geometry, batch, seed), n_patches).boxes
-    return images, boxes
+def random_boxes_and_images(**kwargs):
+    images, mosaic = random_mosaic(**kwargs)
+    return images, mosaic.boxes
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("patch_size", [16, 8, 4, 24, 32])  # down, exact, non-divisible and up-sampling
 def test_matches_interpolate_per_leaf(mode, patch_size):
-    images, boxes = random_mosaic(channels=3)
+    images, boxes = random_boxes_and_images(channels=3)
     expected = interpolate_each_leaf(images, boxes, patch_size, mode)
     torch.testing.assert_close(torch.ops.mixres.extract_patches(images, boxes, patch_size, mode), expected)
     torch.testing.assert_close(reference.extract_patches(images, boxes, patch_size, mode), expected)
@@ -30,7 +27,7 @@ def test_matches_interpolate_per_leaf(mode, patch_size):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 def test_dtypes(mode, dtype, tol):
-    images, boxes = random_mosaic(channels=2, dtype=dtype)
+    images, boxes = random_boxes_and_images(channels=2, dtype=dtype)
     tokens = torch.ops.mixres.extract_patches(images, boxes, 16, mode)
     assert tokens.dtype == dtype
     # Accumulation is in float32 (float64 for float64), so only the final rounding differs from float64.
@@ -40,7 +37,7 @@ def test_dtypes(mode, dtype, tol):
 
 @pytest.mark.parametrize("channels", [1, 5])
 def test_any_channel_count_and_strided_images(channels):
-    images, boxes = random_mosaic(channels=channels)
+    images, boxes = random_boxes_and_images(channels=channels)
     strided = images.to(memory_format=torch.channels_last)
     tokens = torch.ops.mixres.extract_patches(strided, boxes, 16, "area")
     torch.testing.assert_close(tokens, interpolate_each_leaf(images, boxes, 16, "area"))
@@ -49,7 +46,7 @@ def test_any_channel_count_and_strided_images(channels):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("patch_size", [16, 24])
 def test_backward_matches_reference(mode, patch_size):
-    images, boxes = random_mosaic(batch=2, seed=3)
+    images, boxes = random_boxes_and_images(batch=2, seed=3)
     grad = torch.randn(2, boxes.shape[1], 3, patch_size, patch_size, generator=torch.Generator().manual_seed(1))
     grads = []
     for extract in (torch.ops.mixres.extract_patches, reference.extract_patches):
@@ -73,7 +70,7 @@ def test_gradcheck_float64(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_half_precision_backward(mode):
-    images, boxes = random_mosaic(batch=2)
+    images, boxes = random_boxes_and_images(batch=2)
     grad = torch.rand(2, boxes.shape[1], 3, 16, 16)
     full = images.clone().requires_grad_()
     torch.ops.mixres.extract_patches(full, boxes, 16, mode).backward(grad)
@@ -85,14 +82,14 @@ def test_half_precision_backward(mode):
 
 @pytest.mark.parametrize("box", [[0, 0, 0], [-16, 0, 16], [0, 180, 16], [120, 0, 16]])
 def test_boxes_outside_the_image_are_rejected(box):
-    images, boxes = random_mosaic(batch=1)
+    images, boxes = random_boxes_and_images(batch=1)
     boxes[0, 5] = torch.tensor(box, dtype=torch.int32)
     with pytest.raises(ValueError, match="is not inside the 128x192 image"):
         torch.ops.mixres.extract_patches(images, boxes, 16, "area")
 
 
 def test_bad_mode_and_box_dtype_are_rejected():
-    images, boxes = random_mosaic(batch=1)
+    images, boxes = random_boxes_and_images(batch=1)
     with pytest.raises(ValueError, match="mode must be 'area' or 'bilinear'"):
         torch.ops.mixres.extract_patches(images, boxes, 16, "nearest")
     with pytest.raises(TypeError, match="boxes must be int32"):
@@ -104,5 +101,5 @@ def test_leaf_centers():
     expected = torch.tensor([[[0.0, 0.0], [0.5, 1.5], [2.5, 3.5], [14.0, 15.0]]])
     assert torch.equal(torch.ops.mixres.leaf_centers(boxes, 16), expected)
     assert torch.equal(reference.leaf_centers(boxes, 16), expected)
-    _, random_boxes = random_mosaic()
+    _, random_boxes = random_boxes_and_images()
     assert torch.equal(torch.ops.mixres.leaf_centers(random_boxes, 8), reference.leaf_centers(random_boxes, 8))

@@ -7,12 +7,7 @@ from PIL import Image
 import mixres
 from mixres.viz import draw_mosaic, render_tokens, save_mosaic_figure
 
-
-def random_mosaic(batch=3, channels=3, height=128, width=192, n_patches=60, patch_size=16, mode="area", seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, channels, height, width, generator=generator)
-    pyramid = [torch.rand(batch, height // s, width // s, generator=generator) for s in (64, 32)]
-    return images, mixres.tokenize(images, pyramid, n_patches, patch_size=patch_size, mode=mode)
+from helpers import random_mosaic
 
 
 def per_leaf_render(mosaic, mode):
