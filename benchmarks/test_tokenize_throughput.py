@@ -2,7 +2,8 @@
 
     pytest benchmarks --benchmark-json=out/benchmark.json
 
-Environment: MIXRES_BENCH_DEVICE (default: cuda if available, else cpu), MIXRES_BENCH_BATCH (default 64).
+Environment: MIXRES_BENCH_DEVICE (default: cuda if available, else cpu), MIXRES_BENCH_BATCH (default 256 on
+cuda, 64 on cpu).
 Scores are precomputed random pyramids: this measures the quadtree, the resize and the centres, not a scorer.
 """
 import os
@@ -12,30 +13,18 @@ import torch
 
 import mixres
 
-from conftest import record
+from conftest import CONFIGS, inputs, record
 
 DEVICE = torch.device(os.environ.get("MIXRES_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
-BATCH = int(os.environ.get("MIXRES_BENCH_BATCH", "64"))
-# DESIGN.md's reference setting is 224 px with 16-64 px patches, but 224 is not a multiple of 64 (the root grid
-# must tile the image): 224 px runs with 16-32 px patches, and 256 px with 16-64 px patches.
-CONFIGS = {"224px-16to32-N100": (224, 16, 32, 100), "256px-16to64-N100": (256, 16, 64, 100)}
+BATCH = int(os.environ.get("MIXRES_BENCH_BATCH", "256" if DEVICE.type == "cuda" else "64"))
 IMPLS = {"ops": mixres.tokenize, "reference": mixres.reference.tokenize}
-
-
-def inputs(size, min_size, max_size):
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(BATCH, 3, size, size, generator=generator).to(DEVICE)
-    geometry = mixres.QuadtreeGeometry(size, size, min_size, max_size)
-    pyramid = [torch.rand(BATCH, *geometry.grid(s), generator=generator).to(DEVICE)
-               for s in geometry.splittable_sizes]
-    return images, pyramid
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_tokenize(benchmark, config, impl):
     size, min_size, max_size, n_patches = CONFIGS[config]
-    images, pyramid = inputs(size, min_size, max_size)
+    images, pyramid = inputs(BATCH, size, min_size, max_size, DEVICE)
     tokenize = IMPLS[impl]
 
     def run():

@@ -115,6 +115,13 @@ def _check_map(name: str, value, batch: int, shape: tuple[int, int], device: tor
     return value
 
 
+def _concrete(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``: tensors always carry an index, so ``cuda`` alone would never match them."""
+    if device.index is None and device.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def pack_pyramid(scores, geometry: QuadtreeGeometry, batch: int, device: torch.device) -> Tensor:
     """Checks a score pyramid and packs it into ``[B, P]`` (float32, or float64 if any map is float64).
 
@@ -135,6 +142,7 @@ def pack_pyramid(scores, geometry: QuadtreeGeometry, batch: int, device: torch.d
     else:
         raise TypeError(f"scores must be a dense saliency map [B, h, w], a sequence of maps or a dict "
                         f"{{patch_size: map}}, got {type(scores).__name__}")
+    device = _concrete(torch.device(device))
     maps = [_check_map(f"scores map of patch size {s}", m, batch, geometry.grid(s), device)
             for s, m in zip(sizes, maps)]
     dtype = torch.float64 if any(m.dtype == torch.float64 for m in maps) else torch.float32

@@ -175,6 +175,27 @@ def test_extract_patches_arbitrary_boxes(mode, patch_size):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extract_patches_without_vector_loads(mode, dtype):
+    """Images whose rows or start vector loads cannot read take the scalar kernel, with the same tokens."""
+    height, width = 64, 130  # rows of 130 elements: not a whole number of 4-element vectors
+    images = random_images(2, 3, height, width, seed=11, dtype=dtype)
+    boxes = random_boxes(2, 30, height, width, sizes=[8, 16, 32, 64], seed=11)
+    tokens = ops.extract_patches(images, boxes, 16, mode).cpu()
+    expected = ops.extract_patches(images.cpu(), boxes.cpu(), 16, mode)
+    if mode == "area":
+        assert torch.equal(tokens, expected)
+    else:
+        torch.testing.assert_close(tokens, expected)
+
+    aligned = random_images(2, 3, 64, 128, seed=12, dtype=dtype)
+    storage = torch.empty(aligned.numel() + 1, device=DEVICE, dtype=dtype)
+    shifted = storage[1:].view_as(aligned).copy_(aligned)  # contiguous, one element past vector alignment
+    boxes = mosaic_boxes(64, 128, 2, seed=12)
+    assert torch.equal(ops.extract_patches(shifted, boxes, 16, mode), ops.extract_patches(aligned, boxes, 16, mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("overlapping", [False, True], ids=["mosaic", "overlapping"])
 def test_extract_patches_backward_matches_cpu(mode, dtype, overlapping):

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds the extension against the python3 that holds torch, then runs the tests and/or the benchmark suite on
+# the GPU, keeping logs and the benchmark JSON in OUT_DIR. This is the command behind the CUDA figures of
+# benchmarks/RESULTS.md.
+#
+#   benchmarks/run_on_gpu.sh [tests] [bench]     (both when none is named; OUT_DIR defaults to out/gpu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT_DIR:-out/gpu}
+mkdir -p "$out"
+steps=${*:-tests bench}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# Machine code for the GPU at hand only: a faster build than the portable default.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c \
+  "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+# A g++ that links libstdc++ statically into the extension (as the /opt/gcc wrapper that one GPU image puts in CC
+# and CXX does) makes every error message crash while formatting a number: use the system compiler.
+if [ -x /usr/bin/g++ ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+fi
+python3 -m pip install -v --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || {
+  tail -40 "$out/build.log"; exit 1; }
+if ! ldd mixres/_C*.so | grep -q libstdc++; then
+  echo "mixres/_C.so links libstdc++ statically: its error paths will crash; build with another compiler"; exit 1
+fi
+python3 -c "import torch, mixres; print('torch', torch.__version__, '|', torch.cuda.get_device_name(),
+      '| mixres CUDA kernels:', mixres.ops.has_kernel('cuda'), '| built with CUDA', mixres.ops.cuda_version())"
+status=0
+for step in $steps; do
+  case $step in
+    tests) python3 -m pytest tests -q -p no:cacheprovider -rf 2>&1 | tee "$out/tests.log" | tail -15 ||
+             status=1 ;;
+    bench) python3 -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$out/benchmark.json" 2>&1 |
+             tee "$out/bench.log" | tail -25 || status=1 ;;
+    *) echo "unknown step $step (tests, bench)"; exit 2 ;;
+  esac
+done
+exit $status
