@@ -84,9 +84,27 @@ def _score_pyramid(scores, images: Tensor, geometry: QuadtreeGeometry) -> Tensor
     return pack_pyramid(scores, geometry, batch, images.device)
 
 
-def _tokenize(backend: ModuleType, images: Tensor, scores, n_patches: int, min_patch_size: int,
-              max_patch_size: int, patch_size: int | None, mode: str) -> Mosaic:
+def _patch_sizes(scores, min_patch_size: int | None, max_patch_size: int | None) -> tuple[int, int]:
+    """The tokenizer's patch sizes: the arguments, else the scorer's own (its ``min_patch_size`` and
+    ``max_patch_size`` attributes), else 16 and 64. A scorer whose sizes contradict the arguments is an error."""
+    sizes = []
+    for name, given, default in (("min_patch_size", min_patch_size, 16), ("max_patch_size", max_patch_size, 64)):
+        own = getattr(scores, name, None) if _is_scorer(scores) else None
+        if given is not None and own is not None and given != own:
+            raise ValueError(f"{name}={given} but the scorer {scores!r} scores patches for {name}={own}: pass "
+                             f"the same sizes to both, or leave {name} out of tokenize")
+        sizes.append(next(size for size in (given, own, default) if size is not None))
+    return sizes[0], sizes[1]
+
+
+def _is_scorer(scores) -> bool:
+    return callable(scores) and not isinstance(scores, Tensor)
+
+
+def _tokenize(backend: ModuleType, images: Tensor, scores, n_patches: int, min_patch_size: int | None,
+              max_patch_size: int | None, patch_size: int | None, mode: str) -> Mosaic:
     _check_images(images)
+    min_patch_size, max_patch_size = _patch_sizes(scores, min_patch_size, max_patch_size)
     height, width = images.shape[-2:]
     geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
     geometry.check_n_patches(n_patches)
@@ -96,6 +114,8 @@ def _tokenize(backend: ModuleType, images: Tensor, scores, n_patches: int, min_p
         raise ValueError(f"patch_size must be a positive int or None (= min_patch_size), got {patch_size!r}")
     if mode not in ("area", "bilinear"):
         raise ValueError(f"mode must be 'area' or 'bilinear', got {mode!r}")
+    if _is_scorer(scores):
+        scores = scores(images)
     packed = _score_pyramid(scores, images, geometry)
     boxes = backend.build_quadtree(packed, height, width, min_patch_size, max_patch_size, n_patches)
     return Mosaic(
@@ -107,8 +127,8 @@ def _tokenize(backend: ModuleType, images: Tensor, scores, n_patches: int, min_p
     )
 
 
-def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int = 16, max_patch_size: int = 64,
-             patch_size: int | None = None, mode: str = "area") -> Mosaic:
+def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int | None = None,
+             max_patch_size: int | None = None, patch_size: int | None = None, mode: str = "area") -> Mosaic:
     """Splits each image into a quadtree of ``n_patches`` square leaves, greedily by score, and resizes every leaf
     to one token size.
 
@@ -119,19 +139,21 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int =
     Args:
         images: ``[B, C, H, W]`` float16, bfloat16, float32 or float64, B >= 1. H and W must be multiples of
             ``max_patch_size`` (non-square images are fine).
-        scores: the split priority, higher splits first, on the images' device, in one of two forms:
+        scores: the split priority, higher splits first, on the images' device, in one of three forms:
 
             - a score pyramid: a list of maps ordered coarse to fine, one per splittable patch size
               s = max_patch_size, max_patch_size/2, ..., 2*min_patch_size, the map of size s being ``[B, H/s, W/s]``;
               or a dict ``{s: map}``;
             - a dense saliency map ``[B, h, w]`` with the images' aspect ratio (e.g. Grad-CAM). Each patch's score
               is the **sum** of the map over its area (after the map is brought to the min_patch_size grid: cell
-              averages when it divides evenly, bilinear resampling otherwise).
+              averages when it divides evenly, bilinear resampling otherwise);
+            - a scorer: a callable ``scorer(images) -> pyramid``, such as :class:`mixres.scorers.PixelBlur`.
 
             Scores must be finite. float16/bfloat16 maps are compared as float32.
         n_patches: leaves per image, N = (H/s_max)(W/s_max) + 3k, at most (H/s_min)(W/s_min). See
             :func:`mixres.valid_n_patches`.
         min_patch_size, max_patch_size: the smallest and largest leaf side, in pixels; their ratio is a power of 2.
+            Default: the scorer's own sizes when ``scores`` is a scorer that has them, else 16 and 64.
         patch_size: token side p; default ``min_patch_size``.
         mode: how a leaf is resized to p x p: ``"area"`` (exact box averaging, ``F.interpolate(mode="area")``) or
             ``"bilinear"`` (``align_corners=False``, no antialiasing).
@@ -142,7 +164,7 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int =
 
     Raises:
         TypeError: images or scores not floating point, or n_patches not an int.
-        ValueError: a wrong rank or shape, an empty batch, images and scores on different devices, H or W not a
+        ValueError: patch sizes that contradict the scorer's, a wrong rank or shape, an empty batch, images and scores on different devices, H or W not a
             multiple of max_patch_size, a patch-size ratio that is not a power of two, an unreachable n_patches
             (the message names the nearest valid ones), NaN or Inf scores, or an unknown mode. On CUDA, NaN or
             Inf scores trip a device-side assert instead: raising would need a host synchronisation.
@@ -153,5 +175,6 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int =
         >>> mosaic = mixres.tokenize(images, pyramid, n_patches=100)
         >>> mosaic.tokens.shape, mosaic.boxes.shape
         (torch.Size([2, 100, 3, 16, 16]), torch.Size([2, 100, 3]))
+        >>> mosaic = mixres.tokenize(images, mixres.PixelBlur(16, 32), n_patches=100)  # sizes from the scorer
     """
     return _tokenize(ops, images, scores, n_patches, min_patch_size, max_patch_size, patch_size, mode)

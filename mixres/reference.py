@@ -103,8 +103,8 @@ def leaf_centers(boxes: Tensor, min_patch_size: int) -> Tensor:
     return (corner + size * 0.5) / float(min_patch_size) - 0.5
 
 
-def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int = 16, max_patch_size: int = 64,
-             patch_size: int | None = None, mode: str = "area"):
+def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int | None = None,
+             max_patch_size: int | None = None, patch_size: int | None = None, mode: str = "area"):
     """:func:`mixres.tokenize` computed with the functions of this module only."""
     import sys
 

@@ -74,6 +74,20 @@ def test_coarse_saliency_is_resampled_to_the_grid():
     assert mosaic.boxes.shape == (2, 100, 3)
 
 
+def test_a_scorer_in_place_of_scores():
+    images = torch.rand(2, 3, 128, 96, generator=torch.Generator().manual_seed(1))
+    scorer = mixres.PixelBlur(16, 32)
+    expected = mixres.tokenize(images, scorer(images), n_patches=18, min_patch_size=16, max_patch_size=32)
+    # The patch sizes come from the scorer, or may repeat its own.
+    assert_same_mosaic(mixres.tokenize(images, scorer, n_patches=18), expected)
+    assert_same_mosaic(mixres.reference.tokenize(images, scorer, n_patches=18, max_patch_size=32), expected)
+    # A plain function has no sizes: the defaults, 16 and 64, apply.
+    images = torch.rand(2, 3, 128, 192, generator=torch.Generator().manual_seed(2))
+    default_sizes = mixres.PixelBlur(16, 64)
+    assert_same_mosaic(mixres.tokenize(images, lambda x: default_sizes(x), n_patches=33),
+                       mixres.tokenize(images, default_sizes(images), n_patches=33))
+
+
 def test_gradients_reach_the_images():
     images, pyramid = make_inputs()
     images.requires_grad_()
@@ -135,6 +149,8 @@ BAD_INPUTS = [
     ("dense map of rank 4", dict(scores=torch.rand(2, 1, 256, 192)), ValueError, r"rank 3 \[B, h, w\]"),
     ("dense map batch", dict(scores=torch.rand(3, 256, 192)), ValueError, r"scores has batch size 3"),
     ("dense map aspect", dict(scores=torch.rand(2, 16, 16)), ValueError, r"does not have the image's aspect"),
+    ("scorer of other sizes", dict(scores=mixres.PixelBlur(16, 32), max_patch_size=64), ValueError,
+     r"max_patch_size=64 but the scorer PixelBlur\(min_patch_size=16, max_patch_size=32\).*max_patch_size=32"),
     ("device mix", dict(scores=[torch.rand(2, 4, 3, device="meta"), torch.rand(2, 8, 6)]), ValueError,
      r"is on meta but images are on cpu"),
 ]

@@ -106,6 +106,18 @@ __device__ __forceinline__ TokenIndex<index_t> token_index(index_t o, index_t ch
 }
 
 // The value of token element (i, j) of a leaf whose top-left pixel is `leaf`.
+// The top-left pixel, in `plane_origin`'s layout [B, C, H, W], of the leaf that token element `idx` belongs to;
+// nullptr if its box is not inside the image, which trips the device assert first where asserts are compiled in.
+template <typename T, typename index_t>
+__device__ __forceinline__ T* leaf_origin(T* plane_origin, const Box& box, const TokenIndex<index_t>& idx,
+                                          index_t n_leaves, index_t channels, int64_t height, int64_t width) {
+  const bool inside = box_inside(box, height, width);
+  CUDA_KERNEL_ASSERT(inside && "mixres.extract_patches: every box must lie inside the image");
+  if (!inside) return nullptr;
+  const int64_t image = idx.leaf / n_leaves;
+  return plane_origin + ((image * channels + idx.c) * height + box.y) * width + box.x;
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t token_value(const scalar_t* __restrict__ leaf, int64_t width, int32_t i, int32_t j,
                                              int32_t size, int32_t patch, ResizeMode mode) {
@@ -131,14 +143,11 @@ extract_patches_kernel(const scalar_t* __restrict__ images, const Box* __restric
   for (index_t o = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
     const TokenIndex<index_t> idx = token_index(o, channels, patch);
     const Box box = boxes[idx.leaf];
-    const bool inside = box_inside(box, height, width);
-    CUDA_KERNEL_ASSERT(inside && "mixres.extract_patches: every box must lie inside the image");
-    if (!inside) {  // only reached where device asserts are compiled out
+    const scalar_t* leaf = leaf_origin(images, box, idx, n_leaves, channels, height, width);
+    if (leaf == nullptr) {
       tokens[o] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
       continue;
     }
-    const int64_t image = idx.leaf / n_leaves;
-    const scalar_t* leaf = images + ((image * channels + idx.c) * height + box.y) * width + box.x;
     tokens[o] = static_cast<scalar_t>(token_value<scalar_t, acc_t>(leaf, width, idx.i, idx.j, box.size, patch, mode));
   }
 }
@@ -193,15 +202,12 @@ extract_patches_vec_kernel(const scalar_t* __restrict__ images, const Box* __res
   for (index_t r = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < total_runs; r += stride) {
     const TokenIndex<index_t> idx = token_index(r * kVec, channels, patch);
     const Box box = boxes[idx.leaf];
-    const bool inside = box_inside(box, height, width);
-    CUDA_KERNEL_ASSERT(inside && "mixres.extract_patches: every box must lie inside the image");
+    const scalar_t* leaf = leaf_origin(images, box, idx, n_leaves, channels, height, width);
     acc_t value[kVec];
-    if (!inside) {  // only reached where device asserts are compiled out
+    if (leaf == nullptr) {
 #pragma unroll
       for (int e = 0; e < kVec; ++e) value[e] = std::numeric_limits<acc_t>::quiet_NaN();
     } else {
-      const int64_t image = idx.leaf / n_leaves;
-      const scalar_t* leaf = images + ((image * channels + idx.c) * height + box.y) * width + box.x;
       const int32_t factor =
           mode == ResizeMode::kArea && box.size % patch == 0 && box.x % kVec == 0 ? box.size / patch : 0;
       const scalar_t* run = leaf + static_cast<int64_t>(idx.i) * factor * width + idx.j * factor;
@@ -237,11 +243,8 @@ extract_patches_backward_kernel(const scalar_t* __restrict__ grad_tokens, const 
   for (index_t o = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
     const TokenIndex<index_t> idx = token_index(o, channels, patch);
     const Box box = boxes[idx.leaf];
-    const bool inside = box_inside(box, height, width);
-    CUDA_KERNEL_ASSERT(inside && "mixres.extract_patches_backward: every box must lie inside the image");
-    if (!inside) continue;  // only reached where device asserts are compiled out
-    const int64_t image = idx.leaf / n_leaves;
-    acc_t* leaf = grad_images + ((image * channels + idx.c) * height + box.y) * width + box.x;
+    acc_t* leaf = leaf_origin(grad_images, box, idx, n_leaves, channels, height, width);
+    if (leaf == nullptr) continue;
     const acc_t g = static_cast<acc_t>(grad_tokens[o]);
     if (mode == ResizeMode::kBilinear) {
       const BilinearTap<acc_t> ty = bilinear_tap<acc_t>(idx.i, box.size, patch);
