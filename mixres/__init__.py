@@ -5,8 +5,8 @@
 from . import ops, reference, scorers, viz
 from .mosaic import Mosaic, tokenize
 from .pyramid import QuadtreeGeometry, pack_pyramid, saliency_to_pyramid, valid_n_patches
-from .scorers import PixelBlur
+from .scorers import FeatureBased, PixelBlur
 
 __version__ = "0.1.0"
 __all__ = ["Mosaic", "tokenize", "valid_n_patches", "QuadtreeGeometry", "pack_pyramid", "saliency_to_pyramid",
-           "PixelBlur", "ops", "reference", "scorers", "viz"]
+           "PixelBlur", "FeatureBased", "ops", "reference", "scorers", "viz"]

@@ -6,6 +6,7 @@ higher score splits that s x s patch first. Scorers run without gradients, batch
 ``mixres.tokenize(images, scorer, n_patches)`` calls one itself.
 """
 from .base import Scorer
+from .features import FeatureBased
 from .pixel_blur import PixelBlur
 
-__all__ = ["Scorer", "PixelBlur"]
+__all__ = ["Scorer", "PixelBlur", "FeatureBased"]

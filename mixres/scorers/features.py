@@ -7,10 +7,8 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 
-import timm
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from .base import Scorer
@@ -183,6 +181,9 @@ def _to_grid(importance: Tensor, grid: tuple[int, int]) -> Tensor:
 
 
 def _named_backbone(name: str, pretrained: bool) -> nn.Module:
+    import timm  # here, not at the top: `import mixres` should not pay for importing both model zoos
+    import torchvision
+
     if not name.startswith(TIMM_PREFIX) and name in torchvision.models.list_models(module=torchvision.models):
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
         return _truncate_classifier(model)
