@@ -1,0 +1,183 @@
+"""Baseline scorers that do not look at the image content: random scores, equal scores, and a user's own map."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..pyramid import QuadtreeGeometry, _check_map, saliency_to_pyramid
+from .base import Scorer
+
+__all__ = ["Random", "Uniform", "Precomputed"]
+
+
+class Random(Scorer):
+    """Uniform random scores in [0, 1): a content-blind baseline that splits random patches.
+
+    With a ``seed``, a fresh ``torch.Generator`` on the images' device is seeded at every call, so images of one
+    shape get the same pyramid on every call on that device type; the global random state is left untouched. The
+    CPU and CUDA generators draw different numbers, so the same seed gives different pyramids on the two. Without
+    a seed, every call draws fresh scores from the device's global generator (which ``torch.manual_seed`` seeds).
+
+    Args:
+        min_patch_size, max_patch_size: the tokenizer's smallest and largest leaf side, in pixels; their ratio is a
+            power of two.
+        seed: an int for reproducible scores, or None for fresh ones at every call.
+
+    Example:
+        >>> scorer = Random(16, 64, seed=0)
+        >>> images = torch.rand(2, 3, 256, 256)
+        >>> [m.shape for m in scorer(images)]      # patch sizes 64, 32
+        [torch.Size([2, 4, 4]), torch.Size([2, 8, 8])]
+        >>> mosaic = mixres.tokenize(images, scorer, n_patches=100)
+    """
+
+    def __init__(self, min_patch_size: int = 16, max_patch_size: int = 64, seed: int | None = None):
+        super().__init__(min_patch_size, max_patch_size)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, seed={self.seed!r})"
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> list[Tensor]:
+        """Scores ``images [B, C, H, W]`` (H, W multiples of max_patch_size); their values are not read.
+
+        Returns:
+            The score pyramid: one float32 map ``[B, H/s, W/s]`` per s = max_patch_size, ..., 2*min_patch_size
+            (coarse to fine), on the images' device. Empty if the two sizes are equal.
+        """
+        geometry = self.geometry(images)
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=images.device).manual_seed(self.seed)
+        return [torch.rand(images.shape[0], *geometry.grid(size), generator=generator, device=images.device)
+                for size in geometry.splittable_sizes]
+
+
+class Uniform(Scorer):
+    """Every score equal (ones): the tokenizer's tie-break alone decides which patches are split.
+
+    Ties go to the leaf whose top-left corner comes first in raster order, so below the largest budget the splits
+    fill the image from the top, row of roots by row of roots, whatever it shows. At the largest budget,
+    ``n_patches = (H/min_patch_size) * (W/min_patch_size)``, every patch is split and the mosaic is the regular
+    grid of ``min_patch_size`` patches in raster order: a plain ViT's tokens.
+
+    Args:
+        min_patch_size, max_patch_size: the tokenizer's smallest and largest leaf side, in pixels; their ratio is a
+            power of two.
+
+    Example:
+        >>> images = torch.rand(2, 3, 256, 256)
+        >>> mosaic = mixres.tokenize(images, Uniform(16, 64), n_patches=256)  # the 16 x 16 grid
+        >>> bool((mosaic.boxes[..., 2] == 16).all())
+        True
+    """
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> list[Tensor]:
+        """Scores ``images [B, C, H, W]`` (H, W multiples of max_patch_size); their values are not read.
+
+        Returns:
+            The score pyramid: one float32 map of ones ``[B, H/s, W/s]`` per s = max_patch_size, ...,
+            2*min_patch_size (coarse to fine), on the images' device. Empty if the two sizes are equal.
+        """
+        geometry = self.geometry(images)
+        return [torch.ones(images.shape[0], *geometry.grid(size), device=images.device)
+                for size in geometry.splittable_sizes]
+
+
+class Precomputed(Scorer):
+    """A saliency the user computed beforehand (Grad-CAM, human gaze, a detector's boxes...), checked against the
+    images it is used with.
+
+    ``saliency`` is either
+      - a dense map ``[B, h, w]`` with the images' aspect ratio, turned into a pyramid at each call by
+        :func:`mixres.saliency_to_pyramid`: each patch scores the **sum** of the map over its area (so a large patch
+        holding much saliency is split before a small one of the same density); or
+      - a ready pyramid: a list of maps ``[B, H/s, W/s]`` for s = max_patch_size, ..., 2*min_patch_size (coarse to
+        fine), or a dict ``{s: map}``.
+
+    The tensors are kept, not copied.
+
+    Args:
+        saliency: the dense map or the pyramid, floating point, on the device of the images it will score.
+        min_patch_size, max_patch_size: the tokenizer's smallest and largest leaf side, in pixels; their ratio is a
+            power of two.
+
+    Example:
+        >>> images = torch.rand(2, 3, 256, 256)
+        >>> scorer = Precomputed(torch.rand(2, 32, 32), 16, 64)   # e.g. a Grad-CAM map
+        >>> [m.shape for m in scorer(images)]                     # patch sizes 64, 32
+        [torch.Size([2, 4, 4]), torch.Size([2, 8, 8])]
+        >>> mosaic = mixres.tokenize(images, scorer, n_patches=100)
+    """
+
+    def __init__(self, saliency, min_patch_size: int = 16, max_patch_size: int = 64):
+        super().__init__(min_patch_size, max_patch_size)
+        # The sizes the pyramid must have do not depend on the image size: a one-root geometry lists them.
+        sizes = QuadtreeGeometry(max_patch_size, max_patch_size, min_patch_size, max_patch_size).splittable_sizes
+        if isinstance(saliency, Tensor):
+            if saliency.dim() != 3:
+                raise ValueError(f"saliency given as a Tensor must be a dense map of rank 3 [B, h, w], got rank "
+                                 f"{saliency.dim()} {list(saliency.shape)}; pass a pyramid as a list or dict of maps")
+            maps = [saliency]
+        elif isinstance(saliency, Mapping):
+            keys = sorted(saliency, reverse=True)
+            if keys != sizes:
+                raise ValueError(f"saliency dict must have one map per splittable patch size {sizes}, got keys {keys}")
+            maps = [saliency[size] for size in sizes]
+        elif isinstance(saliency, Sequence) and not isinstance(saliency, (str, bytes)):
+            if len(saliency) != len(sizes):
+                raise ValueError(f"saliency must hold {len(sizes)} maps, one per splittable patch size {sizes} "
+                                 f"(coarse to fine), got {len(saliency)}")
+            maps = list(saliency)
+        else:
+            raise TypeError(f"saliency must be a dense map [B, h, w], a list of maps or a dict {{patch_size: map}}, "
+                            f"got {type(saliency).__name__}")
+        for value in maps:
+            if not isinstance(value, Tensor):
+                raise TypeError(f"saliency maps must be Tensors, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise TypeError(f"saliency must be floating point, got {value.dtype}")
+            if value.dim() != 3:
+                raise ValueError(f"saliency maps of a pyramid must have rank 3 [B, H/s, W/s], got rank {value.dim()} "
+                                 f"{list(value.shape)}")
+        self.saliency = saliency if isinstance(saliency, Tensor) else maps
+
+    def __repr__(self) -> str:
+        if isinstance(self.saliency, Tensor):
+            held = f"dense map {list(self.saliency.shape)}"
+        else:
+            held = f"pyramid of {len(self.saliency)} maps"
+        return f"{super().__repr__()[:-1]}, saliency={held})"
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> list[Tensor]:
+        """The pyramid of the saliency for ``images [B, C, H, W]`` (H, W multiples of max_patch_size).
+
+        Returns:
+            One map ``[B, H/s, W/s]`` per s = max_patch_size, ..., 2*min_patch_size (coarse to fine), on the
+            images' device: float32, or float64 when the saliency is float64. Empty if the two sizes are equal.
+
+        Raises:
+            ValueError: the saliency's batch size or device differs from the images', or a map has the wrong shape.
+        """
+        geometry = self.geometry(images)
+        batch = images.shape[0]
+        maps = [self.saliency] if isinstance(self.saliency, Tensor) else self.saliency
+        for value in maps:
+            if value.device != images.device:
+                raise ValueError(f"saliency is on {value.device} but images are on {images.device}: put both on "
+                                 f"one device")
+            if value.shape[0] != batch:
+                raise ValueError(f"saliency has batch size {value.shape[0]} but images has {batch}")
+        # float16/bfloat16 saliency is summed and compared in float32: half precision would round the sums.
+        maps = [value if value.dtype == torch.float64 else value.float() for value in maps]
+        if isinstance(self.saliency, Tensor):
+            return saliency_to_pyramid(maps[0], geometry)
+        return [_check_map(f"saliency map of patch size {size}", value, batch, geometry.grid(size), images.device)
+                for size, value in zip(geometry.splittable_sizes, maps)]
