@@ -6,7 +6,9 @@ higher score splits that s x s patch first. Scorers run without gradients, batch
 ``mixres.tokenize(images, scorer, n_patches)`` calls one itself.
 """
 from .base import Scorer
+from .baselines import Precomputed, Random, Uniform
+from .entropy import Entropy
 from .features import FeatureBased
 from .pixel_blur import PixelBlur
 
-__all__ = ["Scorer", "PixelBlur", "FeatureBased"]
+__all__ = ["Scorer", "PixelBlur", "FeatureBased", "Entropy", "Random", "Uniform", "Precomputed"]
