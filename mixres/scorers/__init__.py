@@ -9,6 +9,7 @@ from .base import Scorer
 from .baselines import Precomputed, Random, Uniform
 from .entropy import Entropy
 from .features import FeatureBased
+from .gradcam import GradCAM
 from .pixel_blur import PixelBlur
 
-__all__ = ["Scorer", "PixelBlur", "FeatureBased", "Entropy", "Random", "Uniform", "Precomputed"]
+__all__ = ["Scorer", "PixelBlur", "FeatureBased", "GradCAM", "Entropy", "Random", "Uniform", "Precomputed"]
