@@ -1,5 +1,5 @@
 """Prints, after the run, the throughput of each tokenize config with the speed-up of the C++/CUDA ops over the
-reference, then the GPU cost figures (share of a ViT forward, bandwidth against a copy)."""
+reference, then the cost lines the other benchmarks report (share of a ViT forward, bandwidth, scorers)."""
 import torch
 
 import mixres
@@ -46,6 +46,6 @@ def pytest_terminal_summary(terminalreporter):
                 line += f", ops / reference = {ops / ref:.1f}x"
             terminalreporter.write_line(line)
     if _lines:
-        terminalreporter.section("mixres GPU costs (median device times)")
+        terminalreporter.section("mixres costs (medians)")
         for line in _lines:
             terminalreporter.write_line(line)
