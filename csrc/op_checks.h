@@ -48,6 +48,26 @@ inline void check_extract_backward_args(const at::Tensor& grad_tokens, const at:
                     width);
 }
 
+// Patch sizes, then the image size, so that each message names what is wrong: `images`, min_patch_size or
+// max_patch_size.
+inline PyramidLayout check_pixel_blur_args(const at::Tensor& images, int64_t min_patch_size, int64_t max_patch_size) {
+  constexpr const char* op = "mixres.pixel_blur_scores";
+  constexpr int64_t max_side = int64_t{1} << 15;  // s * s pixels of a patch fit an int32
+  TORCH_CHECK_VALUE(images.dim() == 4, op, ": images must be [B, C, H, W], got ", images.sizes());
+  const auto dtype = images.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": images must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(images.size(1) > 0, op, ": images must have at least one channel, got ", images.sizes());
+  TORCH_CHECK_VALUE(max_patch_size <= max_side, op, ": max_patch_size must be at most ", max_side, ", got ",
+                    max_patch_size);
+  make_layout(max_patch_size, max_patch_size, min_patch_size, max_patch_size);  // one root: checks the sizes
+  const int64_t height = images.size(2), width = images.size(3);
+  TORCH_CHECK_VALUE(height > 0 && width > 0 && height % max_patch_size == 0 && width % max_patch_size == 0, op,
+                    ": images height and width must be positive multiples of max_patch_size ", max_patch_size,
+                    ", got ", height, "x", width);
+  return make_layout(height, width, min_patch_size, max_patch_size);
+}
+
 inline void check_centers_args(const at::Tensor& boxes, int64_t min_patch_size) {
   check_boxes(boxes, -1, "mixres.leaf_centers");
   TORCH_CHECK_VALUE(min_patch_size > 0, "mixres.leaf_centers: min_patch_size must be positive, got ",

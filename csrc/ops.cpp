@@ -35,6 +35,8 @@ TORCH_LIBRARY(mixres, m) {
   m.def("extract_patches_backward(Tensor grad_tokens, Tensor boxes, int height, int width, str mode) -> Tensor");
   // boxes: [B, N, 3] int32. Returns centres [B, N, 2] float32 (y, x) in units of the min_patch_size grid.
   m.def("leaf_centers(Tensor boxes, int min_patch_size) -> Tensor");
+  // images: [B, C, H, W]. Returns the packed pixel-blur score pyramid [B, P], float32 (float64 for float64 images).
+  m.def("pixel_blur_scores(Tensor images, int min_patch_size, int max_patch_size) -> Tensor");
   m.def("cuda_version() -> int", &cuda_version);
 }
 

@@ -20,9 +20,9 @@ except ImportError as error:  # a source checkout that was never built, or a bro
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["build_quadtree", "extract_patches", "leaf_centers", "has_kernel", "cuda_version"]
+__all__ = ["build_quadtree", "extract_patches", "leaf_centers", "pixel_blur_scores", "has_kernel", "cuda_version"]
 
-_OP_NAMES = ("build_quadtree", "extract_patches", "leaf_centers")
+_OP_NAMES = ("build_quadtree", "extract_patches", "leaf_centers", "pixel_blur_scores")
 _warned: set[str] = set()
 
 
@@ -79,6 +79,13 @@ def leaf_centers(boxes: Tensor, min_patch_size: int) -> Tensor:
     return impl(boxes, min_patch_size)
 
 
+def pixel_blur_scores(images: Tensor, min_patch_size: int, max_patch_size: int) -> Tensor:
+    """``images [B, C, H, W]`` -> the packed pixel-blur score pyramid ``[B, P]``, float32 (float64 for float64
+    images); see :class:`mixres.PixelBlur`. Not differentiable."""
+    impl = torch.ops.mixres.pixel_blur_scores if _use_kernel(images.device) else reference.pixel_blur_scores
+    return impl(images, min_patch_size, max_patch_size)
+
+
 if _IMPORT_ERROR is None:
 
     @torch.library.register_fake("mixres::build_quadtree")
@@ -98,6 +105,18 @@ if _IMPORT_ERROR is None:
     @torch.library.register_fake("mixres::leaf_centers")
     def _(boxes, min_patch_size):
         return boxes.new_empty(boxes.shape[0], boxes.shape[1], 2, dtype=torch.float32)
+
+    @torch.library.register_fake("mixres::pixel_blur_scores")
+    def _(images, min_patch_size, max_patch_size):
+        torch._check(images.dim() == 4, lambda: "images must be [B, C, H, W]")
+        torch._check(0 < min_patch_size <= max_patch_size, lambda: "need 0 < min_patch_size <= max_patch_size")
+        height, width = images.shape[-2:]
+        n_scores, size = 0, max_patch_size  # QuadtreeGeometry.n_scores, in arithmetic that symbolic sizes support
+        while size > min_patch_size:
+            n_scores += (height // size) * (width // size)
+            size //= 2
+        dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+        return images.new_empty(images.shape[0], n_scores, dtype=dtype)
 
     def _extract_patches_setup_context(ctx, inputs, output):
         images, boxes, _, mode = inputs

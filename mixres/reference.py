@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .pyramid import QuadtreeGeometry
+from .pyramid import QuadtreeGeometry, pack_pyramid
 
-__all__ = ["build_quadtree", "extract_patches", "leaf_centers"]
+__all__ = ["build_quadtree", "extract_patches", "leaf_centers", "pixel_blur_scores"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,6 +101,50 @@ def leaf_centers(boxes: Tensor, min_patch_size: int) -> Tensor:
     corner = boxes[..., :2].float()
     size = boxes[..., 2:].float()
     return (corner + size * 0.5) / float(min_patch_size) - 0.5
+
+
+def _as_patches(images: Tensor, size: int) -> Tensor:
+    """``[B, C, H, W]`` -> ``[B * H/s * W/s, C, s, s]``, the s x s patches of the grid in raster order.
+
+    The result is channels-last in memory: CPU bilinear upsampling runs about 2x faster on it.
+    """
+    batch, channels, height, width = images.shape
+    rows, cols = height // size, width // size
+    return (images.reshape(batch, channels, rows, size, cols, size)
+            .permute(0, 2, 4, 3, 5, 1)
+            .reshape(batch * rows * cols, size, size, channels)
+            .permute(0, 3, 1, 2))
+
+
+@torch.no_grad()
+def pixel_blur_scores(images: Tensor, min_patch_size: int, max_patch_size: int) -> Tensor:
+    """The pixel-blur score pyramid of ``images [B, C, H, W]``, packed ``[B, P]`` (see :class:`mixres.PixelBlur`).
+
+    For each s x s patch p of each splittable size s: ``MSE(p, up(down(p))) * s``, with an area downsample to
+    ``min_patch_size`` and a bilinear upsample back (``align_corners=False``), each patch on its own. float32, or
+    float64 for float64 images. Not differentiable.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W], got {list(images.shape)}")
+    if images.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"images must be float16, bfloat16, float32 or float64, got {images.dtype}")
+    if images.shape[1] == 0:
+        raise ValueError(f"images must have at least one channel, got {list(images.shape)}")
+    batch, _, height, width = images.shape
+    geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
+    if images.dtype in (torch.float16, torch.bfloat16):
+        # Squared errors of near-equal values underflow and round badly in half precision.
+        images = images.float()
+    if batch == 0 or geometry.n_scores == 0:  # pack_pyramid would make an empty pyramid float32
+        return images.new_zeros(batch, geometry.n_scores)
+    maps = []
+    for size in geometry.splittable_sizes:
+        patches = _as_patches(images, size)
+        small = F.interpolate(patches, size=(min_patch_size,) * 2, mode="area")
+        blurred = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+        mse = blurred.sub_(patches).square_().mean(dim=(1, 2, 3))  # in place: these are image-sized
+        maps.append(mse.reshape(batch, *geometry.grid(size)) * size)
+    return pack_pyramid(maps, geometry, batch, images.device)
 
 
 def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int | None = None,

@@ -1,7 +1,7 @@
 """The CUDA kernels against the CPU kernels and the pure-PyTorch reference; no host sync, CUDA graphs, torch.compile.
 
 Boxes and centres must be identical on every device; area tokens too (same arithmetic, same summation order);
-bilinear tokens and the gradients (atomics) agree to rounding.
+bilinear tokens, the gradients (atomics) and the pixel-blur scores (block reductions) agree to rounding.
 """
 import pytest
 import torch
@@ -254,6 +254,88 @@ def test_leaf_centers_match_cpu_and_reference(geometry):
     assert torch.equal(centers, reference.leaf_centers(boxes, lo))
 
 
+# --------------------------------------------------------------------------------------------- pixel_blur_scores
+
+# Non-square images; scale factors s / min_patch_size from 2 to 128 (above 32 a lane sums several columns); a
+# min_patch_size that is not a power of two; and a single size (P = 0).
+BLUR_GEOMETRIES = [(128, 192, 16, 64), (96, 160, 8, 32), (224, 112, 14, 56), (128, 256, 1, 128), (256, 256, 2, 128),
+                   (64, 128, 32, 32)]
+
+
+def blur_tolerance(dtype):
+    return (1e-12, 1e-14) if dtype == torch.float64 else (1e-5, 1e-6)  # half precision is widened to float32
+
+
+@pytest.mark.parametrize("geometry", BLUR_GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("batch", [1, 7])
+def test_pixel_blur_scores_match_cpu_and_reference(geometry, batch):
+    height, width, lo, hi = geometry
+    images = random_images(batch, 3, height, width, seed=batch + lo)
+    images[0, :, : height // 2] = 0.5  # flat: scores 0
+    scores = ops.pixel_blur_scores(images, lo, hi)
+    assert scores.device == images.device and scores.dtype == torch.float32
+    assert scores.shape == (batch, QuadtreeGeometry(height, width, lo, hi).n_scores)
+    torch.testing.assert_close(scores.cpu(), ops.pixel_blur_scores(images.cpu(), lo, hi), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores, reference.pixel_blur_scores(images, lo, hi), rtol=1e-5, atol=1e-6)
+    assert torch.equal(ops.pixel_blur_scores(images, lo, hi), scores)  # a fixed summation order: deterministic
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 300])
+def test_pixel_blur_scores_dtypes(dtype, batch):
+    height, width, lo, hi = 128, 192, 16, 64
+    images = random_images(batch, 3, height, width, seed=3, dtype=dtype)
+    scores = ops.pixel_blur_scores(images, lo, hi)
+    assert scores.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    rtol, atol = blur_tolerance(dtype)
+    torch.testing.assert_close(scores.cpu(), ops.pixel_blur_scores(images.cpu(), lo, hi), rtol=rtol, atol=atol)
+    torch.testing.assert_close(scores, reference.pixel_blur_scores(images, lo, hi), rtol=rtol, atol=atol)
+    # Strided (channels-last) images give the same scores.
+    strided = ops.pixel_blur_scores(images.to(memory_format=torch.channels_last), lo, hi)
+    assert torch.equal(strided, scores)
+
+
+# The down-sampled cells of two channels (2 m^2 accumulators) outgrow the default 48 KiB of shared memory: the kernel
+# opts in to more, or, past the device's limit, keeps them in a global-memory workspace.
+@pytest.mark.parametrize("dtype, lo", [(torch.float32, 96), (torch.float64, 128), (torch.float32, 256)],
+                         ids=["opt-in", "workspace-f64", "workspace-f32"])
+def test_pixel_blur_scores_large_cells(dtype, lo):
+    height, width, hi = 2 * lo, 4 * lo, 2 * lo
+    images = random_images(3, 2, height, width, seed=lo, dtype=dtype)
+    scores = ops.pixel_blur_scores(images, lo, hi)
+    rtol, atol = blur_tolerance(dtype)
+    torch.testing.assert_close(scores.cpu(), ops.pixel_blur_scores(images.cpu(), lo, hi), rtol=rtol, atol=atol)
+
+
+def test_pixel_blur_scores_empty_and_bad_inputs():
+    assert ops.pixel_blur_scores(random_images(0, 3, 64, 128), 16, 64).shape == (0, 10)
+    assert ops.pixel_blur_scores(random_images(0, 3, 64, 128, dtype=torch.float64), 16, 64).dtype == torch.float64
+    assert ops.pixel_blur_scores(random_images(2, 3, 64, 128), 32, 32).shape == (2, 0)
+    images = random_images(2, 3, 64, 128)
+    with pytest.raises(ValueError, match="images height and width must be positive multiples of max_patch_size"):
+        ops.pixel_blur_scores(images[..., :96], 16, 64)
+    with pytest.raises(TypeError, match="images must be float16"):
+        ops.pixel_blur_scores(images.to(torch.uint8), 16, 64)
+    with pytest.raises(ValueError, match="power of two"):
+        ops.pixel_blur_scores(images, 16, 48)
+
+
+def test_pixel_blur_scorer_does_not_synchronize():
+    images = random_images(4, 3, 128, 192)
+    scorer = mixres.PixelBlur(16, 64)
+    expected = scorer(images)  # warm-up: lazy initialisation may synchronize once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pyramid = scorer(images)
+        ops.pixel_blur_scores(images.half(), 8, 64)
+        mosaic = mixres.tokenize(images, pyramid, n_patches=budgets(QuadtreeGeometry(128, 192, 16, 64))[1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(pyramid, expected))
+    assert mosaic.boxes.device == images.device
+
+
 # ------------------------------------------------------------------------------------------------- empty inputs
 
 
@@ -380,3 +462,10 @@ def test_opcheck_extract_patches(mode):
 
 def test_opcheck_leaf_centers():
     torch.library.opcheck(ops.leaf_centers.default, (mosaic_boxes(64, 128, 2), 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck_pixel_blur_scores(dtype):
+    images = random_images(2, 3, 64, 128, dtype=dtype)
+    for lo, hi in ((16, 64), (8, 32), (32, 32)):
+        torch.library.opcheck(ops.pixel_blur_scores.default, (images, lo, hi))

@@ -1,10 +1,19 @@
-"""PixelBlur, the pixel-blur scorer: pyramid layout, an independent per-patch oracle, and a real photo."""
+"""PixelBlur, the pixel-blur scorer: pyramid layout, an independent per-patch oracle, and a real photo; its fused
+op torch.ops.mixres.pixel_blur_scores against the reference, its argument checks and opcheck."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mixres
+from mixres import reference
+from mixres.pyramid import QuadtreeGeometry, pack_pyramid
 from mixres.scorers import PixelBlur
+
+# (height, width, min_patch_size, max_patch_size): non-square, scale factors 2 to 32, min_patch_sizes that are not
+# powers of two or are tiny (1 to 3: the up-sampling's edge cases), and a single size (no score at all).
+BLUR_GEOMETRIES = [(128, 192, 16, 64), (96, 160, 8, 32), (224, 112, 14, 56), (64, 128, 4, 64), (48, 96, 3, 24),
+                   (32, 64, 2, 16), (64, 96, 1, 32), (64, 128, 32, 32)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def per_patch_pixel_blur(images, min_patch_size, max_patch_size):
@@ -93,3 +102,103 @@ def test_rocket_sky_gets_larger_leaves():
     # 99 leaves of mean side 20.7 px elsewhere (the rocket, towers, lights and horizon).
     assert size[sky].mean() > 1.5 * size[~sky].mean()
     assert sky.sum() < (~sky).sum()
+
+
+# ----------------------------------------------------------------------------------- torch.ops.mixres.pixel_blur_scores
+
+
+def blur_geometry_id(g):
+    return "{}x{}_{}-{}".format(*g)
+
+
+@pytest.mark.parametrize("geometry", BLUR_GEOMETRIES, ids=blur_geometry_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_op_matches_reference(geometry, dtype):
+    height, width, lo, hi = geometry
+    generator = torch.Generator().manual_seed(height + lo)
+    images = torch.rand(3, 2, height, width, generator=generator, dtype=torch.float64).to(dtype)
+    images[0, :, : height // 2] = 0.25  # flat areas score 0
+    packed = torch.ops.mixres.pixel_blur_scores(images, lo, hi)
+    expected = reference.pixel_blur_scores(images, lo, hi)
+    n_scores = QuadtreeGeometry(height, width, lo, hi).n_scores
+    assert packed.shape == expected.shape == (3, n_scores)
+    assert packed.dtype == expected.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # Half-precision images are widened to float32 by both: the same tolerance as float32.
+    tol = (1e-12, 1e-14) if dtype == torch.float64 else (1e-5, 1e-6)
+    torch.testing.assert_close(packed, expected, rtol=tol[0], atol=tol[1])
+
+
+def test_op_packs_like_pack_pyramid_and_scorer_returns_views():
+    geometry = QuadtreeGeometry(128, 192, 8, 64)
+    images = torch.rand(2, 3, 128, 192)
+    packed = torch.ops.mixres.pixel_blur_scores(images, 8, 64)
+    pyramid = PixelBlur(8, 64)(images)
+    assert torch.equal(pack_pyramid(pyramid, geometry, 2, images.device), packed)
+    # The maps are views of one packed tensor, in pack_pyramid's layout.
+    assert all(m.untyped_storage().data_ptr() == pyramid[0].untyped_storage().data_ptr() for m in pyramid)
+    assert [tuple(m.shape) for m in pyramid] == [(2, 2, 3), (2, 4, 6), (2, 8, 12)]
+
+
+def test_op_channels_last_and_noncontiguous_images():
+    images = torch.rand(2, 3, 128, 256)
+    expected = torch.ops.mixres.pixel_blur_scores(images, 16, 64)
+    assert torch.equal(torch.ops.mixres.pixel_blur_scores(images.to(memory_format=torch.channels_last), 16, 64),
+                       expected)
+    wide = torch.rand(2, 3, 128, 320)
+    wide[..., :256] = images
+    torch.testing.assert_close(torch.ops.mixres.pixel_blur_scores(wide[..., :256], 16, 64), expected)
+
+
+def test_op_empty_batch_and_equal_sizes():
+    geometry = QuadtreeGeometry(64, 128, 16, 64)
+    for dtype, out in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64,) * 2):
+        empty = torch.ops.mixres.pixel_blur_scores(torch.rand(0, 3, 64, 128).to(dtype), 16, 64)
+        assert empty.shape == (0, geometry.n_scores) and empty.dtype == out
+        assert reference.pixel_blur_scores(torch.rand(0, 3, 64, 128).to(dtype), 16, 64).shape == empty.shape
+    assert torch.ops.mixres.pixel_blur_scores(torch.rand(2, 3, 64, 128), 32, 32).shape == (2, 0)
+
+
+def test_op_rejects_bad_inputs():
+    op = torch.ops.mixres.pixel_blur_scores
+    images = torch.rand(2, 3, 64, 128)
+    with pytest.raises(ValueError, match=r"images must be \[B, C, H, W\]"):
+        op(images[0], 16, 64)
+    with pytest.raises(TypeError, match="images must be float16, bfloat16, float32 or float64"):
+        op(images.to(torch.int32), 16, 64)
+    with pytest.raises(TypeError, match="images must be float16, bfloat16, float32 or float64"):
+        op(images.to(torch.uint8), 16, 64)
+    with pytest.raises(ValueError, match="images must have at least one channel"):
+        op(images[:, :0], 16, 64)
+    with pytest.raises(ValueError, match="images height and width must be positive multiples of max_patch_size 64, "
+                                         "got 64x96"):
+        op(images[..., :96], 16, 64)
+    with pytest.raises(ValueError, match="images height and width must be positive multiples"):
+        op(images[..., :0], 16, 64)
+    with pytest.raises(ValueError, match="max_patch_size / min_patch_size must be a power of two"):
+        op(images, 16, 48)
+    with pytest.raises(ValueError, match="0 < min_patch_size <= max_patch_size"):
+        op(images, 0, 64)
+    with pytest.raises(ValueError, match="0 < min_patch_size <= max_patch_size"):
+        op(images, 64, 32)
+    with pytest.raises(ValueError, match="0 < min_patch_size <= max_patch_size"):
+        op(images, 16, -64)
+    with pytest.raises(ValueError, match="max_patch_size must be at most 32768"):
+        op(images, 16, 1 << 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck_pixel_blur_scores(dtype):
+    images = torch.rand(2, 3, 64, 128).to(dtype)
+    torch.library.opcheck(torch.ops.mixres.pixel_blur_scores.default, (images, 16, 64))
+    torch.library.opcheck(torch.ops.mixres.pixel_blur_scores.default, (images, 8, 32))
+    torch.library.opcheck(torch.ops.mixres.pixel_blur_scores.default, (images, 32, 32))
+
+
+def test_reference_fallback(monkeypatch):
+    images = torch.rand(2, 3, 64, 128)
+    expected = torch.ops.mixres.pixel_blur_scores(images, 16, 64)
+    monkeypatch.setattr(mixres.ops, "_KERNEL_DEVICES", frozenset())
+    monkeypatch.setattr(mixres.ops, "_warned", {"cpu"})  # the warning is tested with tokenize
+    torch.testing.assert_close(mixres.ops.pixel_blur_scores(images, 16, 64), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([m.flatten(1) for m in PixelBlur(16, 64)(images)], 1), expected,
+                               rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""What every scorer shares: the patch sizes it scores for, the check of the images, and patch views."""
+"""What every scorer shares: the patch sizes it scores for and the check of the images."""
 from __future__ import annotations
 
 from torch import Tensor
@@ -6,7 +6,7 @@ from torch import Tensor
 from ..mosaic import _check_images
 from ..pyramid import QuadtreeGeometry
 
-__all__ = ["Scorer", "as_patches"]
+__all__ = ["Scorer"]
 
 
 class Scorer:
@@ -34,15 +34,3 @@ class Scorer:
     def __call__(self, images: Tensor) -> list[Tensor]:
         raise NotImplementedError
 
-
-def as_patches(images: Tensor, size: int) -> Tensor:
-    """``[B, C, H, W]`` -> ``[B * H/s * W/s, C, s, s]``, the s x s patches of the grid in raster order.
-
-    The result is channels-last in memory: CPU bilinear upsampling runs about 2x faster on it.
-    """
-    batch, channels, height, width = images.shape
-    rows, cols = height // size, width // size
-    return (images.reshape(batch, channels, rows, size, cols, size)
-            .permute(0, 2, 4, 3, 5, 1)
-            .reshape(batch * rows * cols, size, size, channels)
-            .permute(0, 3, 1, 2))

@@ -1,11 +1,13 @@
 """The pixel-blur scorer of the Quadformer paper: no network, only the image's own detail."""
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Scorer, as_patches
+from .. import ops
+from .base import Scorer
 
 __all__ = ["PixelBlur"]
 
@@ -18,6 +20,10 @@ class PixelBlur(Scorer):
     patch on its own so that nothing bleeds across patch borders. The score is ``MSE(p, blur(p)) * s`` (mean over
     channels and pixels): weighting by the side length splits a large patch before a small one with the same mean
     error. It measures high-frequency content; flat regions score 0.
+
+    All levels come from one fused op, ``torch.ops.mixres.pixel_blur_scores`` (:func:`mixres.ops.pixel_blur_scores`,
+    which falls back to :func:`mixres.reference.pixel_blur_scores` where the extension has no kernel for the
+    images' device); it accumulates in float32 (float64 for float64 images).
 
     Args:
         min_patch_size, max_patch_size: the tokenizer's smallest and largest leaf side, in pixels; their ratio is a
@@ -38,16 +44,10 @@ class PixelBlur(Scorer):
         Returns:
             The score pyramid: one map ``[B, H/s, W/s]`` per s = max_patch_size, ..., 2*min_patch_size (coarse to
             fine), float32 (float64 for float64 images), on the images' device. Empty if the two sizes are equal.
+            The maps are views of one packed ``[B, P]`` tensor (the layout of :func:`mixres.pack_pyramid`).
         """
         geometry = self.geometry(images)
-        if images.dtype in (torch.float16, torch.bfloat16):
-            # Squared errors of near-equal values underflow and round badly in half precision.
-            images = images.float()
-        pyramid = []
-        for size in geometry.splittable_sizes:
-            patches = as_patches(images, size)
-            small = F.interpolate(patches, size=(self.min_patch_size,) * 2, mode="area")
-            blurred = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
-            mse = blurred.sub_(patches).square_().mean(dim=(1, 2, 3))  # in place: these are image-sized
-            pyramid.append(mse.reshape(images.shape[0], *geometry.grid(size)) * size)
-        return pyramid
+        packed = ops.pixel_blur_scores(images, self.min_patch_size, self.max_patch_size)
+        sizes = geometry.splittable_sizes
+        levels = packed.split([math.prod(geometry.grid(s)) for s in sizes], dim=1)
+        return [level.view(images.shape[0], *geometry.grid(s)) for level, s in zip(levels, sizes)]
