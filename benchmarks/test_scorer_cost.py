@@ -24,7 +24,8 @@ SIZE, MIN_SIZE, MAX_SIZE, N_PATCHES = 256, 16, 64, 100
 def gradcam():
     import torchvision
 
-    return mixres.GradCAM(torchvision.models.resnet18(), min_patch_size=MIN_SIZE, max_patch_size=MAX_SIZE)
+    model = torchvision.models.resnet18().to(DEVICE)
+    return mixres.GradCAM(model, min_patch_size=MIN_SIZE, max_patch_size=MAX_SIZE)
 
 
 def feature_based():

@@ -274,6 +274,8 @@ def test_rejects_bad_arguments():
         scorer(images, -1)
     with pytest.raises(ValueError, match="multiple of max_patch_size"):
         scorer(torch.rand(1, 3, 48, 64))
+    with pytest.raises(ValueError, match="model is on cpu but images are on meta: move the model"):
+        scorer(torch.rand(2, 3, 64, 64, device="meta"))
     with pytest.raises(ValueError, match="found no target layer in Sequential.*pass target_layer"):
         GradCAM(nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, N_CLASSES)))(images)
     with pytest.raises(ValueError, match="'spare' is not called by the model's forward"):

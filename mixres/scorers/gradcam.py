@@ -106,6 +106,11 @@ class GradCAM(Scorer):
             fine), float32 (float64 for a float64 model), on the images' device, not requiring grad.
         """
         geometry = self.geometry(images)
+        parameter = next(self.model.parameters(), None)
+        if parameter is not None and parameter.device != images.device:
+            # The model is the caller's: moving it here would surprise them, and would copy it at every call.
+            raise ValueError(f"model is on {parameter.device} but images are on {images.device}: move the model "
+                             f"(model.to(images.device)) before scoring")
         labels = _check_labels(self.labels if labels is None else labels, images.shape[0])
         training_flags = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
