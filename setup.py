@@ -73,6 +73,11 @@ def _extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     debug = os.environ.get("MIXRES_DEBUG") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    link_flags = []
+    if torch.backends.openmp.is_available() and sys.platform != "darwin":
+        # at::parallel_for is an OpenMP loop in torch's headers: without -fopenmp it compiles to a serial loop.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if _want_cuda(torch.version.cuda, cuda_home):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         # The pip wheels of CUDA libraries carry headers (cuBLAS, ...) that a bare toolkit may lack.
@@ -88,9 +93,10 @@ def _extension():
             define_macros=[("MIXRES_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": (["-O0", "-g", "-G"] if debug else ["-O3"]) +
                                 ["--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_link_args=link_flags,
         )
     log(f"building CPU kernels: {', '.join(sources)}")
-    return CppExtension("mixres._C", sources, extra_compile_args={"cxx": cxx_flags})
+    return CppExtension("mixres._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 def _nvidia_paths():
