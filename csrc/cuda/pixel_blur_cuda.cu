@@ -2,10 +2,10 @@
 // MSE(p, bilinear_up(area_down(p, m x m))) * s with m = min_patch_size, written into the packed pyramid [B, P].
 //
 // One thread block per packed score, i.e. per (image, cell of a level), all levels in one launch: block w writes
-// scores[w]. A block per root patch covering all levels would read each root once, but gives a batch of one image
-// only n_roots blocks (16 for 256 x 256 at 64 px, far fewer than the SMs), and its blocks would be as uneven as
-// the root is deep; a block per cell gives B * P blocks (80 per 256 x 256 image at 16-64 px), and the second and
-// later reads of a pixel (one per level) mostly hit L2.
+// scores[w]. A block per root patch covering all levels would read each pixel from DRAM once rather than once per
+// level, but small batches would give too few blocks (16 for one 256 x 256 image at 64 px, against 132 SMs on an
+// H100), and its shared memory would have to hold a whole root or re-read it anyway. A block per cell gives B * P
+// blocks (80 per 256 x 256 image at 16-64 px); the re-reads of a pixel by the finer levels mostly hit L2.
 //
 // Per channel, a block
 //   1. area-downsamples its patch to m x m into shared memory. Consecutive threads read consecutive pixels of a
