@@ -122,29 +122,33 @@ def _concrete(device: torch.device) -> torch.device:
     return device
 
 
+def pyramid_maps(pyramid, sizes: list[int], name: str) -> list:
+    """The maps of a pyramid given as a sequence ordered coarse to fine or as a dict ``{patch_size: map}``, coarse
+    to fine; ``sizes`` are the splittable patch sizes, ``name`` the argument's name in the errors."""
+    if isinstance(pyramid, Mapping):
+        keys = sorted(pyramid, reverse=True)
+        if keys != sizes:
+            raise ValueError(f"{name} dict must have one map per splittable patch size {sizes}, got keys {keys}")
+        return [pyramid[s] for s in sizes]
+    if isinstance(pyramid, Sequence) and not isinstance(pyramid, (str, bytes)):
+        if len(pyramid) != len(sizes):
+            raise ValueError(f"{name} must hold {len(sizes)} maps, one per splittable patch size {sizes} "
+                             f"(coarse to fine), got {len(pyramid)}")
+        return list(pyramid)
+    raise TypeError(f"{name} must be a dense saliency map [B, h, w], a sequence of maps or a dict "
+                    f"{{patch_size: map}}, got {type(pyramid).__name__}")
+
+
 def pack_pyramid(scores, geometry: QuadtreeGeometry, batch: int, device: torch.device) -> Tensor:
     """Checks a score pyramid and packs it into ``[B, P]`` (float32, or float64 if any map is float64).
 
     ``scores`` is a sequence of maps ordered coarse to fine (patch size s_max first, 2*s_min last), or a dict
     ``{patch_size: map}``; the map of patch size s is ``[B, H/s, W/s]``.
     """
-    sizes = geometry.splittable_sizes
-    if isinstance(scores, Mapping):
-        keys = sorted(scores, reverse=True)
-        if keys != sizes:
-            raise ValueError(f"scores dict must have one map per splittable patch size {sizes}, got keys {keys}")
-        maps = [scores[s] for s in sizes]
-    elif isinstance(scores, Sequence) and not isinstance(scores, (str, bytes)):
-        if len(scores) != len(sizes):
-            raise ValueError(f"scores must hold {len(sizes)} maps, one per splittable patch size {sizes} "
-                             f"(coarse to fine), got {len(scores)}")
-        maps = list(scores)
-    else:
-        raise TypeError(f"scores must be a dense saliency map [B, h, w], a sequence of maps or a dict "
-                        f"{{patch_size: map}}, got {type(scores).__name__}")
+    maps = pyramid_maps(scores, geometry.splittable_sizes, "scores")
     device = _concrete(torch.device(device))
     maps = [_check_map(f"scores map of patch size {s}", m, batch, geometry.grid(s), device)
-            for s, m in zip(sizes, maps)]
+            for s, m in zip(geometry.splittable_sizes, maps)]
     dtype = torch.float64 if any(m.dtype == torch.float64 for m in maps) else torch.float32
     if not maps:
         return torch.zeros(batch, 0, dtype=dtype, device=device)

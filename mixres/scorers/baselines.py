@@ -1,12 +1,10 @@
 """Baseline scorers that do not look at the image content: random scores, equal scores, and a user's own map."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 from torch import Tensor
 
-from ..pyramid import QuadtreeGeometry, _check_map, saliency_to_pyramid
+from ..pyramid import QuadtreeGeometry, _check_map, pyramid_maps, saliency_to_pyramid
 from .base import Scorer
 
 __all__ = ["Random", "Uniform", "Precomputed"]
@@ -125,19 +123,8 @@ class Precomputed(Scorer):
                 raise ValueError(f"saliency given as a Tensor must be a dense map of rank 3 [B, h, w], got rank "
                                  f"{saliency.dim()} {list(saliency.shape)}; pass a pyramid as a list or dict of maps")
             maps = [saliency]
-        elif isinstance(saliency, Mapping):
-            keys = sorted(saliency, reverse=True)
-            if keys != sizes:
-                raise ValueError(f"saliency dict must have one map per splittable patch size {sizes}, got keys {keys}")
-            maps = [saliency[size] for size in sizes]
-        elif isinstance(saliency, Sequence) and not isinstance(saliency, (str, bytes)):
-            if len(saliency) != len(sizes):
-                raise ValueError(f"saliency must hold {len(sizes)} maps, one per splittable patch size {sizes} "
-                                 f"(coarse to fine), got {len(saliency)}")
-            maps = list(saliency)
         else:
-            raise TypeError(f"saliency must be a dense map [B, h, w], a list of maps or a dict {{patch_size: map}}, "
-                            f"got {type(saliency).__name__}")
+            maps = pyramid_maps(saliency, sizes, "saliency")
         for value in maps:
             if not isinstance(value, Tensor):
                 raise TypeError(f"saliency maps must be Tensors, got {type(value).__name__}")
