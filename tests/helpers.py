@@ -49,3 +49,20 @@ def coverage(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
         for y, x, s in boxes[b].tolist():
             count[b, y:y + s, x:x + s] += 1
     return count
+
+
+def per_patch_pyramid(images, min_patch_size, max_patch_size, score):
+    """A score pyramid computed the slow, obvious way: ``score(crop, size)`` for every s x s patch crop
+    ``images[b, ..., rows, cols]`` of every splittable size s, coarse to fine, as float64 maps ``[B, H/s, W/s]``."""
+    batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
+    pyramid, size = [], max_patch_size
+    while size > min_patch_size:
+        scores = torch.empty(batch, height // size, width // size, dtype=torch.float64)
+        for b in range(batch):
+            for row in range(height // size):
+                for col in range(width // size):
+                    crop = images[b, ..., row * size:(row + 1) * size, col * size:(col + 1) * size]
+                    scores[b, row, col] = score(crop, size)
+        pyramid.append(scores)
+        size //= 2
+    return pyramid

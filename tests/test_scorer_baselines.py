@@ -9,6 +9,8 @@ from mixres.pyramid import QuadtreeGeometry, saliency_to_pyramid
 from mixres.scorers.baselines import Precomputed, Random, Uniform
 from mixres.scorers.entropy import Entropy
 
+from helpers import per_patch_pyramid
+
 SCORERS = {
     "random": lambda lo, hi, batch: Random(lo, hi, seed=0),
     "uniform": lambda lo, hi, batch: Uniform(lo, hi),
@@ -151,20 +153,13 @@ def per_patch_entropy(images, min_patch_size, max_patch_size, bins, value_range)
                                                               + 0.114 * images[:, 2])
     lo, hi = value_range
     grey = grey.clamp(lo, hi)  # histc drops values outside its range; the scorer counts them at the ends
-    batch, height, width = grey.shape
-    pyramid, size = [], max_patch_size
-    while size > min_patch_size:
-        scores = torch.empty(batch, height // size, width // size, dtype=torch.float64)
-        for b in range(batch):
-            for row in range(height // size):
-                for col in range(width // size):
-                    crop = grey[b, row * size:(row + 1) * size, col * size:(col + 1) * size]
-                    p = torch.histc(crop, bins=bins, min=lo, max=hi) / crop.numel()
-                    p = p[p > 0]
-                    scores[b, row, col] = -(p * p.log2()).sum()
-        pyramid.append(scores)
-        size //= 2
-    return pyramid
+
+    def score(crop, size):
+        p = torch.histc(crop, bins=bins, min=lo, max=hi) / crop.numel()
+        p = p[p > 0]
+        return -(p * p.log2()).sum()
+
+    return per_patch_pyramid(grey, min_patch_size, max_patch_size, score)
 
 
 def textured_images(batch, channels, height, width, bins, value_range, seed):

@@ -9,6 +9,8 @@ from mixres import reference
 from mixres.pyramid import QuadtreeGeometry, pack_pyramid
 from mixres.scorers import PixelBlur
 
+from helpers import per_patch_pyramid
+
 # (height, width, min_patch_size, max_patch_size): non-square, scale factors 2 to 32, min_patch_sizes that are not
 # powers of two or are tiny (1 to 3: the up-sampling's edge cases), and a single size (no score at all).
 BLUR_GEOMETRIES = [(128, 192, 16, 64), (96, 160, 8, 32), (224, 112, 14, 56), (64, 128, 4, 64), (48, 96, 3, 24),
@@ -18,21 +20,13 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 def per_patch_pixel_blur(images, min_patch_size, max_patch_size):
     """The oracle: DESIGN.md's formula, one patch crop at a time, in float64."""
-    images = images.double()
-    batch, _, height, width = images.shape
-    pyramid, size = [], max_patch_size
-    while size > min_patch_size:
-        scores = torch.empty(batch, height // size, width // size, dtype=torch.float64)
-        for b in range(batch):
-            for row in range(height // size):
-                for col in range(width // size):
-                    crop = images[b:b + 1, :, row * size:(row + 1) * size, col * size:(col + 1) * size]
-                    small = F.interpolate(crop, size=(min_patch_size, min_patch_size), mode="area")
-                    blurred = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
-                    scores[b, row, col] = ((crop - blurred) ** 2).mean() * size
-        pyramid.append(scores)
-        size //= 2
-    return pyramid
+    def score(crop, size):
+        crop = crop.unsqueeze(0)
+        small = F.interpolate(crop, size=(min_patch_size, min_patch_size), mode="area")
+        blurred = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+        return ((crop - blurred) ** 2).mean() * size
+
+    return per_patch_pyramid(images.double(), min_patch_size, max_patch_size, score)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
