@@ -5,9 +5,9 @@
 from . import ops, reference, scorers, viz
 from .mosaic import Mosaic, tokenize
 from .pyramid import QuadtreeGeometry, pack_pyramid, saliency_to_pyramid, valid_n_patches
-from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Precomputed, Random, Uniform
+from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Precomputed, Random, Uniform, create_scorer
 
 __version__ = "0.1.0"
 __all__ = ["Mosaic", "tokenize", "valid_n_patches", "QuadtreeGeometry", "pack_pyramid", "saliency_to_pyramid",
-           "PixelBlur", "FeatureBased", "GradCAM", "Entropy", "Random", "Uniform", "Precomputed",
+           "PixelBlur", "FeatureBased", "GradCAM", "Entropy", "Random", "Uniform", "Precomputed", "create_scorer",
            "ops", "reference", "scorers", "viz"]

@@ -1,11 +1,14 @@
 """Tokenizes the photos that ship with scikit-image, draws their mosaics and times the tokenizer.
 
     python -m mixres.demo [--out DIR] [--n-patches N] [--batch B] [--repeats R]
+                          [--feature-weights FILE] [--gradcam-model NAME] [--gradcam-weights FILE]
 
 For each photo (astronaut, chelsea, coffee, rocket) it writes ``<out>/<name>.png`` (the photo with its leaf borders,
-then the mosaic rendered from the tokens) and ``<out>/<name>.json`` (the leaves), then prints the images/s of
-``mixres.tokenize`` (the C++ ops) against ``mixres.reference.tokenize`` (plain PyTorch) and of the scorer.
-Needs scikit-image (``pip install mixres[demo]``); everything runs on the CPU, offline.
+then the mosaic rendered from the tokens) and ``<out>/<name>.json`` (the leaves). It writes ``<out>/scorers.png``,
+the rocket's mosaic from each scorer side by side; FeatureBased and GradCAM use random weights unless given local
+weight files. Then it prints the images/s of ``mixres.tokenize`` (the C++ ops) against ``mixres.reference.tokenize``
+(plain PyTorch) and of the scorer. Needs scikit-image (``pip install mixres[demo]``); everything runs on the CPU,
+offline.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,10 +27,10 @@ from torch import Tensor
 from . import ops, reference
 from .mosaic import tokenize
 from .pyramid import QuadtreeGeometry
-from .scorers import PixelBlur
-from .viz import save_mosaic_figure
+from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Random, Scorer, Uniform
+from .viz import save_mosaic_figure, save_mosaic_grid
 
-__all__ = ["main", "load_photo", "nearest_valid_n_patches"]
+__all__ = ["main", "load_photo", "nearest_valid_n_patches", "compare_scorers"]
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 MIN_PATCH, MAX_PATCH = 16, 64
@@ -68,6 +72,50 @@ def _center_square(photo: Tensor, side: int) -> Tensor:
     return photo[:, top:top + side, left:left + side]
 
 
+def _gradcam_classifier(name: str, weights: Path | None) -> torch.nn.Module:
+    """A torchvision classifier, with the weights of a local state-dict file, or random ones when None."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None)
+    if weights is not None:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def compare_scorers(photo: Tensor, n_patches: int, path: Path, feature_weights: Path | None = None,
+                    gradcam_model: str = "resnet18", gradcam_weights: Path | None = None) -> dict[str, dict[int, int]]:
+    """Writes ``path``: the mosaic of ``photo [3, H, W]`` from each scorer, side by side, at ``n_patches`` leaves
+    of 16-64 px. FeatureBased (ShuffleNetV2 x0.5) and GradCAM (torchvision ``gradcam_model``) take their weights
+    from local state-dict files; without one they are randomly initialised, and their captions say so.
+
+    Returns:
+        caption -> {leaf side: count}.
+    """
+    random_note = " (random weights)"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="FeatureBased: backbone")  # the caption says it instead
+        torch.manual_seed(0)  # the random backbones, so that the figure can be made again
+        feature = FeatureBased(weights=feature_weights, random_init=feature_weights is None)
+        classifier = _gradcam_classifier(gradcam_model, gradcam_weights)
+    scorers: dict[str, Scorer] = {
+        "PixelBlur": PixelBlur(MIN_PATCH, MAX_PATCH),
+        "Entropy": Entropy(MIN_PATCH, MAX_PATCH),
+        "FeatureBased, ShuffleNetV2" + (random_note if feature_weights is None else ""): feature,
+        f"GradCAM, {gradcam_model}" + (random_note if gradcam_weights is None else ""): GradCAM(classifier),
+        "Random(seed=0)": Random(MIN_PATCH, MAX_PATCH, seed=0),
+        "Uniform": Uniform(MIN_PATCH, MAX_PATCH),
+    }
+    boxes = {caption: tokenize(photo[None], scorer, n_patches).boxes[0] for caption, scorer in scorers.items()}
+    save_mosaic_grid(photo, boxes, path, columns=3)
+    return {caption: _leaves_per_size(leaves) for caption, leaves in boxes.items()}
+
+
+def _leaves_per_size(boxes: Tensor) -> dict[int, int]:
+    """``[N, 3]`` boxes -> {leaf side: count}, largest side first."""
+    sizes, counts = boxes[:, 2].unique(return_counts=True)
+    return {int(s): int(c) for s, c in sorted(zip(sizes, counts), key=lambda sc: -sc[0])}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the demo (see the module docstring). Returns what it printed, as a dict: ``photos`` (one entry per
     photo: name, size, n_patches, leaves per size, files) and ``throughput`` (images/s)."""
@@ -78,6 +126,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              "the most)")
     parser.add_argument("--batch", type=int, default=64, help="batch size of the throughput test (default: 64)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions, after a warm-up (default: 5)")
+    parser.add_argument("--feature-weights", type=Path, default=None,
+                        help="state-dict file of torchvision's shufflenet_v2_x0_5 for the FeatureBased panel "
+                             "(default: random weights)")
+    parser.add_argument("--gradcam-model", default="resnet18",
+                        help="torchvision classifier for the GradCAM panel (default: resnet18)")
+    parser.add_argument("--gradcam-weights", type=Path, default=None,
+                        help="its state-dict file (default: random weights)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be at least 1")
@@ -97,8 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         n_patches = nearest_valid_n_patches(geometry, target)
         mosaic = tokenize(photo[None], scorer(photo[None]), n_patches, MIN_PATCH, MAX_PATCH)
         leaves = mosaic.boxes[0].tolist()
-        sizes, counts = mosaic.boxes[0, :, 2].unique(return_counts=True)
-        per_size = {int(s): int(c) for s, c in sorted(zip(sizes, counts), key=lambda sc: -sc[0])}
+        per_size = _leaves_per_size(mosaic.boxes[0])
 
         png, js = args.out / f"{name}.png", args.out / f"{name}.json"
         save_mosaic_figure(photo, mosaic, png)
@@ -109,6 +163,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
               + ", ".join(f"{s} px: {c}" for s, c in per_size.items()))
         report["photos"].append({"name": name, "size": (height, width), "n_patches": n_patches,
                                  "leaves_per_size": per_size, "png": png, "json": js})
+
+    rocket = photos["rocket"]
+    n_patches = nearest_valid_n_patches(QuadtreeGeometry(*rocket.shape[-2:], MIN_PATCH, MAX_PATCH),
+                                        args.n_patches if args.n_patches is not None else 128)
+    comparison = args.out / "scorers.png"
+    report["scorers"] = compare_scorers(rocket, n_patches, comparison, args.feature_weights, args.gradcam_model,
+                                        args.gradcam_weights)
+    print(f"Each scorer's mosaic of the rocket, n_patches={n_patches}: {comparison}")
+    for caption, per_size in report["scorers"].items():
+        print(f"  {caption:<40} " + ", ".join(f"{s} px: {c}" for s, c in per_size.items()))
 
     side = 256
     squares = [_center_square(photos[name], side) for name in PHOTOS]

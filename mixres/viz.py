@@ -1,16 +1,17 @@
 """Pictures of mosaics: leaf borders drawn on a photo, and tokens painted back over their leaves."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from os import PathLike
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .mosaic import Mosaic
 
-__all__ = ["draw_mosaic", "render_tokens", "save_mosaic_figure"]
+__all__ = ["draw_mosaic", "render_tokens", "save_mosaic_figure", "save_mosaic_grid"]
 
 
 def _to_pil(image: Tensor) -> Image.Image:
@@ -101,5 +102,45 @@ def save_mosaic_figure(image: Tensor, mosaic: Mosaic, path: str | PathLike, inde
     figure = Image.new("RGB", (2 * left.width + gap, left.height), "white")
     figure.paste(left, (0, 0))
     figure.paste(right, (left.width + gap, 0))
+    figure.save(path)
+    return figure
+
+
+def save_mosaic_grid(image: Tensor, panels: Mapping[str, Tensor], path: str | PathLike, columns: int = 3,
+                     color: tuple[int, int, int] = (255, 64, 64), width: int = 1, gap: int = 8,
+                     font_size: int = 16) -> Image.Image:
+    """Writes one PNG comparing mosaics of the same photo: one panel per entry, its caption above the photo with
+    that mosaic's leaf borders, in rows of ``columns``.
+
+    Args:
+        image: ``[C, H, W]`` float in [0, 1], C = 1 or 3.
+        panels: caption -> boxes ``[N, 3]`` (y, x, size), e.g. ``{"PixelBlur": mosaic.boxes[0], ...}``.
+        path: where to write the figure.
+        columns: panels per row.
+        color, width: the borders, as in :func:`draw_mosaic`.
+        gap: white pixels between panels.
+        font_size: caption height in pixels.
+
+    Returns:
+        The figure.
+    """
+    if not panels:
+        raise ValueError("panels must hold at least one caption -> boxes entry")
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}")
+    pictures = [(caption, draw_mosaic(image, boxes, color, width)) for caption, boxes in panels.items()]
+    panel_width, panel_height = pictures[0][1].size
+    caption_height = font_size + gap
+    columns = min(columns, len(pictures))
+    rows = -(-len(pictures) // columns)
+    figure = Image.new("RGB", (columns * panel_width + (columns - 1) * gap,
+                               rows * (caption_height + panel_height) + (rows - 1) * gap), "white")
+    draw = ImageDraw.Draw(figure)
+    font = ImageFont.load_default(size=font_size)
+    for index, (caption, picture) in enumerate(pictures):
+        left = (index % columns) * (panel_width + gap)
+        top = (index // columns) * (caption_height + panel_height + gap)
+        draw.text((left, top), caption, fill="black", font=font)
+        figure.paste(picture, (left, top + caption_height))
     figure.save(path)
     return figure

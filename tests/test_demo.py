@@ -35,6 +35,12 @@ def test_demo_writes_figures_and_leaves(tmp_path, capsys):
             cover[y:y + size, x:x + size] += 1
         assert (cover == 1).all(), f"{photo['name']}: leaves overlap or leave gaps"
 
+    with Image.open(tmp_path / "demo" / "scorers.png") as comparison:
+        assert comparison.width > 3 * 384 and comparison.height > 2 * 256
+    assert len(report["scorers"]) == 6 and any("random weights" in caption for caption in report["scorers"])
+    rocket_budget = sum(report["scorers"]["PixelBlur"].values())
+    assert all(sum(per_size.values()) == rocket_budget for per_size in report["scorers"].values())
+
     rates = report["throughput"]
     assert all(rates[key] > 0 for key in ("tokenize", "reference", "scorer"))
 

@@ -1,4 +1,4 @@
-"""PixelBlur, the pixel-blur scorer: pyramid layout, an independent per-patch oracle, and a real photo; its fused
+"""PixelBlur, the pixel-blur scorer: pyramid layout, an independent per-patch oracle; its fused
 op torch.ops.mixres.pixel_blur_scores against the reference, its argument checks and opcheck."""
 import pytest
 import torch
@@ -82,20 +82,6 @@ def test_no_grad_and_rejects_bad_input():
         PixelBlur()(torch.rand(3, 64, 64))
     with pytest.raises(ValueError, match="power of two"):
         PixelBlur(16, 48)
-
-
-def test_rocket_sky_gets_larger_leaves():
-    pytest.importorskip("skimage")
-    from mixres.demo import load_photo
-
-    photo = load_photo("rocket")[None]  # [1, 3, 256, 384]; the top half is mostly clear evening sky
-    mosaic = mixres.tokenize(photo, PixelBlur(16, 64)(photo), n_patches=129)
-    y, size = mosaic.boxes[0, :, 0], mosaic.boxes[0, :, 2].float()
-    sky = y < 128  # leaves are aligned to the 64 px grid, so these lie wholly in the top half
-    # Measured: 30 sky leaves of mean side 37.3 px (the launch towers at the edges bring it below 64) against
-    # 99 leaves of mean side 20.7 px elsewhere (the rocket, towers, lights and horizon).
-    assert size[sky].mean() > 1.5 * size[~sky].mean()
-    assert sky.sum() < (~sky).sum()
 
 
 # ----------------------------------------------------------------------------------- torch.ops.mixres.pixel_blur_scores

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import mixres
-from mixres.viz import draw_mosaic, render_tokens, save_mosaic_figure
+from mixres.viz import draw_mosaic, render_tokens, save_mosaic_figure, save_mosaic_grid
 
 from helpers import random_mosaic
 
@@ -65,3 +65,22 @@ def test_save_mosaic_figure(tmp_path):
     assert figure.size == (2 * 192 + 4, 128)
     with Image.open(path) as saved:
         assert saved.size == figure.size
+
+
+def test_save_mosaic_grid_lays_panels_in_rows(tmp_path):
+    images, mosaic = random_mosaic(batch=3)  # 128 x 192 images
+    panels = {f"mosaic {b}": mosaic.boxes[b] for b in range(3)}
+    figure = save_mosaic_grid(images[0], panels, tmp_path / "grid.png", columns=2, gap=4, font_size=10,
+                              color=(0, 255, 0))
+    caption = 10 + 4
+    assert figure.size == (2 * 192 + 4, 2 * (caption + 128) + 4)
+    # The third panel opens the second row; its first leaf's corner carries its border colour.
+    y, x, _ = mosaic.boxes[2, 0].tolist()
+    assert figure.getpixel((x, caption + 128 + 4 + caption + y)) == (0, 255, 0)
+    assert figure.getpixel((192 + 4 + 100, caption + 128 + 4 + caption + 60)) == (255, 255, 255)  # no 4th panel
+    with Image.open(tmp_path / "grid.png") as saved:
+        assert saved.size == figure.size
+    with pytest.raises(ValueError, match="panels"):
+        save_mosaic_grid(images[0], {}, tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="columns"):
+        save_mosaic_grid(images[0], panels, tmp_path / "bad.png", columns=0)
