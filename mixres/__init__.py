@@ -8,6 +8,18 @@ from .pyramid import QuadtreeGeometry, pack_pyramid, saliency_to_pyramid, valid_
 from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Precomputed, Random, Uniform, create_scorer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # mixres.models imports timm (about a second and a half): only when asked for. Importing it registers the
+    # quadformer_* models with timm.
+    if name == "models":
+        import importlib
+
+        return importlib.import_module(".models", __name__)
+    raise AttributeError(f"module 'mixres' has no attribute {name!r}")
+
+
 __all__ = ["Mosaic", "tokenize", "valid_n_patches", "QuadtreeGeometry", "pack_pyramid", "saliency_to_pyramid",
            "PixelBlur", "FeatureBased", "GradCAM", "Entropy", "Random", "Uniform", "Precomputed", "create_scorer",
-           "ops", "reference", "scorers", "viz"]
+           "models", "ops", "reference", "scorers", "viz"]

@@ -469,3 +469,26 @@ def test_opcheck_pixel_blur_scores(dtype):
     images = random_images(2, 3, 64, 128, dtype=dtype)
     for lo, hi in ((16, 64), (8, 32), (32, 32)):
         torch.library.opcheck(ops.pixel_blur_scores.default, (images, lo, hi))
+
+
+# ------------------------------------------------------------------------------------------------ the Quadformer
+def test_quadformer_on_cuda_matches_the_cpu_and_needs_no_host_sync():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from mixres.models import Quadformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=128, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=7).eval()
+    model = Quadformer(vit, n_patches=31, scorer=mixres.PixelBlur(16, 64))
+    images = torch.randn(4, 3, 128, 128)
+    with torch.no_grad():
+        expected = model(images)
+        model.to(DEVICE)
+        cuda_images = images.to(DEVICE)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = model(cuda_images)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(logits.cpu(), expected, rtol=1e-4, atol=1e-4)
