@@ -3,15 +3,19 @@ task of :mod:`mixres.datasets`; normalised as the model expects, split across pr
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-__all__ = ["build_dataset", "build_loader", "SMALL_OBJECTS"]
+__all__ = ["build_dataset", "build_loader", "ShardSampler", "SMALL_OBJECTS"]
 
 SMALL_OBJECTS = "small-objects"
+# The prefixes of timm's dataset factory (``torch/cifar10``, ``hfds/...``); any other source is a folder.
+_TIMM_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")
 
 
 class _Normalized(Dataset):
@@ -37,11 +41,12 @@ def build_dataset(source: str | os.PathLike, split: str, image_size: int | tuple
     Args:
         source: one of
 
-            - a folder of class sub-folders (torchvision's ImageFolder layout), or a folder holding ``split``
-              as such a folder (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``);
+            - a folder of class sub-folders (torchvision's ImageFolder layout; every split reads it), or a folder
+              holding ``split`` as such a folder (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``);
             - ``"small-objects"``: :class:`mixres.datasets.SmallObjects`, generated (needs scikit-image);
-            - a name for timm's dataset factory (``timm.data.create_dataset``), e.g. ``"torch/cifar10"``, whose
-              files are looked up under ``$MIXRES_DATA`` (default ``./data``). Nothing is downloaded.
+            - a name for timm's dataset factory (``timm.data.create_dataset``) with its prefix (``torch/``,
+              ``hfds/``, ``hfids/``, ``tfds/``, ``wds/``), e.g. ``"torch/cifar10"``, whose files are looked up
+              under ``$MIXRES_DATA`` (default ``./data``). Nothing is downloaded.
         split: ``"train"`` or ``"val"`` (timm names such as ``"validation"`` are passed through).
         image_size: the model's input size, an int or (H, W).
         mean, std: the model's per-channel normalisation (``model.pretrained_cfg["mean"]``, ``["std"]``).
@@ -63,26 +68,60 @@ def build_dataset(source: str | os.PathLike, split: str, image_size: int | tuple
 
     transform = create_transform(input_size=(3, *size), is_training=train, mean=mean, std=std,
                                  crop_pct=1.0 if train else 0.875)
+    if str(source).partition("/")[0].lower() in _TIMM_PREFIXES:
+        root = os.environ.get("MIXRES_DATA", "data")
+        return create_dataset(str(source), root=root, split=split, is_training=train, download=False,
+                              transform=transform)
     path = Path(source)
-    if path.is_dir():
-        from torchvision.datasets import ImageFolder
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset {str(source)!r} is neither a folder, nor {SMALL_OBJECTS!r}, nor a timm "
+                                f"dataset name such as 'torch/cifar10'")
+    from torchvision.datasets import ImageFolder
 
-        root = path / split if (path / split).is_dir() else path
-        return ImageFolder(str(root), transform=transform)
-    if "/" not in str(source):
-        raise ValueError(f"dataset {str(source)!r} is neither a folder, nor {SMALL_OBJECTS!r}, nor a timm dataset "
-                         f"name such as 'torch/cifar10'")
-    root = os.environ.get("MIXRES_DATA", "data")
-    return create_dataset(str(source), root=root, split=split, is_training=train, download=False,
-                          transform=transform)
+    if (path / split).is_dir():
+        return ImageFolder(str(path / split), transform=transform)
+    if any((path / name).is_dir() for name in ("train", "val", "validation", "test")):
+        # A folder of splits lacking this one: reading it as a folder of classes would make a class of each split.
+        raise FileNotFoundError(f"{path} holds split folders but no {split!r} one")
+    return ImageFolder(str(path), transform=transform)
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, distributed: bool = False,
                  seed: int = 0) -> DataLoader:
-    """A loader over ``dataset``; under DDP each process reads its own shard (``DistributedSampler``; call
-    ``loader.sampler.set_epoch(epoch)`` every epoch so that training shuffles differently)."""
-    sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train) if distributed else None
+    """A loader over ``dataset``; under DDP (``distributed``, the process group initialised) each process reads
+    its own shard.
+
+    Training shuffles by a ``DistributedSampler`` (one replica without DDP) and drops the last partial batch: call
+    ``loader.sampler.set_epoch(epoch)`` every epoch. Its order is a function of ``seed`` and the epoch alone, so a
+    run resumed at some epoch reads what an uninterrupted one reads. Evaluation reads every item exactly once, in
+    order, across the processes (:class:`ShardSampler`), so that sums over the processes count each item once.
+    """
+    if train:
+        replicas = {} if distributed else dict(num_replicas=1, rank=0)
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True, **replicas)
+    else:
+        sampler = ShardSampler(dataset) if distributed else None
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=train,
-                      generator=generator, persistent_workers=workers > 0)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=train, generator=generator,
+                      persistent_workers=workers > 0)
+
+
+class ShardSampler(Sampler[int]):
+    """This process's share of a dataset for evaluation under DDP: items ``rank, rank + world, ...``.
+
+    Unlike ``DistributedSampler``, which pads the shards to one length by repeating items (counting them twice in
+    the metrics), the shards differ in length by at most one, so every process may run a different number of
+    batches: evaluate without collectives in the forward (the model unwrapped from DDP).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None):
+        self.length = len(dataset)
+        self.num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
+        self.rank = dist.get_rank() if rank is None else rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.num_replicas))

@@ -89,10 +89,12 @@ class Quadformer(nn.Module):
         self.xy_embed = None
         if pos_embed != "resample":
             # The table of patch positions is not used: keep the prefix tokens' entries only (or nothing), so that
-            # no parameter goes without a gradient.
+            # no parameter goes without a gradient. Contiguous strides, not the slice's: DDP's gradient buckets
+            # take the parameter's strides, and autograd gives the gradient contiguous ones.
             if vit.pos_embed is not None:
                 prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-                vit.pos_embed = nn.Parameter(vit.pos_embed.data[:, :prefix].clone()) if prefix else None
+                table = vit.pos_embed.data[:, :prefix].clone(memory_format=torch.contiguous_format)
+                vit.pos_embed = nn.Parameter(table) if prefix else None
             if pos_embed == "xy-learned":
                 self.xy_embed = LearnedXYEmbed(self.geometry.grid(min_patch_size), vit.embed_dim)
             elif vit.embed_dim % 4:

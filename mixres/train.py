@@ -1,0 +1,507 @@
+"""Fine-tunes a classifier (a Quadformer or any timm model) on one device, or on several under ``torchrun`` (DDP).
+
+    python -m mixres.train --model quadformer_vit_small_patch16_224 --pretrained --n-patches 100 \\
+        --data DIR --epochs 10 --batch-size 64 --lr 1e-4 --amp --output out/run1
+    torchrun --standalone --nproc_per_node=8 -m mixres.train --model ... --output out/run1 [--resume auto]
+
+``--data`` is a folder (``DIR/<class>/*.png``, or ``DIR/train/<class>/...`` and ``DIR/val/<class>/...``),
+``small-objects`` (generated), or a timm dataset name such as ``torch/cifar10`` (see :mod:`mixres.data`).
+``--batch-size`` is per process: the global batch is that times the number of processes, and ``--lr`` is used as
+given. AdamW (no weight decay on 1-D parameters, position tables and prefix tokens) with a per-step cosine schedule
+after a linear warmup.
+
+Writes to ``--output``: ``last.pt`` every epoch and ``best.pt`` on the best validation top-1 (model, optimizer,
+scheduler, grad scaler, epoch, best top-1, arguments); one row per epoch in ``log.csv`` and ``log.jsonl`` (epoch,
+lr of its last step, train_loss, val_loss, val_top1 and val_top5 (from 5 classes) in percent, training images_per_s
+over all processes, seconds). ``--resume auto`` continues
+from ``last.pt`` where there is one. A resumed run reads the same batches in the same order as an uninterrupted
+one, and its random numbers are seeded per epoch, so with ``--workers 0`` it computes the same weights; with
+workers, the augmentations draw other random numbers after a resume.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from .data import build_dataset, build_loader
+
+__all__ = ["main", "parse_args", "build_model", "warmup_cosine", "evaluate", "weights_digest"]
+
+QUADFORMER_PREFIX = "quadformer_"
+# The options that configure a Quadformer, each named as the Quadformer argument it sets.
+QUADFORMER_OPTIONS = ("n_patches", "scorer", "scorer_kwargs", "pos_embed", "min_patch_size", "max_patch_size")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LOG_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "seconds")
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mixres.train", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True,
+                       help="a timm model name, quadformer_* included (e.g. quadformer_vit_small_patch16_224)")
+    model.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
+    model.add_argument("--pretrained-file", type=Path, default=None,
+                       help="start from a local state dict instead: a plain timm model's (a ViT's for a "
+                            "Quadformer), a Quadformer's, or a checkpoint of this script; the classifier is "
+                            "replaced where --num-classes differs")
+    model.add_argument("--num-classes", type=int, default=None, help="default: the training set's classes")
+    model.add_argument("--img-size", type=int, default=None, help="default: the model's")
+    model.add_argument("--model-kwargs", type=_json_object, default={},
+                       help='more timm.create_model arguments, a JSON object: \'{"depth": 6, "drop_path_rate": 0.1}\'')
+    quadformer = parser.add_argument_group("Quadformer (quadformer_* models only; default: the model's)")
+    quadformer.add_argument("--n-patches", type=int, default=None, help="leaves per image")
+    quadformer.add_argument("--scorer", default=None, help="pixel-blur, feature, entropy, random, uniform")
+    quadformer.add_argument("--scorer-kwargs", type=_json_object, default=None,
+                            help='the scorer\'s arguments, a JSON object: \'{"weights": "shufflenet.pth"}\'')
+    quadformer.add_argument("--pos-embed", default=None, choices=("resample", "xy", "xy-learned"))
+    quadformer.add_argument("--min-patch-size", type=int, default=None)
+    quadformer.add_argument("--max-patch-size", type=int, default=None)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="a folder, small-objects, or a timm dataset name")
+    data.add_argument("--train-split", default="train")
+    data.add_argument("--val-split", default="val")
+    data.add_argument("--train-length", type=int, default=None, help="generated training images (small-objects)")
+    data.add_argument("--val-length", type=int, default=None, help="generated validation images (small-objects)")
+    data.add_argument("--no-augment", action="store_true",
+                      help="train on the evaluation transform (resize and centre crop) instead of random crops, "
+                           "flips and colour jitter")
+    data.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=10)
+    training.add_argument("--batch-size", type=int, default=64, help="per process")
+    training.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, reached after the warmup")
+    training.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
+    training.add_argument("--weight-decay", type=float, default=0.05)
+    training.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, may be fractional")
+    training.add_argument("--grad-clip", type=float, default=None, help="clip the gradients' global norm to this")
+    training.add_argument("--amp", nargs="?", const="bf16", default=None, choices=tuple(AMP_DTYPES),
+                          help="mixed precision by torch.autocast: --amp alone is bf16 (CPU, recent GPUs); "
+                               "fp16 (CUDA only) adds a gradient scaler")
+    training.add_argument("--compile", action="store_true", help="torch.compile the model")
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                          help="under torchrun, each process takes the device of its LOCAL_RANK")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output", type=Path, default=Path("out/train"), help="checkpoints and logs")
+    output.add_argument("--resume", default=None,
+                        help="a checkpoint to continue from, or 'auto': OUTPUT/last.pt if it exists")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None,
+               parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The options of :func:`main`, checked before anything is loaded: an unknown model, Quadformer options for
+    another model, a missing file... exit with a usage error (status 2). ``--resume auto`` becomes a path or
+    None, and ``args.quadformer`` says whether the model is a Quadformer."""
+    import timm
+
+    import mixres.models  # noqa: F401  (registers the quadformer_* models with timm)
+
+    parser = parser or _parser()
+    args = parser.parse_args(argv)
+    if not timm.is_model(args.model):
+        parser.error(f"unknown timm model {args.model!r}")
+    args.quadformer = args.model.startswith(QUADFORMER_PREFIX)
+    given = [f"--{name.replace('_', '-')}" for name in QUADFORMER_OPTIONS if getattr(args, name) is not None]
+    if given and not args.quadformer:
+        parser.error(f"{', '.join(given)} configure a Quadformer: the model must be a quadformer_* one, "
+                     f"not {args.model!r}")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("workers", "weight_decay", "warmup_epochs", "min_lr"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.lr <= 0 or (args.grad_clip is not None and args.grad_clip <= 0):
+        parser.error("--lr and --grad-clip must be positive")
+    if args.img_size is not None and "img_size" in args.model_kwargs:
+        parser.error("give the image size once: --img-size or img_size in --model-kwargs")
+    if args.pretrained_file is not None and not args.pretrained_file.is_file():
+        parser.error(f"--pretrained-file {args.pretrained_file}: no such file")
+    if args.amp == "fp16" and not args.device.startswith("cuda"):
+        parser.error("--amp fp16 is for CUDA devices; use --amp bf16 on the CPU")
+    if args.resume == "auto":
+        last = args.output / "last.pt"
+        args.resume = last if last.is_file() else None
+    elif args.resume is not None:
+        args.resume = Path(args.resume)
+        if not args.resume.is_file():
+            parser.error(f"--resume {args.resume}: no such checkpoint")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------- the model
+def build_model(args: argparse.Namespace, num_classes: int, load_pretrained: bool = True) -> nn.Module:
+    """``timm.create_model(args.model, ...)`` with the options of :func:`main`: ``--model-kwargs``, the image size,
+    the Quadformer options, and the pretrained weights (``--pretrained``, ``--pretrained-file``; none when
+    ``load_pretrained`` is False, as for a resumed run that reads its own).
+
+    A plain model's state dict (a ViT's for a Quadformer) goes through timm's own pretrained loading, which resamples
+    the position table to the image size and replaces the classifier when the classes differ. A Quadformer's state
+    dict (keys under ``vit.``) is loaded into the Quadformer, whose ``xy`` tables the ViT does not have.
+    """
+    import timm
+    from timm.models import load_state_dict
+
+    pretrained_cfg = _pretrained_cfg(args.model)
+    kwargs = dict(args.model_kwargs, num_classes=num_classes)
+    # timm's CNNs take any image size and have no img_size argument; ViTs (and so Quadformers) fix theirs.
+    if args.img_size is not None and (args.quadformer or pretrained_cfg.get("fixed_input_size")):
+        kwargs["img_size"] = args.img_size
+    kwargs.update({name: getattr(args, name) for name in QUADFORMER_OPTIONS if getattr(args, name) is not None})
+    pretrained = args.pretrained and load_pretrained
+    quadformer_state = None
+    classifier = pretrained_cfg.get("classifier", "head")
+    if args.pretrained_file is not None and load_pretrained:
+        state = load_state_dict(str(args.pretrained_file))  # unwraps {"model": ...}; torch or safetensors files
+        if args.quadformer and any(key.startswith("vit.") for key in state):
+            quadformer_state = state
+        else:
+            overlay = dict(state_dict=state)
+            head = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+            if head is not None:
+                # timm replaces the classifier when the model's classes differ from the cfg's; the file's own
+                # classifier is what to compare with (a fine-tuned file of 10 classes keeps its head for 10).
+                overlay["num_classes"] = head.shape[0]
+            kwargs["pretrained_cfg_overlay"] = overlay
+            pretrained = True
+    model = timm.create_model(args.model, pretrained=pretrained, **kwargs)
+    if quadformer_state is not None:
+        _load_quadformer_state(model, quadformer_state, f"vit.{classifier}")
+    return model
+
+
+def _load_quadformer_state(model: nn.Module, state: dict, classifier: str) -> None:
+    """Loads a Quadformer's state dict into ``model``, all of it but a classifier of another number of classes."""
+    own = model.state_dict()
+    head = {f"{classifier}.weight", f"{classifier}.bias"}
+    state = {key: value for key, value in state.items()
+             if not (key in head and key in own and value.shape != own[key].shape)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = set(missing) - head
+    if missing or unexpected:
+        raise ValueError(f"the pretrained file does not fit the model: missing {sorted(missing)}, unexpected "
+                         f"{sorted(unexpected)}")
+
+
+def _pretrained_cfg(model_name: str) -> dict:
+    """timm's pretrained cfg of a model name (a Quadformer's is its ViT's), or {} where it has none."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_name.removeprefix(QUADFORMER_PREFIX))
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _data_config(args: argparse.Namespace) -> tuple[tuple[int, int], tuple, tuple]:
+    """(image size (H, W), mean, std), known before the model is built (which needs the classes, which need the
+    dataset, which needs the size and normalisation)."""
+    from timm.data import resolve_data_config
+
+    size = args.img_size if args.img_size is not None else args.model_kwargs.get("img_size")
+    size = (size, size) if isinstance(size, int) else tuple(size) if size is not None else None
+    data_cfg = resolve_data_config({"input_size": (3, *size)} if size else {},
+                                   pretrained_cfg=_pretrained_cfg(args.model))
+    return tuple(data_cfg["input_size"][1:]), data_cfg["mean"], data_cfg["std"]
+
+
+def _count_classes(dataset) -> int | None:
+    """The classes of a dataset (ImageFolder, torchvision's, small-objects), or None where it does not say."""
+    for candidate in (dataset, getattr(dataset, "dataset", None)):
+        if isinstance(getattr(candidate, "num_classes", None), int):
+            return candidate.num_classes
+        if getattr(candidate, "classes", None) is not None:
+            return len(candidate.classes)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ optimisation parts
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                  min_lr_ratio: float = 0.0) -> LambdaLR:
+    """A per-step schedule: the learning rate rises linearly to its base value over ``warmup_steps`` steps
+    (``base * (step + 1) / warmup_steps``, never 0), then follows a half cosine down to ``base * min_lr_ratio``
+    at ``total_steps``. Call ``scheduler.step()`` after every optimiser step. Its state is the step count alone,
+    and the learning rate a function of it, so a resumed run follows the same curve."""
+    warmup_steps = min(warmup_steps, total_steps - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seeds every generator that augmentations, dropout or a random scorer may draw from, per (seed, epoch,
+    rank): an epoch's random numbers do not depend on the epochs before it, so a resumed run draws the same."""
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    torch.manual_seed(int(state[0]))
+
+
+def _reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum over the processes (the tensor itself without DDP)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None) -> dict:
+    """Mean cross-entropy and top-1 (and top-5, with at least 5 classes) accuracy in percent over the items of
+    ``loader``, summed exactly across the processes: under DDP, each process reads its own shard once
+    (:func:`mixres.data.build_loader`), and the sums of losses, hits and items are all-reduced. ``model`` must not
+    be DDP-wrapped, since the shards may differ in batches by one."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, items
+    num_classes = None
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        num_classes = logits.shape[1]
+        hits = logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                               hits[:, 0].sum().double(), hits.sum().double(),
+                               torch.tensor(len(labels), dtype=torch.float64, device=device)])
+    loss, top1, top5, count = _reduce_sum(totals).tolist()
+    if count == 0:
+        raise ValueError("the validation set is empty")
+    metrics = {"val_loss": loss / count, "val_top1": 100 * top1 / count}
+    if num_classes is None:  # this process's shard was empty: the model tells the classes
+        num_classes = getattr(model, "num_classes", 0)
+    if num_classes >= 5:
+        metrics["val_top5"] = 100 * top5 / count
+    return metrics
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A SHA-256 of the model's state dict (names, dtypes, shapes and bytes): equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- files and DDP
+def _save(path: Path, state: dict) -> None:
+    """Writes a checkpoint whole or not at all: a run killed while saving keeps the previous file."""
+    partial = path.with_suffix(".tmp")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _append_log(output: Path, row: dict) -> None:
+    with open(output / "log.jsonl", "a") as file:
+        file.write(json.dumps(row) + "\n")
+    csv_path = output / "log.csv"
+    new = not csv_path.exists() or csv_path.stat().st_size == 0
+    with open(csv_path, "a", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[field for field in LOG_FIELDS if field in row])
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _setup_device(args: argparse.Namespace) -> tuple[torch.device, int, int]:
+    """(device, rank, world size). Under torchrun (WORLD_SIZE > 1) each process takes the device of its
+    LOCAL_RANK and joins the process group: NCCL on CUDA, Gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device)
+    if world == 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device, dist.get_rank(), world
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Trains as the module docstring says. Returns the last epoch's row of the log (the same on every process),
+    with ``best_val_top1``, ``weights_sha256`` (of the final weights) and, under DDP, ``replicas_identical``
+    (whether every process ended with the same weights)."""
+    parser = _parser()
+    args = parse_args(argv, parser)
+
+    image_size, mean, std = _data_config(args)
+    try:
+        train_set = build_dataset(args.data, args.train_split, image_size, mean, std, train=not args.no_augment,
+                                  length=args.train_length, seed=args.seed)
+        val_set = build_dataset(args.data, args.val_split, image_size, mean, std, train=False,
+                                length=args.val_length, seed=args.seed + 1)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(f"--data: {error}")
+    num_classes = args.num_classes if args.num_classes is not None else _count_classes(train_set)
+    if num_classes is None:
+        parser.error(f"--data {args.data} does not say how many classes it has: give --num-classes")
+    val_classes = _count_classes(val_set)
+    if val_classes is not None and val_classes != num_classes:
+        parser.error(f"the validation split has {val_classes} classes and training {num_classes}")
+
+    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+    if checkpoint is not None and checkpoint["args"]["model"] != args.model:
+        parser.error(f"--resume {args.resume} holds a {checkpoint['args']['model']}, not a {args.model}")
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    try:
+        model = build_model(args, num_classes, load_pretrained=checkpoint is None)
+    except (ValueError, TypeError, RuntimeError) as error:
+        parser.error(f"cannot build {args.model}: {error}")
+
+    device, rank, world = _setup_device(args)
+    try:
+        return _train(args, model, train_set, val_set, device, rank, world, checkpoint)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, model: nn.Module, train_set, val_set, device: torch.device, rank: int,
+           world: int, checkpoint: dict | None) -> dict:
+    from timm.optim import create_optimizer_v2
+    from tqdm import tqdm
+
+    distributed = world > 1
+    train_loader = build_loader(train_set, args.batch_size, train=True, workers=args.workers,
+                                distributed=distributed, seed=args.seed)
+    val_loader = build_loader(val_set, args.batch_size, train=False, workers=args.workers, distributed=distributed)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global batch "
+                         f"({args.batch_size} x {world} processes)")
+
+    model.to(device)
+    # Built on the bare model: timm reads its no_weight_decay() names, and leaves 1-D parameters undecayed too.
+    optimizer = create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = warmup_cosine(optimizer, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch),
+                              args.min_lr / args.lr)
+    amp_dtype = AMP_DTYPES.get(args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    start_epoch, best_top1, row = 0, -math.inf, {}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, best_top1, row = checkpoint["epoch"], checkpoint["best_top1"], checkpoint["metrics"]
+        if rank == 0:
+            print(f"resumed from {args.resume} after epoch {start_epoch} (best val top-1 {best_top1:.2f})")
+
+    # The Quadformer's scorer has no parameters and every parameter gets a gradient (the ViT's position table is
+    # cut to what is used), so DDP need not look for unused parameters.
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if distributed else model
+    train_net = torch.compile(net) if args.compile else net
+    eval_net = torch.compile(model) if args.compile else model
+    if rank == 0:
+        args.output.mkdir(parents=True, exist_ok=True)
+        print(f"training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
+              f"{world} x {device.type}, {len(train_set)} training and {len(val_set)} validation images, "
+              f"{steps_per_epoch} steps per epoch of {args.batch_size} x {world} images")
+    saved_args = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+
+    for epoch in range(start_epoch, args.epochs):
+        started = time.perf_counter()
+        _seed_epoch(args.seed, epoch, rank)
+        train_loader.sampler.set_epoch(epoch)
+        train_net.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   disable=rank != 0 or not sys.stderr.isatty())
+        for step, (images, labels) in enumerate(bar):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with _autocast(device, amp_dtype):
+                loss = F.cross_entropy(train_net(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.grad_clip is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            loss_sum += loss.detach().double()
+            if step % 10 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}")
+        train_seconds = time.perf_counter() - started
+        train_loss = _reduce_sum(loss_sum).item() / (steps_per_epoch * world)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"epoch {epoch + 1}: the training loss is {train_loss}; no checkpoint written")
+
+        metrics = evaluate(eval_net, val_loader, device, amp_dtype)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics,
+               "images_per_s": steps_per_epoch * args.batch_size * world / train_seconds,
+               "seconds": time.perf_counter() - started}
+        is_best = metrics["val_top1"] > best_top1
+        best_top1 = max(best_top1, metrics["val_top1"])
+        if rank == 0:
+            _append_log(args.output, row)
+            _save(args.output / "last.pt", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                "best_top1": best_top1, "metrics": row, "args": saved_args})
+            if is_best:
+                shutil.copyfile(args.output / "last.pt", args.output / "best.tmp")
+                os.replace(args.output / "best.tmp", args.output / "best.pt")
+            print(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                           for key, value in row.items()) + ("  (best)" if is_best else ""), flush=True)
+
+    result = {**row, "best_val_top1": best_top1, "weights_sha256": weights_digest(model)}
+    if distributed:
+        digests = [None] * world
+        dist.all_gather_object(digests, result["weights_sha256"])
+        result["replicas_identical"] = len(set(digests)) == 1
+        if rank == 0 and not result["replicas_identical"]:
+            warnings.warn(f"the processes ended with different weights: {digests}", stacklevel=1)
+        dist.barrier()  # no process leaves (and tears down the group) while another still saves or reduces
+    if rank == 0:
+        print(f"done: best val top-1 {best_top1:.2f}, weights sha256 {result['weights_sha256'][:16]}"
+              + (f", identical on all {world} processes" if result.get("replicas_identical") else ""), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""mixres.train: a tiny Quadformer fine-tuned in-process and under torchrun (DDP with Gloo on the CPU) on an image
+folder of colour classes. It learns; its checkpoints and log rows; a resumed run computes what an uninterrupted one
+does; DDP replicas stay identical and match one process with the global batch; validation counts every image once;
+pretrained files; and the usage errors."""
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch import nn
+
+from mixres import train
+from mixres.data import ShardSampler, build_dataset, build_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+VIT = dict(depth=1, embed_dim=32, num_heads=2)
+# A 64 px Quadformer of one block: 16-32 px leaves, 7 of the 4 + 3k reachable budgets (4 to 16).
+TINY = ["--model", "quadformer_vit_tiny_patch16_224", "--img-size", "64", "--model-kwargs", json.dumps(VIT),
+        "--n-patches", "7", "--batch-size", "8", "--lr", "1e-3", "--warmup-epochs", "0.5", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    """train/: 10 noisy 64x64 PNGs per colour; val/: 5, 5, 5 and 4 (19 images: DDP shards of 10 and 9)."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", (10, 10, 10, 10)), ("val", (5, 5, 5, 4))):
+        for (name, colour), count in zip(COLOURS.items(), counts):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 25, (64, 64, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def run(data, output, *options):
+    return train.main([*TINY, "--data", str(data), "--output", str(output), *options])
+
+
+def read_log(output):
+    rows = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    with open(output / "log.csv", newline="") as file:
+        csv_rows = list(csv.DictReader(file))
+    assert [{key: float(value) for key, value in row.items()} for row in csv_rows] == rows
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ one process
+def test_a_tiny_quadformer_learns_colours_and_writes_checkpoints_and_logs(colours, tmp_path):
+    result = run(colours, tmp_path, "--epochs", "2")
+    rows = read_log(tmp_path)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert list(rows[0]) == ["epoch", "lr", "train_loss", "val_loss", "val_top1", "images_per_s", "seconds"]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"] and rows[1]["val_loss"] < rows[0]["val_loss"]
+    assert rows[1]["val_top1"] >= 50  # chance is 25
+    assert rows[1]["lr"] < rows[0]["lr"] <= 1e-3  # after the warmup, the cosine decays
+    assert {key: result[key] for key in rows[1]} == rows[1]
+    assert result["best_val_top1"] == max(row["val_top1"] for row in rows)
+
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_top1", "metrics", "args"} <= set(last)
+    assert last["epoch"] == 2 and last["args"]["model"] == "quadformer_vit_tiny_patch16_224"
+    assert last["scheduler"]["last_epoch"] == 2 * 5  # stepped per iteration: 40 images in batches of 8
+    assert all(not key.startswith("module.") for key in last["model"])  # saved unwrapped
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["metrics"]["val_top1"] == result["best_val_top1"]
+
+
+def test_a_resumed_run_computes_what_an_uninterrupted_one_does(colours, tmp_path, monkeypatch):
+    straight = run(colours, tmp_path / "straight", "--epochs", "2")
+
+    class Interrupted(Exception):
+        pass
+
+    save = train._save
+
+    def save_then_die(path, state):
+        save(path, state)
+        raise Interrupted
+
+    monkeypatch.setattr(train, "_save", save_then_die)
+    with pytest.raises(Interrupted):  # the first epoch's last.pt is written, then the run dies
+        run(colours, tmp_path / "resumed", "--epochs", "2", "--resume", "auto")  # auto: nothing yet, from scratch
+    monkeypatch.setattr(train, "_save", save)
+    resumed = run(colours, tmp_path / "resumed", "--epochs", "2", "--resume", "auto")
+
+    # The same batches in the same order, the same per-epoch seeds, and the optimizer, scheduler and weights
+    # restored bit for bit: the same floating-point operations, so the same bits.
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
+    assert a["scheduler"] == b["scheduler"] and resumed["weights_sha256"] == straight["weights_sha256"]
+    timing = ("images_per_s", "seconds")
+    strip = lambda row: {key: value for key, value in row.items() if key not in timing}  # noqa: E731
+    assert [strip(row) for row in read_log(tmp_path / "resumed")] == [strip(row)
+                                                                        for row in read_log(tmp_path / "straight")]
+
+
+def test_bf16_autocast_and_gradient_clipping_on_the_cpu(colours, tmp_path):
+    result = run(colours, tmp_path, "--epochs", "1", "--amp", "--grad-clip", "1.0", "--pos-embed", "xy")
+    assert np.isfinite(result["train_loss"]) and np.isfinite(result["val_loss"])
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["args"]["amp"] == "bf16"
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+def test_ddp_on_two_processes_keeps_replicas_identical_and_matches_one_process(colours, tmp_path):
+    options = ["--epochs", "1", "--pos-embed", "xy-learned", "--no-augment", "--data", str(colours)]
+    per_process = [*TINY, *options, "--batch-size", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "mixres.train", *per_process, "--output", str(tmp_path / "ddp")]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "identical on all 2 processes" in done.stdout  # every process's weights hashed alike
+    assert "Grad strides do not match" not in done.stderr  # DDP's buckets fit every gradient
+    assert "find_unused_parameters" not in done.stderr  # every parameter got its gradient in every step
+    (row,) = read_log(tmp_path / "ddp")
+    assert row["epoch"] == 1 and "on 2 x cpu" in done.stdout
+
+    # One process with the global batch (8) reads the same images per step: the same training, up to the order
+    # of floating-point sums (the gradient as the mean of two half-batch means).
+    single = train.main([*TINY, *options, "--batch-size", "8", "--output", str(tmp_path / "single")])
+    ddp_weights = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["model"]
+    single_weights = torch.load(tmp_path / "single" / "last.pt", weights_only=True)["model"]
+    for key, value in single_weights.items():
+        torch.testing.assert_close(ddp_weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert row["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+
+    # Validation over shards of 10 and 9 images counts each of the 19 once: the DDP row is the single-process
+    # evaluation of the DDP weights.
+    args = train.parse_args([*TINY, *options])
+    model = train.build_model(args, num_classes=4)
+    model.load_state_dict(ddp_weights)
+    val = build_dataset(colours, "val", 64, (0.5,) * 3, (0.5,) * 3, train=False)
+    metrics = train.evaluate(model, build_loader(val, 8, train=False), torch.device("cpu"))
+    assert metrics["val_top1"] == pytest.approx(row["val_top1"])
+    assert metrics["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
+
+
+def test_evaluation_shards_cover_each_item_once_and_metrics_are_exact():
+    for world in (1, 2, 3):
+        shards = [list(ShardSampler(range(7), world, rank)) for rank in range(world)]
+        assert sorted(sum(shards, [])) == list(range(7)) and [len(s) for s in shards] == [len(range(r, 7, world))
+                                                                                        for r in range(world)]
+    logits = torch.randn(7, 6, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0])
+
+    class Lookup(nn.Module):  # "images" are item indices, and the logits are given
+        def forward(self, index):
+            return logits[index]
+
+    loader = torch.utils.data.DataLoader(list(zip(range(7), labels.tolist())), batch_size=3)
+    metrics = train.evaluate(Lookup(), loader, torch.device("cpu"))
+    top5 = logits.topk(5, dim=1).indices
+    assert metrics["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+    assert metrics["val_top1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+    assert metrics["val_top5"] == pytest.approx(100 * (top5 == labels[:, None]).any(1).float().mean().item())
+
+
+# ------------------------------------------------------------------------------------------- pretrained
+@pytest.mark.parametrize("num_classes", [4, 10])
+def test_a_plain_vit_file_starts_a_quadformer_with_a_new_head_where_the_classes_differ(tmp_path, num_classes):
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=4, **VIT)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    args = train.parse_args([*TINY, "--data", "unused", "--pretrained-file", str(tmp_path / "vit.pth")])
+    model = train.build_model(args, num_classes=num_classes)
+    for name, value in vit.state_dict().items():
+        if name.startswith("head.") and num_classes != 4:
+            assert model.vit.state_dict()[name].shape[0] == num_classes
+        else:
+            assert torch.equal(model.vit.state_dict()[name], value), name
+
+
+def test_a_quadformer_checkpoint_file_starts_a_quadformer_whole(tmp_path):
+    args = train.parse_args([*TINY, "--data", "unused", "--pos-embed", "xy-learned"])
+    torch.manual_seed(1)
+    source = train.build_model(args, num_classes=4)
+    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "last.pt")  # as this script saves them
+    args = train.parse_args([*TINY, "--data", "unused", "--pos-embed", "xy-learned",
+                             "--pretrained-file", str(tmp_path / "last.pt")])
+    model = train.build_model(args, num_classes=4)
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert model.xy_embed is not None
+
+
+# ----------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("options, message", [
+    (["--data", "{tmp}/nowhere"], "neither a folder"),
+    (["--data", "{colours}", "--n-patches", "8"], "n_patches=8 is unreachable .* nearest valid: 7 or 10"),
+    (["--data", "{colours}", "--resume", "{tmp}/missing.pt"], "no such checkpoint"),
+    (["--data", "{colours}", "--pretrained-file", "{tmp}/missing.pth"], "no such file"),
+    (["--data", "{colours}", "--model", "vit_tiny_patch16_224"], "--n-patches configure a Quadformer"),
+    (["--data", "{colours}", "--model", "no_such_model"], "unknown timm model 'no_such_model'"),
+    (["--data", "{colours}", "--amp", "fp16", "--device", "cpu"], "fp16 is for CUDA"),
+    (["--data", "{colours}", "--model-kwargs", "[1]"], "expected a JSON object"),
+])
+def test_bad_options_exit_with_a_usage_error(colours, tmp_path, capsys, options, message):
+    options = [option.format(tmp=tmp_path, colours=colours) for option in options]
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*TINY, "--output", str(tmp_path / "out"), *options])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("python -m mixres.train: error:")
+    assert re.search(message, error), error
