@@ -30,7 +30,8 @@ def leaf_table_embed(table: Tensor, boxes: Tensor, min_patch_size: int, max_patc
     rows, cols, dim = table.shape
     grid = table.permute(2, 0, 1).unsqueeze(0)  # [1, D, gh, gw]
     pooled, offsets, offset, cells = [], {}, 0, 1
-    while cells * min_patch_size <= max_patch_size:
+    # No leaf spans more cells than the table has (a table coarser than the model's: the uniform-grid baseline).
+    while cells * min_patch_size <= max_patch_size and cells <= min(rows, cols):
         level = grid if cells == 1 else F.avg_pool2d(grid, cells)
         pooled.append(level.flatten(2)[0].T)  # [gh/k * gw/k, D]
         offsets[cells] = offset

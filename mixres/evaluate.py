@@ -1,0 +1,494 @@
+"""A budget sweep: top-1, MACs and throughput of a Quadformer at several token budgets, against the uniform grid.
+
+    python -m mixres.evaluate --model quadformer_vit_base_patch16_224 --pretrained-file vit_b16.pth \\
+        --data /data/imagenet --budgets 49,64,100,145,196 --output out/eval
+
+For each budget N, two rows: the Quadformer at N leaves, and the uniform-grid baseline from the same ViT weights at
+about N tokens (the image resized to g x g patches, g = round(sqrt(N)), the position table resampled: see
+:class:`mixres.models.UniformGrid`). Each row holds top-1 (and top-5 with at least 5 classes), GMACs per image
+(the scorer's share apart), and the images/s and microseconds per image of the whole forward (scorer, tokenize,
+ViT) on the device. Writes ``budgets.csv``, ``budgets.json`` and ``budgets.png`` (accuracy and throughput against
+the number of tokens; needs matplotlib) to ``--output``, and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset, Subset
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from tqdm import tqdm
+
+from .data import SMALL_OBJECTS, build_dataset, build_loader
+from .pyramid import QuadtreeGeometry
+from .scorers import SCORERS
+
+__all__ = ["evaluate_budgets", "count_macs", "default_budgets", "parse_budgets", "load_weights", "read_state_dict",
+           "write_results", "plot_budgets", "format_table", "main", "COLUMNS", "MACS_NOTE"]
+
+MACS_NOTE = ("GMACs per image from torch.utils.flop_counter.FlopCounterMode (MACs = FLOPs / 2): matmuls, linear "
+             "layers, convolutions and attention, the scorer included (its share is shown apart). Not counted: "
+             "normalisations, activations, pooling, image resizing and mixres's tokenize ops (quadtree, leaf "
+             "resize, position gathering), which are data movement.")
+COLUMNS = ("method", "budget", "n_patches", "grid", "image_size", "top1", "top5", "gmacs", "scorer_gmacs",
+           "images_per_s", "us_per_image", "n_images", "batch_size", "amp", "scorer", "device", "device_name",
+           "torch")
+# The prefixes of timm's dataset factory (timm.data.create_dataset): any other name is taken for a folder.
+_TIMM_DATASET_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")
+# GradCAM needs a classifier and Precomputed a saliency map: neither can be given on the command line.
+_CLI_SCORERS = [name for name in SCORERS if name not in ("gradcam", "precomputed")]
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# On the CPU, F.scaled_dot_product_attention (timm's attention) runs an op that FlopCounterMode has no formula
+# for, so the attention matmuls would go uncounted there and not on CUDA: count it as the other SDPA kernels are.
+_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+def count_macs(fn: Callable[[], object]) -> int:
+    """Multiply-accumulates of ``fn()`` as :class:`torch.utils.flop_counter.FlopCounterMode` counts them
+    (FLOPs / 2): matmuls, linear layers, convolutions and attention, on any device. See :data:`MACS_NOTE`."""
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def default_budgets(geometry: QuadtreeGeometry, count: int = 5) -> list[int]:
+    """``count`` valid budgets evenly spread from the fewest leaves (the root grid) to the most (the full grid)."""
+    valid = geometry.valid_n_patches()
+    if len(valid) <= count:
+        return valid
+    return sorted({valid[round(i * (len(valid) - 1) / (count - 1))] for i in range(count)})
+
+
+def parse_budgets(text: str, geometry: QuadtreeGeometry) -> list[int]:
+    """``"49,64,100"`` -> ``[49, 64, 100]``, each checked against the geometry: a ``ValueError`` names the nearest
+    valid budgets of an unreachable one."""
+    try:
+        budgets = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"budgets must be comma-separated integers such as 49,64,100, got {text!r}") from None
+    if not budgets:
+        raise ValueError("no budget given")
+    for budget in budgets:
+        geometry.check_n_patches(budget)
+    return budgets
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds_per_batch(forward: Callable[[Tensor], Tensor], images: Tensor, device: torch.device, warmup: int,
+                       repeats: int) -> float:
+    """The median time of ``forward(images)`` over ``repeats`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        forward(images)
+    _synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward(images)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: str | torch.device = "cpu", *,
+                     limit: int | None = None, amp: bool = False, warmup: int = 2, timed_batches: int = 5,
+                     progress: bool = True) -> list[dict]:
+    """Top-1/top-5, GMACs and throughput of a Quadformer at each budget and of its uniform-grid baseline.
+
+    One pass over the data evaluates every configuration on each batch. MACs are counted on one image
+    (:func:`count_macs`); the throughput is timed on the first batch, after ``warmup`` untimed calls, as the median
+    of ``timed_batches`` calls of the whole forward (scorer, tokenize and ViT; for the uniform grid, resize and
+    ViT), synchronising on CUDA.
+
+    Args:
+        model: a :class:`mixres.models.Quadformer`; it is moved to ``device`` and put in eval mode. The baseline
+            is a :class:`mixres.models.UniformGrid` on it, sharing its ViT.
+        loader: batches of ``(images [B, C, H, W] normalised for the model, labels [B])`` at the model's image size.
+        budgets: leaves per image, each valid for the model's geometry (``model.geometry.valid_n_patches()``).
+            The uniform grid of each is :func:`mixres.models.grid_for_budget`'s.
+        device: where to run.
+        limit: stop after this many images (the first ones of the loader).
+        amp: run under ``torch.autocast`` (bfloat16; float16 on GPUs without bfloat16).
+        warmup, timed_batches: untimed and timed calls of the throughput measurement.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        One dict per (budget, method), budgets in the given order, the Quadformer first: the :data:`COLUMNS`
+        (``top5`` is None with fewer than 5 classes; ``scorer_gmacs`` is 0 for the uniform grid).
+    """
+    from .models import UniformGrid, grid_for_budget
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    for budget in budgets:
+        model.geometry.check_n_patches(budget)
+    uniform = UniformGrid(model)
+    height, width, side = model.geometry.height, model.geometry.width, model.min_patch_size
+    scorer_name = type(model.scorer).__name__
+
+    configs = []
+    for budget in budgets:
+        configs.append(dict(method="quadformer", budget=budget, n_patches=budget, grid="",
+                            image_size=f"{height}x{width}", scorer=scorer_name,
+                            forward=lambda images, n=budget: model(images, n_patches=n)))
+        rows, cols = grid_for_budget(budget, (height, width))
+        configs.append(dict(method="uniform", budget=budget, n_patches=rows * cols, grid=f"{rows}x{cols}",
+                            image_size=f"{rows * side}x{cols * side}", scorer="",
+                            forward=lambda images, g=(rows, cols): uniform(images, g)))
+
+    top_k = (1, 5) if model.num_classes >= 5 else (1,)
+    correct = [dict.fromkeys(top_k, 0) for _ in configs]
+    seen, first = 0, None
+    with tqdm(loader, desc=f"{len(configs)} configurations", unit="batch", disable=not progress) as batches, \
+            torch.no_grad(), _autocast(device, amp):
+        for images, labels in batches:
+            if limit is not None:
+                images, labels = images[:limit - seen], labels[:limit - seen]
+            images = images.to(device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(device, non_blocking=True)
+            if first is None:
+                first = images
+            for config, hits in zip(configs, correct):
+                predicted = config["forward"](images).topk(max(top_k), dim=1).indices
+                for k in top_k:
+                    hits[k] += int((predicted[:, :k] == labels[:, None]).any(dim=1).sum())
+            seen += images.shape[0]
+            if limit is not None and seen >= limit:
+                break
+    if first is None:
+        raise ValueError("the loader gave no images")
+
+    one = first[:1]
+    raw = one * model.input_std.to(one.dtype) + model.input_mean.to(one.dtype)  # what Quadformer.tokenize scores
+    with torch.no_grad():
+        scorer_macs = count_macs(lambda: model.scorer(raw))
+    name, results = device_name(device), []
+    for config, hits in zip(configs, correct):
+        forward = config.pop("forward")
+        with torch.no_grad():
+            macs = count_macs(lambda: forward(one))
+        with torch.no_grad(), _autocast(device, amp):
+            seconds = _seconds_per_batch(forward, first, device, warmup, timed_batches)
+        results.append({
+            **config,
+            "top1": hits[1] / seen,
+            "top5": hits[5] / seen if 5 in hits else None,
+            "gmacs": macs / 1e9,
+            "scorer_gmacs": scorer_macs / 1e9 if config["method"] == "quadformer" else 0.0,
+            "images_per_s": first.shape[0] / seconds,
+            "us_per_image": seconds / first.shape[0] * 1e6,
+            "n_images": seen,
+            "batch_size": first.shape[0],
+            "amp": amp,
+            "device": str(device),
+            "device_name": name,
+            "torch": torch.__version__,
+        })
+    return [{column: row[column] for column in COLUMNS} for row in results]
+
+
+# ------------------------------------------------------------------------------------------------------- outputs
+def format_table(rows: Sequence[dict]) -> str:
+    """The rows as a fixed-width text table."""
+    lines = [f"{'method':<11}{'budget':>7}{'tokens':>7}{'grid':>7}{'top-1':>8}{'top-5':>8}{'GMACs':>9}"
+             f"{'scorer':>9}{'images/s':>11}{'us/image':>10}"]
+    for row in rows:
+        top5 = f"{100 * row['top5']:7.2f}%" if row["top5"] is not None else f"{'-':>8}"
+        lines.append(f"{row['method']:<11}{row['budget']:>7}{row['n_patches']:>7}{row['grid'] or '-':>7}"
+                     f"{100 * row['top1']:7.2f}%{top5}{row['gmacs']:9.4g}{row['scorer_gmacs']:9.4g}"
+                     f"{row['images_per_s']:11.1f}{row['us_per_image']:10.1f}")
+    return "\n".join(lines)
+
+
+def plot_budgets(rows: Sequence[dict], path: str | Path, title: str = "") -> Path | None:
+    """Draws ``path``: top-1 against the number of tokens and images/s against it, one line per method. Returns
+    None (and says how to install it) when matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f"matplotlib is not installed, so {Path(path).name} is not drawn: pip install matplotlib")
+        return None
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    accuracy, speed = figure.subplots(1, 2)
+    for method, style in (("quadformer", "o-"), ("uniform", "s--")):
+        points = sorted((row["n_patches"], row["top1"], row["images_per_s"]) for row in rows
+                        if row["method"] == method)
+        if points:
+            tokens, top1, rate = zip(*points)
+            accuracy.plot(tokens, [100 * value for value in top1], style, label=method)
+            speed.plot(tokens, rate, style, label=method)
+    for axes, label in ((accuracy, "top-1 (%)"), (speed, "images/s")):
+        axes.set_xlabel("tokens per image")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    if title:
+        figure.suptitle(title)
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def write_results(rows: Sequence[dict], output: str | Path, config: dict | None = None,
+                  title: str = "") -> dict[str, Path | None]:
+    """Writes ``budgets.csv`` (the rows), ``budgets.json`` (``{"config", "macs_note", "rows"}``) and
+    ``budgets.png`` (:func:`plot_budgets`) to the folder ``output``; returns their paths (png None when not
+    drawn)."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": output / "budgets.csv", "json": output / "budgets.json"}
+    with paths["csv"].open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["json"].write_text(json.dumps({"config": config or {}, "macs_note": MACS_NOTE, "rows": list(rows)},
+                                        indent=2) + "\n")
+    paths["png"] = plot_budgets(rows, output / "budgets.png", title)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from a ``.safetensors`` or ``torch.save`` file: bare, or a training checkpoint holding it under
+    ``"model"`` or ``"state_dict"``; the prefixes of DDP (``module.``) and torch.compile (``_orig_mod.``) are
+    removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
+        raise ValueError(f"{path} holds no state dict (a dict of tensors, or a checkpoint with one under 'model' "
+                         f"or 'state_dict')")
+    return {key.removeprefix("module.").removeprefix("_orig_mod."): value for key, value in state.items()}
+
+
+def load_weights(model, path: str | Path, pretrained: bool = False) -> None:
+    """Loads a plain timm ViT's state dict, or a Quadformer's, from ``path`` (see :func:`read_state_dict`) into a
+    Quadformer (plain ViT keys go under ``vit.``, the position table is adapted: ``Quadformer.load_state_dict``).
+
+    Every weight must match, except with ``pretrained``: then a classifier of another number of classes, and
+    learned xy position tables the file lacks, are left at their initialisation, with a warning.
+    """
+    state = read_state_dict(path)
+    if not pretrained:
+        model.load_state_dict(state)
+        return
+    own = model.state_dict()
+    head = [key for key in state if key.removeprefix("vit.").startswith("head.")
+            and state[key].shape != own.get("vit." + key.removeprefix("vit."), state[key]).shape]
+    for key in head:
+        del state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new = [key for key in missing if key.startswith(("vit.head.", "xy_embed."))]
+    if unexpected or len(new) != len(missing):
+        raise RuntimeError(f"{path} does not fit the model: missing {sorted(set(missing) - set(new))}, unexpected "
+                           f"{sorted(unexpected)}")
+    if new:
+        warnings.warn(f"{path}: {', '.join(new)} left at their random initialisation (the file has none of this "
+                      f"shape): the accuracy means nothing until they are trained", stacklevel=2)
+
+
+def build_model(args: argparse.Namespace):
+    """The Quadformer the command line asks for: the timm ViT named by ``--model`` (``quadformer_`` prefix or not),
+    wrapped, then the weights of ``--pretrained-file`` and ``--checkpoint``."""
+    import timm
+
+    from .models import Quadformer
+    from .models.quadformer import _check_vit
+
+    kwargs = dict(args.model_kwargs)
+    for key in ("num_classes", "img_size"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    vit = timm.create_model(args.model.removeprefix("quadformer_"), pretrained=False, **kwargs)
+    patch_size, _, (height, width) = _check_vit(vit)
+    side = args.min_patch_size or patch_size
+    model = Quadformer(vit, n_patches=(height // side) * (width // side), scorer=args.scorer,
+                       min_patch_size=args.min_patch_size, max_patch_size=args.max_patch_size,
+                       pos_embed=args.pos_embed, scorer_kwargs=args.scorer_kwargs)
+    if args.pretrained_file is not None:
+        load_weights(model, args.pretrained_file, pretrained=True)
+    if args.checkpoint is not None:
+        load_weights(model, args.checkpoint)
+    return model
+
+
+def _check_data_source(source: str) -> None:
+    """A clear error for a ``--data`` that is no folder, nor small-objects, nor a name for timm's dataset factory
+    (whose folder reader would otherwise read ``$MIXRES_DATA`` instead)."""
+    if source == SMALL_OBJECTS or Path(source).is_dir():
+        return
+    prefix, slash, _ = source.partition("/")
+    if slash and prefix.lower() in _TIMM_DATASET_PREFIXES:
+        return
+    raise ValueError(f"--data {source!r}: no such folder. Give a folder of class sub-folders (or one holding the "
+                     f"split as such a folder), {SMALL_OBJECTS!r}, or a timm dataset name such as 'torch/cifar10'")
+
+
+def _evenly_spaced(dataset, limit: int):
+    """At most ``limit`` items spread over the whole dataset: a folder sorted by class gives every class."""
+    if limit >= len(dataset):
+        return dataset
+    return Subset(dataset, [round(i * (len(dataset) - 1) / max(limit - 1, 1)) for i in range(limit)])
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"depth\": 2}}', got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mixres.evaluate", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True,
+                       help="timm ViT name, with or without the quadformer_ prefix (quadformer_vit_base_patch16_224)")
+    model.add_argument("--pretrained-file", type=Path, default=None,
+                       help="the ViT's weights (.pth or .safetensors): a plain timm ViT state dict, a Quadformer's, or "
+                            "a training checkpoint holding one under 'model'. A classifier of another class count "
+                            "is left random, with a warning")
+    model.add_argument("--checkpoint", type=Path, default=None,
+                       help="a trained Quadformer's weights (the same forms), loaded last; every weight must match")
+    model.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: timm's)")
+    model.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    model.add_argument("--model-kwargs", type=_json_dict, default={},
+                       help="more timm.create_model arguments, as JSON: '{\"depth\": 2, \"embed_dim\": 64}'")
+    model.add_argument("--scorer", default="pixel-blur", choices=_CLI_SCORERS, help="the Quadformer's scorer")
+    model.add_argument("--scorer-kwargs", type=_json_dict, default={},
+                       help="the scorer's arguments, as JSON: '{\"weights\": \"shufflenet.pth\"}' for feature")
+    model.add_argument("--pos-embed", default="resample", choices=["resample", "xy", "xy-learned"],
+                       help="the Quadformer's position embedding")
+    model.add_argument("--min-patch-size", type=int, default=None, help="smallest leaf (default: the ViT's patch)")
+    model.add_argument("--max-patch-size", type=int, default=None,
+                       help="largest leaf (default: 4, 2 or 1 times the smallest, the first that divides the image)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True,
+                      help=f"a folder of class sub-folders (or of split folders), {SMALL_OBJECTS!r}, or a timm "
+                           f"dataset name (torch/cifar10, read under $MIXRES_DATA)")
+    data.add_argument("--split", default="val", help="the split to evaluate")
+    data.add_argument("--val-length", type=int, default=None, help="images of a generated split (small-objects)")
+    data.add_argument("--batch-size", type=int, default=64, help="batch size, also of the throughput timing")
+    data.add_argument("--limit", type=int, default=None,
+                      help="evaluate at most this many images, spread evenly over the dataset")
+    data.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    run = parser.add_argument_group("run")
+    run.add_argument("--budgets", default=None,
+                     help="comma-separated leaf budgets, e.g. 49,64,100,145,196 (default: 5 valid ones from the "
+                          "fewest to the most)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    run.add_argument("--amp", action="store_true", help="autocast to bfloat16 (float16 where not supported)")
+    run.add_argument("--warmup", type=int, default=2, help="untimed forward calls before timing")
+    run.add_argument("--timed-batches", type=int, default=5, help="timed forward calls (the median is reported)")
+    run.add_argument("--seed", type=int, default=0, help="seed of random initialisations (random scorer weights)")
+    run.add_argument("--output", type=Path, default=Path("out/eval"), help="folder for budgets.csv, .json, .png")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Runs the sweep (see the module docstring) and returns its rows. Bad options exit with status 2 and a
+    message naming the problem."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "limit", "timed_batches", "val_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.warmup < 0 or args.workers < 0:
+        parser.error("--warmup and --workers must be at least 0")
+
+    torch.manual_seed(args.seed)
+    try:
+        device = torch.device(args.device)
+        model = build_model(args)
+        geometry = model.geometry
+        budgets = parse_budgets(args.budgets, geometry) if args.budgets else default_budgets(geometry)
+        _check_data_source(args.data)
+        dataset = build_dataset(args.data, args.split, (geometry.height, geometry.width),
+                                model.input_mean.flatten().tolist(), model.input_std.flatten().tolist(),
+                                train=False, length=args.val_length, seed=args.seed)
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
+        parser.error(str(error))
+    classes = getattr(dataset, "classes", None)
+    if classes is not None and len(classes) > model.num_classes:
+        warnings.warn(f"the data has {len(classes)} classes but the model {model.num_classes}: set --num-classes",
+                      stacklevel=2)
+    if args.limit is not None and not isinstance(dataset, IterableDataset):
+        dataset = _evenly_spaced(dataset, args.limit)
+    loader = build_loader(dataset, args.batch_size, train=False, workers=args.workers)
+
+    print(f"{args.model}: {type(model.scorer).__name__} scorer, {model.min_patch_size}-{model.max_patch_size} px "
+          f"leaves, pos_embed={model.pos_embed_kind}, {geometry.height}x{geometry.width} images; budgets "
+          f"{', '.join(map(str, budgets))}; on {device} ({device_name(device)}), torch {torch.__version__}"
+          f"{', autocast' if args.amp else ''}")
+    rows = evaluate_budgets(model, loader, budgets, device, limit=args.limit, amp=args.amp, warmup=args.warmup,
+                            timed_batches=args.timed_batches)
+    config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    config.update(budgets=budgets, scorer_class=type(model.scorer).__name__, min_patch_size=model.min_patch_size,
+                  max_patch_size=model.max_patch_size, image_size=[geometry.height, geometry.width])
+    paths = write_results(rows, args.output, config,
+                          title=f"{args.model}, {type(model.scorer).__name__} scorer, {rows[0]['device_name']}")
+    print(format_table(rows))
+    print(MACS_NOTE)
+    print(f"images/s and us/image: the whole forward (scorer, tokenize, ViT) on batches of {rows[0]['batch_size']}, "
+          f"median of {args.timed_batches} after {args.warmup} warm-up calls; top-1 over {rows[0]['n_images']} "
+          f"images")
+    print("Wrote " + ", ".join(str(path) for path in paths.values() if path is not None))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""mixres.evaluate and the uniform-grid baseline: the baseline is timm's own ViT on the resized images; a budget
+sweep over a generated image folder (rows, accuracy, MACs against a hand count, files); checkpoints; the errors."""
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import DataLoader, TensorDataset
+
+from mixres import evaluate
+from mixres.models import Quadformer, UniformGrid, grid_for_budget
+from mixres.pyramid import QuadtreeGeometry
+from mixres.scorers import FeatureBased
+
+CONFIG = dict(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+# The same ViT for the command line: timm's vit_tiny at 64 px, 32 wide, one block.
+CLI_MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--num-classes", "5",
+             "--model-kwargs", json.dumps(dict(embed_dim=32, depth=1, num_heads=2))]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Models this small gain nothing from threads, and on a busy machine each parallel region can wait a tick.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """5 classes of 2 random 64 x 64 PNG images each, in torchvision's ImageFolder layout."""
+    root = tmp_path_factory.mktemp("images")
+    generator = torch.Generator().manual_seed(0)
+    for label in range(5):
+        (root / f"class{label}").mkdir()
+        for index in range(2):
+            pixels = torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / f"class{label}" / f"{index}.png")
+    return root
+
+
+def tiny_vit(seed=0, **overrides):
+    torch.manual_seed(seed)
+    vit = VisionTransformer(**{**CONFIG, **overrides}).eval()
+    with torch.no_grad():  # timm zero-initialises these; random values make the comparisons meaningful
+        for token in (vit.pos_embed, vit.cls_token, vit.reg_token):
+            if token is not None:
+                token.normal_(std=0.5)
+    return vit
+
+
+def vit_macs(n_tokens, dim=32, classes=5):
+    """MACs per image of CONFIG's one-block ViT, by hand: the patch embedding (3 x 16 x 16 -> dim per token), then
+    on the tokens and the class token: qkv (3 dim^2), attention (QK^T and AV: 2 T^2 dim), projection (dim^2), MLP
+    (2 x 4 dim^2); the head on the class token."""
+    tokens = n_tokens + 1
+    return n_tokens * 3 * 16 * 16 * dim + tokens * 12 * dim * dim + 2 * tokens * tokens * dim + dim * classes
+
+
+# ------------------------------------------------------------------------------------------ the uniform grid
+@pytest.mark.parametrize("variant, grids", [
+    (dict(), [1, 2, 3, 4, 5]),
+    (dict(reg_tokens=2, no_embed_class=True), [3]),
+    (dict(img_size=(64, 128)), [(2, 3), (4, 8)]),
+])
+def test_the_uniform_grid_is_timms_vit_on_the_resized_images(variant, grids):
+    vit = tiny_vit(**variant)
+    dynamic = VisionTransformer(**{**CONFIG, **variant}, dynamic_img_size=True).eval()
+    dynamic.load_state_dict(vit.state_dict())
+    height, width = vit.patch_embed.img_size
+    quadformer = Quadformer(vit, n_patches=(height // 16) * (width // 16), scorer="pixel-blur")
+    images = torch.randn(2, 3, height, width)
+    with torch.no_grad():
+        for baseline in (UniformGrid(vit), UniformGrid(quadformer)):
+            assert baseline.vit is vit  # shared, not copied
+            assert {p.data_ptr() for p in baseline.parameters()} == {p.data_ptr() for p in vit.parameters()}
+            torch.testing.assert_close(baseline(images), vit(images), rtol=1e-5, atol=1e-5)  # the full grid
+            for grid in grids:
+                rows, cols = (grid, grid) if isinstance(grid, int) else grid
+                resized = F.interpolate(images, size=(16 * rows, 16 * cols), mode="bilinear", align_corners=False,
+                                        antialias=True)
+                torch.testing.assert_close(baseline(images, grid), dynamic(resized), rtol=1e-5, atol=1e-5)
+
+
+def test_grid_for_budget_is_the_closest_grid_with_the_images_aspect():
+    assert [grid_for_budget(n, (224, 224)) for n in (49, 52, 64, 100, 145, 196)] == \
+        [(7, 7), (7, 7), (8, 8), (10, 10), (12, 12), (14, 14)]
+    assert grid_for_budget(100, (256, 384)) == (8, 12)
+    assert grid_for_budget(8, (64, 128)) == (2, 4) and grid_for_budget(1, (64, 128)) == (1, 2)
+    assert grid_for_budget(24, (384, 256)) == (6, 4)
+    with pytest.raises(ValueError, match="positive int"):
+        grid_for_budget(0, (224, 224))
+
+
+def test_with_xy_positions_each_token_sits_where_its_region_lies_in_the_image():
+    # The 2 x 2 grid of a 64 px image covers the same regions as the Quadformer's four 32 px roots.
+    model = Quadformer(tiny_vit(), n_patches=4, scorer="uniform", max_patch_size=32, pos_embed="xy")
+    images = torch.randn(2, 3, 64, 64)
+    grid, roots = UniformGrid(model).tokenize(images, 2), model.tokenize(images)
+    torch.testing.assert_close(grid.centers, roots.centers)
+    assert grid.image_size == (64, 64) and grid.tokens.shape == (2, 4, 3, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------------- the sweep
+def test_a_sweep_over_an_image_folder(image_folder, tmp_path, capsys):
+    output = tmp_path / "eval"
+    rows = evaluate.main([*CLI_MODEL, "--data", str(image_folder), "--budgets", "1,4,7,16", "--batch-size", "4",
+                          "--limit", "8", "--workers", "0", "--warmup", "1", "--timed-batches", "2",
+                          "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert "Not counted" in printed and "images/s" in printed and "uniform" in printed
+
+    assert [(row["budget"], row["method"]) for row in rows] == \
+        [(n, method) for n in (1, 4, 7, 16) for method in ("quadformer", "uniform")]
+    for method, tokens in (("quadformer", [1, 4, 7, 16]), ("uniform", [1, 4, 9, 16])):
+        mine = [row for row in rows if row["method"] == method]
+        assert [row["n_patches"] for row in mine] == tokens
+        # Pixel-blur is one custom op: no MACs of its own. The rest is the ViT, counted exactly.
+        assert [row["gmacs"] for row in mine] == pytest.approx([vit_macs(n) / 1e9 for n in tokens], rel=1e-12)
+        assert all(row["scorer_gmacs"] == 0 for row in mine)
+    assert [row["grid"] for row in rows if row["method"] == "uniform"] == ["1x1", "2x2", "3x3", "4x4"]
+    for row in rows:
+        assert 0 <= row["top1"] <= row["top5"] <= 1 and row["n_images"] == 8 and row["batch_size"] == 4
+        assert row["images_per_s"] > 0 and row["us_per_image"] == pytest.approx(1e6 / row["images_per_s"])
+        assert row["device"] == "cpu" and row["torch"] == torch.__version__
+    full = {row["method"]: row for row in rows if row["budget"] == 16}
+    assert full["quadformer"]["top1"] == full["uniform"]["top1"]  # both are the plain ViT there
+
+    with (output / "budgets.csv").open() as file:
+        table = list(csv.DictReader(file))
+    assert len(table) == 8 and list(table[0]) == list(evaluate.COLUMNS) and table[3]["grid"] == "2x2"
+    saved = json.loads((output / "budgets.json").read_text())
+    assert saved["rows"] == rows and saved["config"]["budgets"] == [1, 4, 7, 16] and "FLOPs / 2" in saved["macs_note"]
+    with Image.open(output / "budgets.png") as figure:
+        assert figure.format == "PNG" and figure.width > figure.height
+
+
+def test_the_scorers_macs_are_counted_apart():
+    with pytest.warns(UserWarning, match="random"):
+        scorer = FeatureBased(min_patch_size=16, max_patch_size=64, random_init=True)
+    model = Quadformer(tiny_vit(num_classes=3), n_patches=16, scorer=scorer)
+    data = TensorDataset(torch.randn(6, 3, 64, 64), torch.randint(0, 3, (6,)))
+    rows = evaluate.evaluate_budgets(model, DataLoader(data, batch_size=4), [4, 16], "cpu", warmup=0,
+                                     timed_batches=1, progress=False)
+    quadformer, uniform = (row for row in rows if row["budget"] == 4)
+    assert quadformer["scorer_gmacs"] > 0 and uniform["scorer_gmacs"] == 0
+    assert quadformer["gmacs"] - quadformer["scorer_gmacs"] == pytest.approx(vit_macs(4, classes=3) / 1e9)
+    assert uniform["gmacs"] == pytest.approx(vit_macs(4, classes=3) / 1e9, rel=1e-12)
+    assert all(row["top5"] is None and row["n_images"] == 6 for row in rows)  # fewer than 5 classes
+
+
+def test_default_budgets_span_the_range():
+    assert evaluate.default_budgets(QuadtreeGeometry(224, 224, 16, 32)) == [49, 85, 121, 160, 196]
+    assert evaluate.default_budgets(QuadtreeGeometry(64, 64, 16, 64)) == [1, 4, 7, 13, 16]
+    assert evaluate.default_budgets(QuadtreeGeometry(64, 64, 16, 32)) == [4, 7, 10, 13, 16]  # all there are
+
+
+def test_weights_from_a_plain_vit_a_quadformer_or_a_training_checkpoint(tmp_path):
+    source = tiny_vit(seed=1)
+    trained = Quadformer(source, n_patches=16)
+    torch.save(source.state_dict(), tmp_path / "vit.pth")
+    torch.save({"model": trained.state_dict(), "epoch": 3}, tmp_path / "train.pth")
+    for name in ("vit.pth", "train.pth"):
+        model = Quadformer(tiny_vit(seed=2), n_patches=16)
+        evaluate.load_weights(model, tmp_path / name)
+        for key, value in trained.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), (name, key)
+
+    other_classes = Quadformer(tiny_vit(seed=2, num_classes=3), n_patches=16)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        evaluate.load_weights(other_classes, tmp_path / "train.pth")
+    with pytest.warns(UserWarning, match="vit.head.weight, vit.head.bias left at their random initialisation"):
+        evaluate.load_weights(other_classes, tmp_path / "vit.pth", pretrained=True)
+    assert torch.equal(other_classes.vit.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_hint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    row = dict.fromkeys(evaluate.COLUMNS, 0)
+    paths = evaluate.write_results([row], tmp_path)
+    assert paths["png"] is None and paths["csv"].is_file() and not (tmp_path / "budgets.png").exists()
+    assert "pip install matplotlib" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("options, message", [
+    (["--budgets", "1,5"], r"n_patches=5 is unreachable.*nearest valid: 4 or 7"),
+    (["--budgets", "4,many"], "comma-separated integers"),
+    (["--data", "no/such/folder"], "no such folder"),
+    (["--model-kwargs", "{depth: 1}"], "not JSON"),
+    (["--pretrained-file", "missing.pth"], "no such file"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_bad_options_exit_with_a_clear_message(image_folder, tmp_path, capsys, options, message):
+    argv = [*CLI_MODEL, "--data", str(image_folder), "--workers", "0", "--output", str(tmp_path), *options]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_command_exits_non_zero(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mixres.evaluate", *CLI_MODEL, "--data", str(tmp_path / "none"),
+                             "--output", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 2 and "no such folder" in result.stderr
