@@ -2,7 +2,7 @@
 
 >>> mosaic = mixres.tokenize(images, scores, n_patches=100)   # tokens [B, N, C, 16, 16], boxes, centers
 """
-from . import ops, reference, scorers, viz
+from . import datasets, ops, reference, scorers, viz
 from .mosaic import Mosaic, tokenize
 from .pyramid import QuadtreeGeometry, pack_pyramid, saliency_to_pyramid, valid_n_patches
 from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Precomputed, Random, Uniform, create_scorer
@@ -10,4 +10,4 @@ from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Precomputed, Ran
 __version__ = "0.1.0"
 __all__ = ["Mosaic", "tokenize", "valid_n_patches", "QuadtreeGeometry", "pack_pyramid", "saliency_to_pyramid",
            "PixelBlur", "FeatureBased", "GradCAM", "Entropy", "Random", "Uniform", "Precomputed", "create_scorer",
-           "ops", "reference", "scorers", "viz"]
+           "datasets", "ops", "reference", "scorers", "viz"]
