@@ -2,7 +2,7 @@
 
 >>> mosaic = mixres.tokenize(images, scores, n_patches=100)   # tokens [B, N, C, 16, 16], boxes, centers
 """
-from . import ops, reference, scorers, viz
+from . import datasets, ops, reference, scorers, viz
 from .mosaic import Mosaic, tokenize
 from .pyramid import QuadtreeGeometry, pack_pyramid, saliency_to_pyramid, valid_n_patches
 from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Precomputed, Random, Uniform, create_scorer
@@ -22,4 +22,4 @@ def __getattr__(name: str):
 
 __all__ = ["Mosaic", "tokenize", "valid_n_patches", "QuadtreeGeometry", "pack_pyramid", "saliency_to_pyramid",
            "PixelBlur", "FeatureBased", "GradCAM", "Entropy", "Random", "Uniform", "Precomputed", "create_scorer",
-           "models", "ops", "reference", "scorers", "viz"]
+           "datasets", "models", "ops", "reference", "scorers", "viz"]
