@@ -68,14 +68,18 @@ def build_dataset(source: str | os.PathLike, split: str, image_size: int | tuple
 
     transform = create_transform(input_size=(3, *size), is_training=train, mean=mean, std=std,
                                  crop_pct=1.0 if train else 0.875)
-    if str(source).partition("/")[0].lower() in _TIMM_PREFIXES:
+    # Only a prefixed name goes to timm's factory, which reads any other (a bare "torch" too) as a folder under
+    # $MIXRES_DATA: a missing folder would read another one instead of failing.
+    prefix, slash, _ = str(source).partition("/")
+    if slash and prefix.lower() in _TIMM_PREFIXES:
         root = os.environ.get("MIXRES_DATA", "data")
         return create_dataset(str(source), root=root, split=split, is_training=train, download=False,
                               transform=transform)
     path = Path(source)
     if not path.is_dir():
-        raise FileNotFoundError(f"dataset {str(source)!r} is neither a folder, nor {SMALL_OBJECTS!r}, nor a timm "
-                                f"dataset name such as 'torch/cifar10'")
+        raise FileNotFoundError(f"dataset {str(source)!r}: no such folder, and neither {SMALL_OBJECTS!r} nor a timm "
+                                f"dataset name with its prefix ({', '.join(p + '/' for p in _TIMM_PREFIXES)}), such "
+                                f"as 'torch/cifar10'")
     from torchvision.datasets import ImageFolder
 
     if (path / split).is_dir():

@@ -29,12 +29,14 @@ from torch.utils.data import IterableDataset, Subset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
+from ._args import (add_amp_option, add_model_options, autocast, build_model, check_model_options,
+                    require_at_least, require_file)
 from .data import SMALL_OBJECTS, build_dataset, build_loader
+from .models import load_weights
 from .pyramid import QuadtreeGeometry
-from .scorers import SCORERS
 
-__all__ = ["evaluate_budgets", "count_macs", "default_budgets", "parse_budgets", "load_weights", "read_state_dict",
-           "write_results", "plot_budgets", "format_table", "main", "COLUMNS", "MACS_NOTE"]
+__all__ = ["evaluate_budgets", "count_macs", "default_budgets", "parse_budgets", "write_results", "plot_budgets",
+           "format_table", "main", "COLUMNS", "MACS_NOTE"]
 
 MACS_NOTE = ("GMACs per image from torch.utils.flop_counter.FlopCounterMode (MACs = FLOPs / 2): matmuls, linear "
              "layers, convolutions and attention, the scorer included (its share is shown apart). Not counted: "
@@ -43,10 +45,6 @@ MACS_NOTE = ("GMACs per image from torch.utils.flop_counter.FlopCounterMode (MAC
 COLUMNS = ("method", "budget", "n_patches", "grid", "image_size", "top1", "top5", "gmacs", "scorer_gmacs",
            "images_per_s", "us_per_image", "n_images", "batch_size", "amp", "scorer", "device", "device_name",
            "torch")
-# The prefixes of timm's dataset factory (timm.data.create_dataset): any other name is taken for a folder.
-_TIMM_DATASET_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")
-# GradCAM needs a classifier and Precomputed a saliency map: neither can be given on the command line.
-_CLI_SCORERS = [name for name in SCORERS if name not in ("gradcam", "precomputed")]
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -108,13 +106,6 @@ def _seconds_per_batch(forward: Callable[[Tensor], Tensor], images: Tensor, devi
     return statistics.median(times)
 
 
-def _autocast(device: torch.device, amp: bool):
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model and the threads torch uses."""
     if device.type == "cuda":
@@ -129,7 +120,7 @@ def device_name(device: torch.device) -> str:
 
 
 def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: str | torch.device = "cpu", *,
-                     limit: int | None = None, amp: bool = False, warmup: int = 2, timed_batches: int = 5,
+                     limit: int | None = None, amp: str | None = None, warmup: int = 2, timed_batches: int = 5,
                      progress: bool = True) -> list[dict]:
     """Top-1/top-5, GMACs and throughput of a Quadformer at each budget and of its uniform-grid baseline.
 
@@ -146,7 +137,7 @@ def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: st
             The uniform grid of each is :func:`mixres.models.grid_for_budget`'s.
         device: where to run.
         limit: stop after this many images (the first ones of the loader).
-        amp: run under ``torch.autocast`` (bfloat16; float16 on GPUs without bfloat16).
+        amp: run under ``torch.autocast`` to ``"bf16"`` or ``"fp16"`` (the ``--amp`` values); None: not.
         warmup, timed_batches: untimed and timed calls of the throughput measurement.
         progress: show a tqdm progress bar.
 
@@ -180,7 +171,7 @@ def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: st
     correct = [dict.fromkeys(top_k, 0) for _ in configs]
     seen, first = 0, None
     with tqdm(loader, desc=f"{len(configs)} configurations", unit="batch", disable=not progress) as batches, \
-            torch.no_grad(), _autocast(device, amp):
+            torch.no_grad(), autocast(device, amp):
         for images, labels in batches:
             if limit is not None:
                 images, labels = images[:limit - seen], labels[:limit - seen]
@@ -207,7 +198,7 @@ def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: st
         forward = config.pop("forward")
         with torch.no_grad():
             macs = count_macs(lambda: forward(one))
-        with torch.no_grad(), _autocast(device, amp):
+        with torch.no_grad(), autocast(device, amp):
             seconds = _seconds_per_batch(forward, first, device, warmup, timed_batches)
         results.append({
             **config,
@@ -287,93 +278,7 @@ def write_results(rows: Sequence[dict], output: str | Path, config: dict | None 
     return paths
 
 
-# ---------------------------------------------------------------------------------------------------------- model
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from a ``.safetensors`` or ``torch.save`` file: bare, or a training checkpoint holding it under
-    ``"model"`` or ``"state_dict"``; the prefixes of DDP (``module.``) and torch.compile (``_orig_mod.``) are
-    removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
-        raise ValueError(f"{path} holds no state dict (a dict of tensors, or a checkpoint with one under 'model' "
-                         f"or 'state_dict')")
-    return {key.removeprefix("module.").removeprefix("_orig_mod."): value for key, value in state.items()}
-
-
-def load_weights(model, path: str | Path, pretrained: bool = False) -> None:
-    """Loads a plain timm ViT's state dict, or a Quadformer's, from ``path`` (see :func:`read_state_dict`) into a
-    Quadformer (plain ViT keys go under ``vit.``, the position table is adapted: ``Quadformer.load_state_dict``).
-
-    Every weight must match, except with ``pretrained``: then a classifier of another number of classes, and
-    learned xy position tables the file lacks, are left at their initialisation, with a warning.
-    """
-    state = read_state_dict(path)
-    if not pretrained:
-        model.load_state_dict(state)
-        return
-    own = model.state_dict()
-    head = [key for key in state if key.removeprefix("vit.").startswith("head.")
-            and state[key].shape != own.get("vit." + key.removeprefix("vit."), state[key]).shape]
-    for key in head:
-        del state[key]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    new = [key for key in missing if key.startswith(("vit.head.", "xy_embed."))]
-    if unexpected or len(new) != len(missing):
-        raise RuntimeError(f"{path} does not fit the model: missing {sorted(set(missing) - set(new))}, unexpected "
-                           f"{sorted(unexpected)}")
-    if new:
-        warnings.warn(f"{path}: {', '.join(new)} left at their random initialisation (the file has none of this "
-                      f"shape): the accuracy means nothing until they are trained", stacklevel=2)
-
-
-def build_model(args: argparse.Namespace):
-    """The Quadformer the command line asks for: the timm ViT named by ``--model`` (``quadformer_`` prefix or not),
-    wrapped, then the weights of ``--pretrained-file`` and ``--checkpoint``."""
-    import timm
-
-    from .models import Quadformer
-    from .models.quadformer import _check_vit
-
-    kwargs = dict(args.model_kwargs)
-    for key in ("num_classes", "img_size"):
-        if getattr(args, key) is not None:
-            kwargs[key] = getattr(args, key)
-    vit = timm.create_model(args.model.removeprefix("quadformer_"), pretrained=False, **kwargs)
-    patch_size, _, (height, width) = _check_vit(vit)
-    side = args.min_patch_size or patch_size
-    model = Quadformer(vit, n_patches=(height // side) * (width // side), scorer=args.scorer,
-                       min_patch_size=args.min_patch_size, max_patch_size=args.max_patch_size,
-                       pos_embed=args.pos_embed, scorer_kwargs=args.scorer_kwargs)
-    if args.pretrained_file is not None:
-        load_weights(model, args.pretrained_file, pretrained=True)
-    if args.checkpoint is not None:
-        load_weights(model, args.checkpoint)
-    return model
-
-
-def _check_data_source(source: str) -> None:
-    """A clear error for a ``--data`` that is no folder, nor small-objects, nor a name for timm's dataset factory
-    (whose folder reader would otherwise read ``$MIXRES_DATA`` instead)."""
-    if source == SMALL_OBJECTS or Path(source).is_dir():
-        return
-    prefix, slash, _ = source.partition("/")
-    if slash and prefix.lower() in _TIMM_DATASET_PREFIXES:
-        return
-    raise ValueError(f"--data {source!r}: no such folder. Give a folder of class sub-folders (or one holding the "
-                     f"split as such a folder), {SMALL_OBJECTS!r}, or a timm dataset name such as 'torch/cifar10'")
-
-
+# ------------------------------------------------------------------------------------------------------ command
 def _evenly_spaced(dataset, limit: int):
     """At most ``limit`` items spread over the whole dataset: a folder sorted by class gives every class."""
     if limit >= len(dataset):
@@ -381,40 +286,13 @@ def _evenly_spaced(dataset, limit: int):
     return Subset(dataset, [round(i * (len(dataset) - 1) / max(limit - 1, 1)) for i in range(limit)])
 
 
-def _json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"depth\": 2}}', got {text!r}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixres.evaluate", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True,
-                       help="timm ViT name, with or without the quadformer_ prefix (quadformer_vit_base_patch16_224)")
-    model.add_argument("--pretrained-file", type=Path, default=None,
-                       help="the ViT's weights (.pth or .safetensors): a plain timm ViT state dict, a Quadformer's, or "
-                            "a training checkpoint holding one under 'model'. A classifier of another class count "
-                            "is left random, with a warning")
+    model = add_model_options(parser, quadformer_only=True)
     model.add_argument("--checkpoint", type=Path, default=None,
-                       help="a trained Quadformer's weights (the same forms), loaded last; every weight must match")
-    model.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: timm's)")
-    model.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-    model.add_argument("--model-kwargs", type=_json_dict, default={},
-                       help="more timm.create_model arguments, as JSON: '{\"depth\": 2, \"embed_dim\": 64}'")
-    model.add_argument("--scorer", default="pixel-blur", choices=_CLI_SCORERS, help="the Quadformer's scorer")
-    model.add_argument("--scorer-kwargs", type=_json_dict, default={},
-                       help="the scorer's arguments, as JSON: '{\"weights\": \"shufflenet.pth\"}' for feature")
-    model.add_argument("--pos-embed", default="resample", choices=["resample", "xy", "xy-learned"],
-                       help="the Quadformer's position embedding")
-    model.add_argument("--min-patch-size", type=int, default=None, help="smallest leaf (default: the ViT's patch)")
-    model.add_argument("--max-patch-size", type=int, default=None,
-                       help="largest leaf (default: 4, 2 or 1 times the smallest, the first that divides the image)")
+                       help="a trained Quadformer's weights (the forms of --pretrained-file), loaded last; every "
+                            "weight must match")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True,
                       help=f"a folder of class sub-folders (or of split folders), {SMALL_OBJECTS!r}, or a timm "
@@ -430,7 +308,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="comma-separated leaf budgets, e.g. 49,64,100,145,196 (default: 5 valid ones from the "
                           "fewest to the most)")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    run.add_argument("--amp", action="store_true", help="autocast to bfloat16 (float16 where not supported)")
+    add_amp_option(run)
     run.add_argument("--warmup", type=int, default=2, help="untimed forward calls before timing")
     run.add_argument("--timed-batches", type=int, default=5, help="timed forward calls (the median is reported)")
     run.add_argument("--seed", type=int, default=0, help="seed of random initialisations (random scorer weights)")
@@ -443,25 +321,33 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     message naming the problem."""
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("batch_size", "limit", "timed_batches", "val_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.warmup < 0 or args.workers < 0:
-        parser.error("--warmup and --workers must be at least 0")
+    check_model_options(parser, args, quadformer_only=True)
+    require_file(parser, args, "checkpoint")
+    require_at_least(parser, args, 1, ("batch_size", "limit", "timed_batches", "val_length"))
+    require_at_least(parser, args, 0, ("warmup", "workers"))
 
-    torch.manual_seed(args.seed)
     try:
         device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
+    torch.manual_seed(args.seed)
+    try:
         model = build_model(args)
-        geometry = model.geometry
+        if args.checkpoint is not None:
+            load_weights(model, args.checkpoint)
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
+        parser.error(f"cannot build {args.model}: {error}")
+    geometry = model.geometry
+    try:
         budgets = parse_budgets(args.budgets, geometry) if args.budgets else default_budgets(geometry)
-        _check_data_source(args.data)
+    except ValueError as error:
+        parser.error(f"--budgets: {error}")
+    try:
         dataset = build_dataset(args.data, args.split, (geometry.height, geometry.width),
                                 model.input_mean.flatten().tolist(), model.input_std.flatten().tolist(),
                                 train=False, length=args.val_length, seed=args.seed)
-    except (ValueError, TypeError, RuntimeError, OSError) as error:
-        parser.error(str(error))
+    except (ValueError, OSError) as error:
+        parser.error(f"--data: {error}")
     classes = getattr(dataset, "classes", None)
     if classes is not None and len(classes) > model.num_classes:
         warnings.warn(f"the data has {len(classes)} classes but the model {model.num_classes}: set --num-classes",
@@ -473,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"{args.model}: {type(model.scorer).__name__} scorer, {model.min_patch_size}-{model.max_patch_size} px "
           f"leaves, pos_embed={model.pos_embed_kind}, {geometry.height}x{geometry.width} images; budgets "
           f"{', '.join(map(str, budgets))}; on {device} ({device_name(device)}), torch {torch.__version__}"
-          f"{', autocast' if args.amp else ''}")
+          f"{f', autocast to {args.amp}' if args.amp else ''}")
     rows = evaluate_budgets(model, loader, budgets, device, limit=args.limit, amp=args.amp, warmup=args.warmup,
                             timed_batches=args.timed_batches)
     config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}

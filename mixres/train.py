@@ -32,7 +32,6 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,48 +41,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ._args import (add_amp_option, add_model_options, autocast, build_model, check_model_options,
+                    require_at_least)
 from .data import build_dataset, build_loader
 
-__all__ = ["main", "parse_args", "build_model", "warmup_cosine", "evaluate", "weights_digest"]
+__all__ = ["main", "parse_args", "warmup_cosine", "evaluate", "weights_digest"]
 
-QUADFORMER_PREFIX = "quadformer_"
-# The options that configure a Quadformer, each named as the Quadformer argument it sets.
-QUADFORMER_OPTIONS = ("n_patches", "scorer", "scorer_kwargs", "pos_embed", "min_patch_size", "max_patch_size")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LOG_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "seconds")
-
-
-def _json_object(text: str) -> dict:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixres.train", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True,
-                       help="a timm model name, quadformer_* included (e.g. quadformer_vit_small_patch16_224)")
-    model.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
-    model.add_argument("--pretrained-file", type=Path, default=None,
-                       help="start from a local state dict instead: a plain timm model's (a ViT's for a "
-                            "Quadformer), a Quadformer's, or a checkpoint of this script; the classifier is "
-                            "replaced where --num-classes differs")
-    model.add_argument("--num-classes", type=int, default=None, help="default: the training set's classes")
-    model.add_argument("--img-size", type=int, default=None, help="default: the model's")
-    model.add_argument("--model-kwargs", type=_json_object, default={},
-                       help='more timm.create_model arguments, a JSON object: \'{"depth": 6, "drop_path_rate": 0.1}\'')
-    quadformer = parser.add_argument_group("Quadformer (quadformer_* models only; default: the model's)")
-    quadformer.add_argument("--n-patches", type=int, default=None, help="leaves per image")
-    quadformer.add_argument("--scorer", default=None, help="pixel-blur, feature, entropy, random, uniform")
-    quadformer.add_argument("--scorer-kwargs", type=_json_object, default=None,
-                            help='the scorer\'s arguments, a JSON object: \'{"weights": "shufflenet.pth"}\'')
-    quadformer.add_argument("--pos-embed", default=None, choices=("resample", "xy", "xy-learned"))
-    quadformer.add_argument("--min-patch-size", type=int, default=None)
-    quadformer.add_argument("--max-patch-size", type=int, default=None)
-
+    add_model_options(parser, num_classes_default="the training set's classes")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="a folder, small-objects, or a timm dataset name")
     data.add_argument("--train-split", default="train")
@@ -103,9 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument("--weight-decay", type=float, default=0.05)
     training.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, may be fractional")
     training.add_argument("--grad-clip", type=float, default=None, help="clip the gradients' global norm to this")
-    training.add_argument("--amp", nargs="?", const="bf16", default=None, choices=tuple(AMP_DTYPES),
-                          help="mixed precision by torch.autocast: --amp alone is bf16 (CPU, recent GPUs); "
-                               "fp16 (CUDA only) adds a gradient scaler")
+    add_amp_option(training, note=" (CUDA only; it adds a gradient scaler)")
     training.add_argument("--compile", action="store_true", help="torch.compile the model")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -123,31 +91,13 @@ def parse_args(argv: Sequence[str] | None = None,
     """The options of :func:`main`, checked before anything is loaded: an unknown model, Quadformer options for
     another model, a missing file... exit with a usage error (status 2). ``--resume auto`` becomes a path or
     None, and ``args.quadformer`` says whether the model is a Quadformer."""
-    import timm
-
-    import mixres.models  # noqa: F401  (registers the quadformer_* models with timm)
-
     parser = parser or _parser()
     args = parser.parse_args(argv)
-    if not timm.is_model(args.model):
-        parser.error(f"unknown timm model {args.model!r}")
-    args.quadformer = args.model.startswith(QUADFORMER_PREFIX)
-    given = [f"--{name.replace('_', '-')}" for name in QUADFORMER_OPTIONS if getattr(args, name) is not None]
-    if given and not args.quadformer:
-        parser.error(f"{', '.join(given)} configure a Quadformer: the model must be a quadformer_* one, "
-                     f"not {args.model!r}")
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("workers", "weight_decay", "warmup_epochs", "min_lr"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    check_model_options(parser, args)
+    require_at_least(parser, args, 1, ("epochs", "batch_size", "train_length", "val_length"))
+    require_at_least(parser, args, 0, ("workers", "weight_decay", "warmup_epochs", "min_lr"))
     if args.lr <= 0 or (args.grad_clip is not None and args.grad_clip <= 0):
         parser.error("--lr and --grad-clip must be positive")
-    if args.img_size is not None and "img_size" in args.model_kwargs:
-        parser.error("give the image size once: --img-size or img_size in --model-kwargs")
-    if args.pretrained_file is not None and not args.pretrained_file.is_file():
-        parser.error(f"--pretrained-file {args.pretrained_file}: no such file")
     if args.amp == "fp16" and not args.device.startswith("cuda"):
         parser.error("--amp fp16 is for CUDA devices; use --amp bf16 on the CPU")
     if args.resume == "auto":
@@ -160,77 +110,18 @@ def parse_args(argv: Sequence[str] | None = None,
     return args
 
 
-# --------------------------------------------------------------------------------------------------- the model
-def build_model(args: argparse.Namespace, num_classes: int, load_pretrained: bool = True) -> nn.Module:
-    """``timm.create_model(args.model, ...)`` with the options of :func:`main`: ``--model-kwargs``, the image size,
-    the Quadformer options, and the pretrained weights (``--pretrained``, ``--pretrained-file``; none when
-    ``load_pretrained`` is False, as for a resumed run that reads its own).
-
-    A plain model's state dict (a ViT's for a Quadformer) goes through timm's own pretrained loading, which resamples
-    the position table to the image size and replaces the classifier when the classes differ. A Quadformer's state
-    dict (keys under ``vit.``) is loaded into the Quadformer, whose ``xy`` tables the ViT does not have.
-    """
-    import timm
-    from timm.models import load_state_dict
-
-    pretrained_cfg = _pretrained_cfg(args.model)
-    kwargs = dict(args.model_kwargs, num_classes=num_classes)
-    # timm's CNNs take any image size and have no img_size argument; ViTs (and so Quadformers) fix theirs.
-    if args.img_size is not None and (args.quadformer or pretrained_cfg.get("fixed_input_size")):
-        kwargs["img_size"] = args.img_size
-    kwargs.update({name: getattr(args, name) for name in QUADFORMER_OPTIONS if getattr(args, name) is not None})
-    pretrained = args.pretrained and load_pretrained
-    quadformer_state = None
-    classifier = pretrained_cfg.get("classifier", "head")
-    if args.pretrained_file is not None and load_pretrained:
-        state = load_state_dict(str(args.pretrained_file))  # unwraps {"model": ...}; torch or safetensors files
-        if args.quadformer and any(key.startswith("vit.") for key in state):
-            quadformer_state = state
-        else:
-            overlay = dict(state_dict=state)
-            head = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
-            if head is not None:
-                # timm replaces the classifier when the model's classes differ from the cfg's; the file's own
-                # classifier is what to compare with (a fine-tuned file of 10 classes keeps its head for 10).
-                overlay["num_classes"] = head.shape[0]
-            kwargs["pretrained_cfg_overlay"] = overlay
-            pretrained = True
-    model = timm.create_model(args.model, pretrained=pretrained, **kwargs)
-    if quadformer_state is not None:
-        _load_quadformer_state(model, quadformer_state, f"vit.{classifier}")
-    return model
-
-
-def _load_quadformer_state(model: nn.Module, state: dict, classifier: str) -> None:
-    """Loads a Quadformer's state dict into ``model``, all of it but a classifier of another number of classes."""
-    own = model.state_dict()
-    head = {f"{classifier}.weight", f"{classifier}.bias"}
-    state = {key: value for key, value in state.items()
-             if not (key in head and key in own and value.shape != own[key].shape)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = set(missing) - head
-    if missing or unexpected:
-        raise ValueError(f"the pretrained file does not fit the model: missing {sorted(missing)}, unexpected "
-                         f"{sorted(unexpected)}")
-
-
-def _pretrained_cfg(model_name: str) -> dict:
-    """timm's pretrained cfg of a model name (a Quadformer's is its ViT's), or {} where it has none."""
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(model_name.removeprefix(QUADFORMER_PREFIX))
-    return cfg.to_dict() if cfg is not None else {}
-
-
+# --------------------------------------------------------------------------------------------------- the data
 def _data_config(args: argparse.Namespace) -> tuple[tuple[int, int], tuple, tuple]:
     """(image size (H, W), mean, std), known before the model is built (which needs the classes, which need the
     dataset, which needs the size and normalisation)."""
     from timm.data import resolve_data_config
 
+    from .models.factory import pretrained_cfg
+
     size = args.img_size if args.img_size is not None else args.model_kwargs.get("img_size")
     size = (size, size) if isinstance(size, int) else tuple(size) if size is not None else None
     data_cfg = resolve_data_config({"input_size": (3, *size)} if size else {},
-                                   pretrained_cfg=_pretrained_cfg(args.model))
+                                   pretrained_cfg=pretrained_cfg(args.model))
     return tuple(data_cfg["input_size"][1:]), data_cfg["mean"], data_cfg["std"]
 
 
@@ -262,10 +153,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return LambdaLR(optimizer, factor)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Seeds every generator that augmentations, dropout or a random scorer may draw from, per (seed, epoch,
     rank): an epoch's random numbers do not depend on the epochs before it, so a resumed run draws the same."""
@@ -283,17 +170,17 @@ def _reduce_sum(tensor: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None) -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str | None = None) -> dict:
     """Mean cross-entropy and top-1 (and top-5, with at least 5 classes) accuracy in percent over the items of
     ``loader``, summed exactly across the processes: under DDP, each process reads its own shard once
     (:func:`mixres.data.build_loader`), and the sums of losses, hits and items are all-reduced. ``model`` must not
-    be DDP-wrapped, since the shards may differ in batches by one."""
+    be DDP-wrapped, since the shards may differ in batches by one. ``amp``: an ``--amp`` value, or None."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, items
     num_classes = None
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp):
             logits = model(images)
         logits = logits.float()
         num_classes = logits.shape[1]
@@ -318,7 +205,7 @@ def weights_digest(model: nn.Module) -> str:
     for name, value in sorted(model.state_dict().items()):
         value = value.detach().cpu().contiguous()
         digest.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d: BatchNorm's counter
     return digest.hexdigest()
 
 
@@ -372,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                   length=args.train_length, seed=args.seed)
         val_set = build_dataset(args.data, args.val_split, image_size, mean, std, train=False,
                                 length=args.val_length, seed=args.seed + 1)
-    except (FileNotFoundError, ValueError) as error:
+    except (ValueError, OSError) as error:
         parser.error(f"--data: {error}")
     num_classes = args.num_classes if args.num_classes is not None else _count_classes(train_set)
     if num_classes is None:
@@ -387,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.manual_seed(args.seed)  # the same initial weights in every process
     try:
         model = build_model(args, num_classes, load_pretrained=checkpoint is None)
-    except (ValueError, TypeError, RuntimeError) as error:
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
         parser.error(f"cannot build {args.model}: {error}")
 
     device, rank, world = _setup_device(args)
@@ -417,8 +304,7 @@ def _train(args: argparse.Namespace, model: nn.Module, train_set, val_set, devic
     optimizer = create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_cosine(optimizer, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch),
                               args.min_lr / args.lr)
-    amp_dtype = AMP_DTYPES.get(args.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_epoch, best_top1, row = 0, -math.inf, {}
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -452,7 +338,7 @@ def _train(args: argparse.Namespace, model: nn.Module, train_set, val_set, devic
                    disable=rank != 0 or not sys.stderr.isatty())
         for step, (images, labels) in enumerate(bar):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with _autocast(device, amp_dtype):
+            with autocast(device, args.amp):
                 loss = F.cross_entropy(train_net(images), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -471,7 +357,7 @@ def _train(args: argparse.Namespace, model: nn.Module, train_set, val_set, devic
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"epoch {epoch + 1}: the training loss is {train_loss}; no checkpoint written")
 
-        metrics = evaluate(eval_net, val_loader, device, amp_dtype)
+        metrics = evaluate(eval_net, val_loader, device, args.amp)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics,
                "images_per_s": steps_per_epoch * args.batch_size * world / train_seconds,
                "seconds": time.perf_counter() - started}

@@ -195,6 +195,7 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_hint(tmp_path, monkeypatc
     (["--budgets", "1,5"], r"n_patches=5 is unreachable.*nearest valid: 4 or 7"),
     (["--budgets", "4,many"], "comma-separated integers"),
     (["--data", "no/such/folder"], "no such folder"),
+    (["--data", "torch"], "no such folder"),  # not a timm name without its slash: no folder of $MIXRES_DATA read
     (["--model-kwargs", "{depth: 1}"], "not JSON"),
     (["--pretrained-file", "missing.pth"], "no such file"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),

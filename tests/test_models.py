@@ -184,6 +184,13 @@ def test_timm_registry_and_model_defaults():
     assert "vit.pos_embed" in model.no_weight_decay()
 
 
+def test_the_default_budget_is_about_half_the_grid_at_any_image_size_and_for_any_vit():
+    # 16 cells of 16 px at 64 px, 16-64 px leaves: 1, 4, 7, 10... leaves; 10 is the fewest of at least 8.
+    assert timm.create_model("quadformer_vit_tiny_patch16_224", depth=1, img_size=64).n_patches == 10
+    model = mixres.models.create_model("quadformer_deit3_small_patch16_224", depth=1, num_classes=3)
+    assert (model.n_patches, model.num_classes, type(model.vit).__name__) == (100, 3, "VisionTransformer")
+
+
 def test_pretrained_weights_through_timm_from_a_local_file(tmp_path):
     vit = timm.create_model("vit_tiny_patch16_224", depth=2)
     path = tmp_path / "vit_tiny.pth"

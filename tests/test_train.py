@@ -200,7 +200,7 @@ def test_a_quadformer_checkpoint_file_starts_a_quadformer_whole(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("options, message", [
-    (["--data", "{tmp}/nowhere"], "neither a folder"),
+    (["--data", "{tmp}/nowhere"], "no such folder"),
     (["--data", "{colours}", "--n-patches", "8"], "n_patches=8 is unreachable .* nearest valid: 7 or 10"),
     (["--data", "{colours}", "--resume", "{tmp}/missing.pt"], "no such checkpoint"),
     (["--data", "{colours}", "--pretrained-file", "{tmp}/missing.pth"], "no such file"),

@@ -11,7 +11,7 @@ import inspect
 
 from timm.models import register_model
 
-from .quadformer import Quadformer
+from .quadformer import Quadformer, _check_vit
 
 __all__ = ["create_quadformer"]
 
@@ -29,7 +29,9 @@ def create_quadformer(vit_name: str, pretrained: bool = False, **kwargs) -> Quad
         **kwargs: :class:`Quadformer` arguments (``n_patches``, ``scorer``, ``scorer_kwargs``, ``pos_embed``,
             ``min_patch_size``, ``max_patch_size``, ``resize_mode``, ``input_mean``, ``input_std``); the rest go
             to ``timm.create_model`` for the ViT (``num_classes``, ``img_size``, ``drop_path_rate``,
-            ``pretrained_cfg``, ...).
+            ``pretrained_cfg``, ...). ``n_patches`` defaults to about half the tokens of the uniform grid, at any
+            image size: the fewest valid leaves of at least half the grid of min_patch_size cells (100 of 196 at
+            224 px with 16-32 px leaves, 288 of 576 at 384 px with 16-64 px).
     """
     import timm
 
@@ -40,24 +42,31 @@ def create_quadformer(vit_name: str, pretrained: bool = False, **kwargs) -> Quad
             scorer_kwargs["weights"] = "DEFAULT"
         quadformer_args["scorer_kwargs"] = scorer_kwargs
     vit = timm.create_model(vit_name, pretrained=pretrained, **{k: v for k, v in kwargs.items() if v is not None})
-    return Quadformer(vit, **quadformer_args)
+    if quadformer_args.get("n_patches") is not None:
+        return Quadformer(vit, **quadformer_args)
+    patch_size, _, (height, width) = _check_vit(vit)
+    side = quadformer_args.get("min_patch_size") or patch_size
+    full = (height // side) * (width // side)
+    # The full grid is a valid budget in every geometry: build there, then take the default from the geometry,
+    # whose max_patch_size the Quadformer chooses.
+    model = Quadformer(vit, **dict(quadformer_args, n_patches=full))
+    model.n_patches = min(n for n in model.geometry.valid_n_patches() if 2 * n >= full)
+    return model
 
 
-def _register(vit_name: str, n_patches: int) -> None:
-    """Registers ``quadformer_<vit_name>`` with timm, defaulting to ``n_patches`` leaves."""
+def _register(vit_name: str) -> None:
+    """Registers ``quadformer_<vit_name>`` with timm."""
 
     def entrypoint(pretrained: bool = False, pretrained_cfg=None, **kwargs) -> Quadformer:
-        kwargs.setdefault("n_patches", n_patches)
         return create_quadformer(vit_name, pretrained=pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = f"quadformer_{vit_name}"
-    entrypoint.__doc__ = (f"Quadformer on timm's {vit_name}, {n_patches} leaves per image by default "
-                          f"(see mixres.models.create_quadformer).")
+    entrypoint.__doc__ = (f"Quadformer on timm's {vit_name}, by default about half the uniform grid's tokens per "
+                          f"image (see mixres.models.create_quadformer).")
     entrypoint.__module__ = __name__
     globals()[entrypoint.__name__] = register_model(entrypoint)
 
 
-# About half the tokens of the uniform grid: 100 of 196 at 224 px (16-32 px leaves), 288 of 576 at 384 px (16-64).
 for _size in ("tiny", "small", "base", "large"):
-    _register(f"vit_{_size}_patch16_224", n_patches=100)
-    _register(f"vit_{_size}_patch16_384", n_patches=288)
+    for _image_size in (224, 384):
+        _register(f"vit_{_size}_patch16_{_image_size}")

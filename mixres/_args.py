@@ -1,0 +1,151 @@
+"""The command-line pieces that ``python -m mixres.train`` and ``python -m mixres.evaluate`` share: the model options
+and the model they build (by :func:`mixres.models.create_model`), JSON-object arguments, ``--amp`` and its
+autocast, and range checks that end in a usage error."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["add_model_options", "check_model_options", "build_model", "add_amp_option", "autocast", "json_object",
+           "require_at_least", "require_file", "QUADFORMER_OPTIONS", "AMP_DTYPES"]
+
+# The options that configure a Quadformer, each named as the Quadformer argument it sets.
+QUADFORMER_OPTIONS = ("n_patches", "scorer", "scorer_kwargs", "pos_embed", "min_patch_size", "max_patch_size")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object (``'{"depth": 6}'``) -> a dict; anything else is a usage error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 2}}', got {text!r}")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, quadformer_only: bool = False,
+                      num_classes_default: str = "timm's"):
+    """Adds the "model" and "Quadformer" option groups: ``--model``, its starting weights and timm arguments, and
+    the Quadformer's. With ``quadformer_only``, the model is always a Quadformer (``--model`` is a ViT's name, the
+    ``quadformer_`` prefix optional) and ``--n-patches`` is left out: the caller sets the budget per call.
+    Returns the "model" group, for a caller's own options."""
+    from .models import POS_EMBEDS
+    from .scorers import SCORERS
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True,
+                       help="a timm ViT name, with or without the quadformer_ prefix (quadformer_vit_base_patch16_224)"
+                       if quadformer_only else "a timm model name; quadformer_<timm ViT name> is a Quadformer on "
+                                               "that ViT (e.g. quadformer_vit_small_patch16_224)")
+    model.add_argument("--pretrained", action="store_true",
+                       help="start from timm's pretrained weights (for a Quadformer, its ViT's; downloaded, or "
+                            "timm's cache)")
+    model.add_argument("--pretrained-file", type=Path, default=None,
+                       help="start from a local state dict instead (.pth or .safetensors): a plain timm model's (a "
+                            "ViT's for a Quadformer), a Quadformer's, or a training checkpoint holding one under "
+                            "'model'. A classifier of another number of classes starts from its initialisation "
+                            "(with a warning for a Quadformer)")
+    model.add_argument("--num-classes", type=int, default=None,
+                       help=f"classifier outputs (default: {num_classes_default})")
+    model.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    model.add_argument("--model-kwargs", type=json_object, default={},
+                       help='more timm.create_model arguments, a JSON object: \'{"depth": 6, "drop_path_rate": 0.1}\'')
+
+    quadformer = parser.add_argument_group("Quadformer" if quadformer_only else
+                                           "Quadformer (quadformer_* models only; default: the model's)")
+    if not quadformer_only:
+        quadformer.add_argument("--n-patches", type=int, default=None,
+                                help="leaves per image (default: about half the uniform grid's tokens: 100 at "
+                                     "224 px, 288 at 384 px)")
+    # GradCAM needs a classifier and Precomputed a saliency map: neither can be given on the command line.
+    quadformer.add_argument("--scorer", default=None, choices=[name for name in SCORERS
+                                                               if name not in ("gradcam", "precomputed")],
+                            help="the leaves' scorer (default: pixel-blur)")
+    quadformer.add_argument("--scorer-kwargs", type=json_object, default=None,
+                            help='the scorer\'s arguments, a JSON object: \'{"weights": "shufflenet.pth"}\' for '
+                                 'feature')
+    quadformer.add_argument("--pos-embed", default=None, choices=POS_EMBEDS,
+                            help="the leaves' position embedding (default: resample)")
+    quadformer.add_argument("--min-patch-size", type=int, default=None, help="smallest leaf (default: the ViT's patch)")
+    quadformer.add_argument("--max-patch-size", type=int, default=None,
+                            help="largest leaf (default: 4, 2 or 1 times the smallest, the first that divides the "
+                                 "image)")
+    return model
+
+
+def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace, *,
+                        quadformer_only: bool = False) -> None:
+    """Exits with a usage error (status 2) for an unknown model, Quadformer options for another model, the image
+    size given twice or a missing ``--pretrained-file``. With ``quadformer_only``, a bare ViT name in
+    ``args.model`` gets its ``quadformer_`` prefix; ``args.quadformer`` says whether the model is a Quadformer."""
+    import timm
+
+    from .models.factory import QUADFORMER_PREFIX
+
+    if quadformer_only and not args.model.startswith(QUADFORMER_PREFIX):
+        args.model = QUADFORMER_PREFIX + args.model
+    args.quadformer = args.model.startswith(QUADFORMER_PREFIX)
+    if not timm.is_model(args.model.removeprefix(QUADFORMER_PREFIX)):
+        parser.error(f"unknown timm model {args.model.removeprefix(QUADFORMER_PREFIX)!r}")
+    given = [f"--{name.replace('_', '-')}" for name in QUADFORMER_OPTIONS if getattr(args, name, None) is not None]
+    if given and not args.quadformer:
+        parser.error(f"{', '.join(given)} configure a Quadformer: the model must be a quadformer_* one, "
+                     f"not {args.model!r}")
+    if args.img_size is not None and "img_size" in args.model_kwargs:
+        parser.error("give the image size once: --img-size or img_size in --model-kwargs")
+    require_file(parser, args, "pretrained_file")
+
+
+def build_model(args: argparse.Namespace, num_classes: int | None = None, load_pretrained: bool = True) -> nn.Module:
+    """The model of the options that :func:`add_model_options` adds (checked by :func:`check_model_options`):
+    :func:`mixres.models.create_model` with ``--model-kwargs``, the image size, the Quadformer options and the
+    starting weights (``--pretrained``, ``--pretrained-file``; none when ``load_pretrained`` is False, as for a
+    resumed run that reads its own). ``num_classes``, where given, overrides ``--num-classes``."""
+    from .models import create_model
+
+    kwargs = dict(args.model_kwargs)
+    kwargs.update({name: getattr(args, name) for name in QUADFORMER_OPTIONS if getattr(args, name, None) is not None})
+    num_classes = args.num_classes if num_classes is None else num_classes
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return create_model(args.model, pretrained=args.pretrained and load_pretrained,
+                        pretrained_file=args.pretrained_file if load_pretrained else None, img_size=args.img_size,
+                        **kwargs)
+
+
+def add_amp_option(group, note: str = "") -> None:
+    """Adds ``--amp [bf16|fp16]`` (``--amp`` alone: bf16), for :func:`autocast`, to ``group`` (a parser or an
+    argument group); ``note`` ends its help."""
+    group.add_argument("--amp", nargs="?", const="bf16", default=None, choices=tuple(AMP_DTYPES),
+                       help="mixed precision by torch.autocast: --amp alone is bf16 (CPU, recent GPUs); fp16 for "
+                            "GPUs without bf16" + note)
+
+
+def autocast(device: torch.device, amp: str | None) -> AbstractContextManager:
+    """``torch.autocast`` on ``device`` to the dtype of an ``--amp`` value (``"bf16"``, ``"fp16"``); nothing for
+    None."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp is not None else nullcontext()
+
+
+def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, minimum: float,
+                     names: Iterable[str]) -> None:
+    """A usage error for the first option among ``names`` (attribute names) given below ``minimum``."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+
+
+def require_file(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> None:
+    """A usage error when the path option ``name`` (an attribute name) is given but no file is there."""
+    path = getattr(args, name)
+    if path is not None and not Path(path).is_file():
+        parser.error(f"--{name.replace('_', '-')} {path}: no such file")
