@@ -65,6 +65,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, quadformer_only: bool 
         quadformer.add_argument("--n-patches", type=int, default=None,
                                 help="leaves per image (default: about half the uniform grid's tokens: 100 at "
                                      "224 px, 288 at 384 px)")
+        quadformer.add_argument("--uniform-grid", action="store_true",
+                                help="the uniform-grid baseline instead, at the same budget: the ViT on the images "
+                                     "resized to the grid of about --n-patches tokens (mixres.models.UniformGrid)")
     # GradCAM needs a classifier and Precomputed a saliency map: neither can be given on the command line.
     quadformer.add_argument("--scorer", default=None, choices=[name for name in SCORERS
                                                                if name not in ("gradcam", "precomputed")],
@@ -99,6 +102,9 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     if given and not args.quadformer:
         parser.error(f"{', '.join(given)} configure a Quadformer: the model must be a quadformer_* one, "
                      f"not {args.model!r}")
+    if getattr(args, "uniform_grid", False) and not args.quadformer:
+        parser.error(f"--uniform-grid is the baseline of a Quadformer: the model must be a quadformer_* one, not "
+                     f"{args.model!r}")
     if args.img_size is not None and "img_size" in args.model_kwargs:
         parser.error("give the image size once: --img-size or img_size in --model-kwargs")
     require_file(parser, args, "pretrained_file")
@@ -108,7 +114,7 @@ def build_model(args: argparse.Namespace, num_classes: int | None = None, load_p
     """The model of the options that :func:`add_model_options` adds (checked by :func:`check_model_options`):
     :func:`mixres.models.create_model` with ``--model-kwargs``, the image size, the Quadformer options and the
     starting weights (``--pretrained``, ``--pretrained-file``; none when ``load_pretrained`` is False, as for a
-    resumed run that reads its own). ``num_classes``, where given, overrides ``--num-classes``."""
+    resumed run that reads its own); wrapped in a :class:`mixres.models.UniformGrid` for ``--uniform-grid``. ``num_classes``, where given, overrides ``--num-classes``."""
     from .models import create_model
 
     kwargs = dict(args.model_kwargs)
@@ -116,9 +122,14 @@ def build_model(args: argparse.Namespace, num_classes: int | None = None, load_p
     num_classes = args.num_classes if num_classes is None else num_classes
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return create_model(args.model, pretrained=args.pretrained and load_pretrained,
-                        pretrained_file=args.pretrained_file if load_pretrained else None, img_size=args.img_size,
-                        **kwargs)
+    model = create_model(args.model, pretrained=args.pretrained and load_pretrained,
+                         pretrained_file=args.pretrained_file if load_pretrained else None, img_size=args.img_size,
+                         **kwargs)
+    if getattr(args, "uniform_grid", False):
+        from .models import UniformGrid, grid_for_budget
+
+        model = UniformGrid(model, grid=grid_for_budget(model.n_patches, (model.geometry.height, model.geometry.width)))
+    return model
 
 
 def add_amp_option(group, note: str = "") -> None:

@@ -323,7 +323,9 @@ def _train(args: argparse.Namespace, model: nn.Module, train_set, val_set, devic
     eval_net = torch.compile(model) if args.compile else model
     if rank == 0:
         args.output.mkdir(parents=True, exist_ok=True)
-        print(f"training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
+        grid = getattr(model, "grid", None)
+        what = f"{args.model}, uniform-grid baseline of {grid[0]}x{grid[1]} tokens" if grid else args.model
+        print(f"training {what} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
               f"{world} x {device.type}, {len(train_set)} training and {len(val_set)} validation images, "
               f"{steps_per_epoch} steps per epoch of {args.batch_size} x {world} images")
     saved_args = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}

@@ -217,3 +217,19 @@ def test_bad_options_exit_with_a_usage_error(colours, tmp_path, capsys, options,
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.startswith("python -m mixres.train: error:")
     assert re.search(message, error), error
+
+
+def test_uniform_grid_baseline_trains_at_the_budgets_grid(tmp_path, capsys):
+    from mixres import _args
+    from mixres.models import UniformGrid
+
+    args = train.parse_args(["--model", "quadformer_vit_tiny_patch16_224", "--img-size", "128", "--model-kwargs",
+                             '{"embed_dim": 32, "depth": 1, "num_heads": 2}', "--n-patches", "28", "--uniform-grid",
+                             "--data", str(tmp_path), "--output", str(tmp_path / "out")])
+    model = _args.build_model(args, num_classes=3)
+    assert isinstance(model, UniformGrid) and model.grid == (5, 5)  # about 28 tokens
+    assert model(torch.randn(2, 3, 128, 128)).shape == (2, 3)
+    assert model.num_classes == 3 and "quadformer.vit.cls_token" in model.no_weight_decay()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "vit_tiny_patch16_224", "--uniform-grid", "--data", str(tmp_path)])
+    assert "--uniform-grid is the baseline of a Quadformer" in capsys.readouterr().err

@@ -78,6 +78,14 @@ class UniformGrid(nn.Module):
     def vit(self) -> nn.Module:
         return self.quadformer.vit
 
+    @property
+    def num_classes(self) -> int:
+        return self.quadformer.num_classes
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"quadformer.{name}" for name in self.quadformer.no_weight_decay()}
+
     def extra_repr(self) -> str:
         return f"grid={self.grid}, antialias={self.antialias}"
 
