@@ -12,12 +12,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["add_model_options", "check_model_options", "build_model", "add_amp_option", "autocast", "json_object",
+__all__ = ["HelpFormatter", "add_model_options", "check_model_options", "build_model", "add_amp_option", "autocast", "json_object",
            "require_at_least", "require_file", "QUADFORMER_OPTIONS", "AMP_DTYPES"]
 
 # The options that configure a Quadformer, each named as the Quadformer argument it sets.
 QUADFORMER_OPTIONS = ("n_patches", "scorer", "scorer_kwargs", "pos_embed", "min_patch_size", "max_patch_size")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already states one or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def json_object(text: str) -> dict:

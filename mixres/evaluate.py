@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, Subset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
-from ._args import (add_amp_option, add_model_options, autocast, build_model, check_model_options,
+from ._args import (HelpFormatter, add_amp_option, add_model_options, autocast, build_model, check_model_options,
                     require_at_least, require_file)
 from .data import SMALL_OBJECTS, build_dataset, build_loader
 from .models import load_weights
@@ -288,7 +288,7 @@ def _evenly_spaced(dataset, limit: int):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixres.evaluate", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     model = add_model_options(parser, quadformer_only=True)
     model.add_argument("--checkpoint", type=Path, default=None,
                        help="a trained Quadformer's weights (the forms of --pretrained-file), loaded last; every "

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ._args import (add_amp_option, add_model_options, autocast, build_model, check_model_options,
+from ._args import (HelpFormatter, add_amp_option, add_model_options, autocast, build_model, check_model_options,
                     require_at_least)
 from .data import build_dataset, build_loader
 
@@ -52,7 +52,7 @@ LOG_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixres.train", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_model_options(parser, num_classes_default="the training set's classes")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="a folder, small-objects, or a timm dataset name")
