@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ._args import (HelpFormatter, add_amp_option, add_model_options, autocast, build_model, check_model_options,
                     require_at_least, require_file)
 from .data import SMALL_OBJECTS, build_dataset, build_loader
-from .models import load_weights
+from .models import load_weights, read_state_dict
 from .pyramid import QuadtreeGeometry
 
 __all__ = ["evaluate_budgets", "count_macs", "default_budgets", "parse_budgets", "write_results", "plot_budgets",
@@ -286,10 +286,17 @@ def _evenly_spaced(dataset, limit: int):
     return Subset(dataset, [round(i * (len(dataset) - 1) / max(limit - 1, 1)) for i in range(limit)])
 
 
+def _head_classes(state: dict[str, Tensor]) -> int | None:
+    """The number of classes of a Quadformer's or a plain ViT's state dict: its head's outputs (None: no head)."""
+    head = state.get("vit.head.weight", state.get("head.weight"))
+    return head.shape[0] if head is not None and head.dim() == 2 else None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixres.evaluate", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
-    model = add_model_options(parser, quadformer_only=True)
+    model = add_model_options(parser, quadformer_only=True,
+                              num_classes_default="the --checkpoint head's, else timm's")
     model.add_argument("--checkpoint", type=Path, default=None,
                        help="a trained Quadformer's weights (the forms of --pretrained-file), loaded last; every "
                             "weight must match")
@@ -332,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         parser.error(f"--device: {error}")
     torch.manual_seed(args.seed)
     try:
+        if args.num_classes is None and args.checkpoint is not None:
+            # A trained model's classes are in its checkpoint: its head says how many.
+            args.num_classes = _head_classes(read_state_dict(args.checkpoint))
         model = build_model(args)
         if args.checkpoint is not None:
             load_weights(model, args.checkpoint)

@@ -1,0 +1,93 @@
+"""Every example in README.md runs, so that none can rot.
+
+Python blocks run as they are, each in a fresh namespace. Command lines run in-process, made small: the data folder
+becomes a generated one, weight files random ones, ``--epochs`` 1, ``--batch-size`` 4, outputs go to a temporary
+folder. Lines that only continue another (``...``) or that set up a machine (``make``, ``pip``) are the CI's.
+"""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def command_lines() -> list[list[str]]:
+    """The README's shell commands, continuation lines joined, comments dropped, split into words."""
+    commands = []
+    for block in code_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+@pytest.mark.parametrize("index", range(len(code_blocks("python"))))
+def test_python_example_runs(index):
+    exec(compile(code_blocks("python")[index], f"README.md python block {index}", "exec"), {})
+
+
+@pytest.fixture(scope="module")
+def substitutes(tmp_path_factory):
+    """What the README's placeholders become: a small image folder and random weight files."""
+    root = tmp_path_factory.mktemp("readme")
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("val", 3)):
+        for label, colour in enumerate(((220, 40, 40), (40, 40, 220))):
+            folder = root / "imagenet" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                noise = torch.randint(0, 30, (48, 48, 3), generator=generator, dtype=torch.uint8)
+                pixels = (torch.tensor(colour, dtype=torch.uint8) + noise).clamp(0, 255)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    weights = root / "vit_small_patch16_224.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", depth=1).state_dict(), weights)
+    return {"/data/imagenet": str(root / "imagenet"), "vit_small_patch16_224.pth": str(weights), "out": root / "out",
+            "depth": '{"depth": 1}'}
+
+
+def small(words: list[str], substitutes: dict) -> list[str]:
+    """The arguments of a README command line (after the module), made small as the module docstring says."""
+    shrink = {"--epochs": "1", "--batch-size": "4"}
+    out, skip = [], False
+    for previous, word in zip([None] + words, words):
+        if skip:
+            skip = False
+            continue
+        if previous in shrink:
+            out[-1:] = [previous, shrink[previous]]
+            continue
+        word = substitutes.get(word, word)
+        if previous in ("--output", "--checkpoint"):
+            word = str(substitutes["out"] / word)
+        out.append(str(word))
+    return out + ["--model-kwargs", substitutes["depth"]]
+
+
+@pytest.mark.filterwarnings("ignore:.*left at their random initialisation")  # 1000 ImageNet classes, 2 here
+def test_training_and_evaluation_examples_run(substitutes):
+    from mixres import evaluate, train
+
+    ran = []
+    for words in command_lines():
+        if "..." in words or words[:2] != ["python", "-m"]:
+            continue
+        module, args = words[2], small(words[3:], substitutes)
+        if module == "mixres.train":
+            train.main(args + ["--workers", "0"])
+        elif module == "mixres.evaluate":
+            evaluate.main(args + ["--timed-batches", "1", "--warmup", "0"])
+        else:
+            continue
+        ran.append(module)
+    assert ran == ["mixres.train", "mixres.evaluate"], f"README commands not run: {ran}"
+    assert (substitutes["out"] / "out" / "eval" / "budgets.csv").exists()
