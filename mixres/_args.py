@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["HelpFormatter", "add_model_options", "check_model_options", "build_model", "add_amp_option", "autocast", "json_object",
+__all__ = ["HelpFormatter", "add_workers_option", "add_model_options", "check_model_options", "build_model", "add_amp_option", "autocast", "json_object",
            "require_at_least", "require_file", "QUADFORMER_OPTIONS", "AMP_DTYPES"]
 
 # The options that configure a Quadformer, each named as the Quadformer argument it sets.
@@ -140,6 +141,13 @@ def build_model(args: argparse.Namespace, num_classes: int | None = None, load_p
 
         model = UniformGrid(model, grid=grid_for_budget(model.n_patches, (model.geometry.height, model.geometry.width)))
     return model
+
+
+def add_workers_option(group, help: str) -> None:
+    """Adds ``--workers``, defaulting to 4 data-loading processes, or fewer on a machine with fewer cores."""
+    group.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))
+                                                          if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1),
+                       help=help)
 
 
 def add_amp_option(group, note: str = "") -> None:

@@ -29,8 +29,8 @@ from torch.utils.data import IterableDataset, Subset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
-from ._args import (HelpFormatter, add_amp_option, add_model_options, autocast, build_model, check_model_options,
-                    require_at_least, require_file)
+from ._args import (HelpFormatter, add_amp_option, add_model_options, add_workers_option, autocast, build_model,
+                    check_model_options, require_at_least, require_file)
 from .data import SMALL_OBJECTS, build_dataset, build_loader
 from .models import load_weights, read_state_dict
 from .pyramid import QuadtreeGeometry
@@ -309,7 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int, default=64, help="batch size, also of the throughput timing")
     data.add_argument("--limit", type=int, default=None,
                       help="evaluate at most this many images, spread evenly over the dataset")
-    data.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    add_workers_option(data, "data-loading processes")
     run = parser.add_argument_group("run")
     run.add_argument("--budgets", default=None,
                      help="comma-separated leaf budgets, e.g. 49,64,100,145,196 (default: 5 valid ones from the "

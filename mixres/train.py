@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ._args import (HelpFormatter, add_amp_option, add_model_options, autocast, build_model, check_model_options,
-                    require_at_least)
+from ._args import (HelpFormatter, add_amp_option, add_model_options, add_workers_option, autocast, build_model,
+                    check_model_options, require_at_least)
 from .data import build_dataset, build_loader
 
 __all__ = ["main", "parse_args", "warmup_cosine", "evaluate", "weights_digest"]
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--no-augment", action="store_true",
                       help="train on the evaluation transform (resize and centre crop) instead of random crops, "
                            "flips and colour jitter")
-    data.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
+    add_workers_option(data, "data-loading processes per training process")
 
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=10)
