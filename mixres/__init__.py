@@ -3,6 +3,7 @@
 >>> mosaic = mixres.tokenize(images, scores, n_patches=100)   # tokens [B, N, C, 16, 16], boxes, centers
 """
 from . import datasets, ops, reference, scorers, viz
+from .grid import grid_to_tokens, tokens_to_grid
 from .mosaic import Mosaic, tokenize
 from .pyramid import QuadtreeGeometry, pack_pyramid, saliency_to_pyramid, valid_n_patches
 from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Precomputed, Random, Uniform, create_scorer
@@ -20,6 +21,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mixres' has no attribute {name!r}")
 
 
-__all__ = ["Mosaic", "tokenize", "valid_n_patches", "QuadtreeGeometry", "pack_pyramid", "saliency_to_pyramid",
-           "PixelBlur", "FeatureBased", "GradCAM", "Entropy", "Random", "Uniform", "Precomputed", "create_scorer",
-           "datasets", "models", "ops", "reference", "scorers", "viz"]
+__all__ = ["Mosaic", "tokenize", "tokens_to_grid", "grid_to_tokens", "valid_n_patches", "QuadtreeGeometry",
+           "pack_pyramid", "saliency_to_pyramid", "PixelBlur", "FeatureBased", "GradCAM", "Entropy", "Random",
+           "Uniform", "Precomputed", "create_scorer", "datasets", "models", "ops", "reference", "scorers", "viz"]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .grid import tokens_to_grid
 from .pyramid import QuadtreeGeometry, pack_pyramid, saliency_to_pyramid
 
 __all__ = ["Mosaic", "tokenize"]
@@ -51,6 +52,11 @@ class Mosaic:
         """``[B, N, C * p * p]``, a view in the (C, p, p) order of a ViT's ``Conv2d`` patch-embedding weight, so
         ``flat_tokens() @ weight.flatten(1).T`` embeds each token."""
         return self.tokens.flatten(2)
+
+    def to_grid(self, features: Tensor) -> Tensor:
+        """Paints per-leaf ``features [B, N, D]`` over the min_patch_size cells each leaf covers:
+        ``[B, D, H / min_patch_size, W / min_patch_size]``, differentiable. See :func:`mixres.tokens_to_grid`."""
+        return tokens_to_grid(features, self.boxes, self.min_patch_size, self.image_size)
 
 
 def _check_images(images) -> None:

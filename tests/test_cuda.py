@@ -471,6 +471,65 @@ def test_opcheck_pixel_blur_scores(dtype):
         torch.library.opcheck(ops.pixel_blur_scores.default, (images, lo, hi))
 
 
+# ------------------------------------------------------------------------------------ tokens_to_grid, grid_to_tokens
+
+
+def grid_case(batch=4, dim=6, seed=0):
+    """The boxes of a 128 x 192 mosaic (16-64 px), features ``[B, N, D]`` and a grid ``[B, D, 8, 12]``, on CUDA."""
+    boxes = mosaic_boxes(128, 192, batch, seed)
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, boxes.shape[1], dim, generator=generator).to(DEVICE)
+    grid = torch.randn(batch, dim, 8, 12, generator=generator).to(DEVICE)
+    return boxes, features, grid
+
+
+def grid_ops(features, grid, boxes):
+    return (mixres.tokens_to_grid(features, boxes, 16, (128, 192)), mixres.grid_to_tokens(grid, boxes, 16),
+            mixres.grid_to_tokens(grid, boxes, 16, "sum"))
+
+
+def grid_ops_and_gradients(features, grid, boxes):
+    features, grid = features.detach().requires_grad_(), grid.detach().requires_grad_()
+    outputs = grid_ops(features, grid, boxes)
+    return *outputs, *torch.autograd.grad(sum((o * o).sum() for o in outputs), (features, grid))
+
+
+def test_grid_ops_match_cpu_and_do_not_synchronize():
+    boxes, features, grid = grid_case()
+    grid_ops_and_gradients(features, grid, boxes)  # warm-up: lazy initialisation may synchronize once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = grid_ops_and_gradients(features, grid, boxes)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # Gathers and the same pairwise sums in the same order (no atomics): identical to the CPU, forward and backward.
+    for got, expected in zip(results, grid_ops_and_gradients(features.cpu(), grid.cpu(), boxes.cpu())):
+        assert got.is_cuda and torch.equal(got.cpu(), expected)
+
+
+def test_grid_ops_cuda_graph_replay_and_compile():
+    boxes, features, grid = grid_case(batch=8)
+    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graph's documentation asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        grid_ops(features, grid, boxes)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = grid_ops(features, grid, boxes)
+    for seed in range(1, 4):
+        for tensor, new in zip((boxes, features, grid), grid_case(batch=8, seed=seed)):
+            tensor.copy_(new)
+        graph.replay()
+        for replayed, eager in zip(static, grid_ops(features, grid, boxes)):
+            assert torch.equal(replayed, eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(grid_ops, fullgraph=True)
+    for got, expected in zip(compiled(features, grid, boxes), grid_ops(features, grid, boxes)):
+        torch.testing.assert_close(got, expected)
+
+
 # ------------------------------------------------------------------------------------------------ the Quadformer
 def test_quadformer_on_cuda_matches_the_cpu_and_needs_no_host_sync():
     from timm.models.vision_transformer import VisionTransformer
