@@ -14,56 +14,56 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops, reference
-from .mosaic import tokenize
+from . import ops
+from ._timing import format_throughput, time_tokenizer
+from .mosaic import Mosaic, tokenize
 from .pyramid import QuadtreeGeometry
 from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Random, Scorer, Uniform
 from .viz import save_mosaic_figure, save_mosaic_grid
 
-__all__ = ["main", "load_photo", "nearest_valid_n_patches", "compare_scorers"]
+__all__ = ["main", "load_photo", "fit_to_multiple", "nearest_valid_n_patches", "leaves_per_size", "save_mosaic",
+           "compare_scorers"]
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 MIN_PATCH, MAX_PATCH = 16, 64
 
 
 def load_photo(name: str, short_side: int = 256, multiple: int = MAX_PATCH) -> Tensor:
-    """A scikit-image sample photo as ``[3, H, W]`` float32 in [0, 1], resized so that the short side is
-    ``short_side`` and the long side the nearest multiple of ``multiple`` to its aspect ratio."""
+    """A scikit-image sample photo as ``[3, H, W]`` float32 in [0, 1], resized by :func:`fit_to_multiple` so that
+    the short side is ``short_side`` and the long side the nearest multiple of ``multiple`` to its aspect ratio."""
     import skimage.data
 
     pixels = torch.from_numpy(getattr(skimage.data, name)()).float() / 255
     photo = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels[None].expand(3, -1, -1)
-    height, width = photo.shape[-2:]
-    scale = short_side / min(height, width)
-    size = [max(multiple, round(side * scale / multiple) * multiple) for side in (height, width)]
-    resized = F.interpolate(photo[None], size=size, mode="bilinear", align_corners=False, antialias=True)
+    return fit_to_multiple(photo, multiple, short_side)
+
+
+def fit_to_multiple(image: Tensor, multiple: int, short_side: int | None = None) -> Tensor:
+    """``[C, H, W]`` in [0, 1] -> resized so that both sides are multiples of ``multiple``: each side becomes the
+    nearest multiple (halves round up, at least ``multiple``) of its length, or, given ``short_side``, of its
+    length once the image is scaled to that short side (a multiple of ``multiple``, so kept exactly). Bilinear with
+    antialiasing; an image that already fits is returned as it is."""
+    height, width = image.shape[-2:]
+    scale = 1 if short_side is None else short_side / min(height, width)
+    size = [max(multiple, math.floor(side * scale / multiple + 0.5) * multiple) for side in (height, width)]
+    if size == [height, width]:
+        return image
+    resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)
     return resized[0].clamp(0, 1)
 
 
 def nearest_valid_n_patches(geometry: QuadtreeGeometry, n_patches: float) -> int:
     """The reachable budget closest to ``n_patches`` (the smaller one on a tie)."""
     return min(geometry.valid_n_patches(), key=lambda valid: (abs(valid - n_patches), valid))
-
-
-def _images_per_second(fn: Callable[[], object], n_images: int, repeats: int) -> float:
-    """Median throughput of ``fn`` over ``repeats`` timed calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return n_images / statistics.median(times)
 
 
 def _center_square(photo: Tensor, side: int) -> Tensor:
@@ -107,18 +107,46 @@ def compare_scorers(photo: Tensor, n_patches: int, path: Path, feature_weights: 
     }
     boxes = {caption: tokenize(photo[None], scorer, n_patches).boxes[0] for caption, scorer in scorers.items()}
     save_mosaic_grid(photo, boxes, path, columns=3)
-    return {caption: _leaves_per_size(leaves) for caption, leaves in boxes.items()}
+    return {caption: leaves_per_size(leaves) for caption, leaves in boxes.items()}
 
 
-def _leaves_per_size(boxes: Tensor) -> dict[int, int]:
+def leaves_per_size(boxes: Tensor) -> dict[int, int]:
     """``[N, 3]`` boxes -> {leaf side: count}, largest side first."""
     sizes, counts = boxes[:, 2].unique(return_counts=True)
     return {int(s): int(c) for s, c in sorted(zip(sizes, counts), key=lambda sc: -sc[0])}
 
 
+def save_mosaic(photo: Tensor, mosaic: Mosaic, out: Path, stem: str, max_patch_size: int, index: int = 0,
+                **info) -> dict:
+    """Writes ``out/<stem>.png`` (:func:`mixres.viz.save_mosaic_figure`: the photo with its leaf borders, then the
+    mosaic rendered from its tokens) and ``out/<stem>.json``: ``info``, then the image's ``height`` and ``width``,
+    ``min_patch_size``, ``max_patch_size``, ``n_patches``, the ``leaves`` ``[[y, x, size], ...]`` and
+    ``leaves_per_size`` (``{"64": count, ...}``, largest first).
+
+    Args:
+        photo: ``[C, H, W]`` in [0, 1], the image that ``mosaic[index]`` was made from.
+        mosaic: its mosaic (a batch of them); ``index`` picks the one.
+        out, stem: the folder (it must exist) and the files' name.
+        max_patch_size: the largest leaf side the mosaic was allowed.
+        **info: fields put first in the JSON record.
+
+    Returns:
+        The JSON record (with int keys in ``leaves_per_size``).
+    """
+    boxes = mosaic.boxes[index]
+    height, width = mosaic.image_size
+    record = {**info, "height": height, "width": width, "min_patch_size": mosaic.min_patch_size,
+              "max_patch_size": max_patch_size, "n_patches": mosaic.n_patches, "leaves": boxes.tolist(),
+              "leaves_per_size": leaves_per_size(boxes)}
+    save_mosaic_figure(photo, mosaic, out / f"{stem}.png", index)
+    (out / f"{stem}.json").write_text(json.dumps(record) + "\n")
+    return record
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the demo (see the module docstring). Returns what it printed, as a dict: ``photos`` (one entry per
-    photo: name, size, n_patches, leaves per size, files) and ``throughput`` (images/s)."""
+    photo: name, size, n_patches, leaves per size, files) and ``throughput`` (images/s of ``tokenize``,
+    ``reference`` and the ``pixel-blur`` scorer)."""
     parser = argparse.ArgumentParser(prog="python -m mixres.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
     parser.add_argument("--n-patches", type=int, default=None,
@@ -151,18 +179,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         target = args.n_patches if args.n_patches is not None else geometry.max_patches / 3
         n_patches = nearest_valid_n_patches(geometry, target)
         mosaic = tokenize(photo[None], scorer(photo[None]), n_patches, MIN_PATCH, MAX_PATCH)
-        leaves = mosaic.boxes[0].tolist()
-        per_size = _leaves_per_size(mosaic.boxes[0])
-
-        png, js = args.out / f"{name}.png", args.out / f"{name}.json"
-        save_mosaic_figure(photo, mosaic, png)
-        js.write_text(json.dumps({"name": name, "height": height, "width": width, "min_patch_size": MIN_PATCH,
-                                  "max_patch_size": MAX_PATCH, "n_patches": n_patches,
-                                  "leaves": leaves}) + "\n")
+        per_size = save_mosaic(photo, mosaic, args.out, name, MAX_PATCH, name=name)["leaves_per_size"]
         print(f"  {name:<10} {height}x{width}  n_patches={n_patches:<4} leaves per size: "
               + ", ".join(f"{s} px: {c}" for s, c in per_size.items()))
         report["photos"].append({"name": name, "size": (height, width), "n_patches": n_patches,
-                                 "leaves_per_size": per_size, "png": png, "json": js})
+                                 "leaves_per_size": per_size, "png": args.out / f"{name}.png",
+                                 "json": args.out / f"{name}.json"})
 
     rocket = photos["rocket"]
     n_patches = nearest_valid_n_patches(QuadtreeGeometry(*rocket.shape[-2:], MIN_PATCH, MAX_PATCH),
@@ -179,22 +201,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     images = torch.stack([squares[i % len(squares)] for i in range(args.batch)])
     geometry = QuadtreeGeometry(side, side, MIN_PATCH, MAX_PATCH)
     n_patches = nearest_valid_n_patches(geometry, geometry.max_patches / 3)
-    scores = scorer(images)  # precomputed: the comparison below is of the tokenizers alone
-    rates = {
-        "tokenize": _images_per_second(lambda: tokenize(images, scores, n_patches, MIN_PATCH, MAX_PATCH),
-                                       args.batch, args.repeats),
-        "reference": _images_per_second(lambda: reference.tokenize(images, scores, n_patches, MIN_PATCH,
-                                                                   MAX_PATCH), args.batch, args.repeats),
-        "scorer": _images_per_second(lambda: scorer(images), args.batch, args.repeats),
-    }
-    rates["speedup"] = rates["tokenize"] / rates["reference"]
-    report["throughput"] = rates
+    rows = time_tokenizer(images, scorer(images), n_patches, MIN_PATCH, MAX_PATCH,
+                          {"pixel-blur": ("scorer pixel-blur", scorer)}, repeats=args.repeats)
+    report["throughput"] = {row["name"]: row["images_per_s"] for row in rows}
     print(f"Throughput on {device.type}: batch of {args.batch} {side}x{side} RGB images, n_patches={n_patches}, "
           f"{MIN_PATCH}-{MAX_PATCH} px patches, median of {args.repeats} runs after a warm-up")
-    print(f"  mixres.tokenize (C++ ops)            {rates['tokenize']:10.0f} images/s")
-    print(f"  mixres.reference.tokenize (PyTorch)  {rates['reference']:10.0f} images/s")
-    print(f"  speed-up                             {rates['speedup']:10.1f}x")
-    print(f"  PixelBlur({MIN_PATCH}, {MAX_PATCH}) scorer               {rates['scorer']:10.0f} images/s")
+    print(format_throughput(rows))
     return report
 
 

@@ -13,24 +13,20 @@ the number of tokens; needs matplotlib) to ``--output``, and prints a table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
-import platform
-import statistics
-import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
 from torch.utils.data import IterableDataset, Subset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
 from ._args import (HelpFormatter, add_amp_option, add_model_options, add_workers_option, autocast, build_model,
                     check_model_options, require_at_least, require_file)
+from ._timing import device_name, median_seconds
 from .data import SMALL_OBJECTS, build_dataset, build_loader
 from .models import load_weights, read_state_dict
 from .pyramid import QuadtreeGeometry
@@ -84,39 +80,6 @@ def parse_budgets(text: str, geometry: QuadtreeGeometry) -> list[int]:
     for budget in budgets:
         geometry.check_n_patches(budget)
     return budgets
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _seconds_per_batch(forward: Callable[[Tensor], Tensor], images: Tensor, device: torch.device, warmup: int,
-                       repeats: int) -> float:
-    """The median time of ``forward(images)`` over ``repeats`` calls, after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        forward(images)
-    _synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward(images)
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and the threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-                break
-    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: str | torch.device = "cpu", *,
@@ -199,7 +162,7 @@ def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: st
         with torch.no_grad():
             macs = count_macs(lambda: forward(one))
         with torch.no_grad(), autocast(device, amp):
-            seconds = _seconds_per_batch(forward, first, device, warmup, timed_batches)
+            seconds = median_seconds(lambda: forward(first), device, timed_batches, warmup)
         results.append({
             **config,
             "top1": hits[1] / seen,

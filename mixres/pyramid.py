@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["QuadtreeGeometry", "valid_n_patches", "pack_pyramid", "saliency_to_pyramid"]
+__all__ = ["QuadtreeGeometry", "valid_n_patches", "default_max_patch_size", "pack_pyramid", "saliency_to_pyramid"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,14 @@ def valid_n_patches(height: int, width: int | None = None, min_patch_size: int =
     """
     return QuadtreeGeometry(height, height if width is None else width, min_patch_size,
                             max_patch_size).valid_n_patches()
+
+
+def default_max_patch_size(height: int, width: int, min_patch_size: int) -> int:
+    """The largest of 4, 2 and 1 times ``min_patch_size`` that divides both sides: 32 for 224 px and 16 px leaves,
+    64 for 256 or 384 px. ``min_patch_size`` when none does, which :class:`QuadtreeGeometry` then rejects with the
+    sizes that would fit."""
+    return next((min_patch_size * factor for factor in (4, 2) if height % (min_patch_size * factor) == 0
+                 and width % (min_patch_size * factor) == 0), min_patch_size)
 
 
 def _check_map(name: str, value, batch: int, shape: tuple[int, int], device: torch.device) -> Tensor:

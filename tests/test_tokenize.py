@@ -111,6 +111,15 @@ def test_valid_n_patches():
     assert mixres.valid_n_patches(256, 192) == list(range(12, 193, 3))
 
 
+def test_default_max_patch_size():
+    from mixres.pyramid import default_max_patch_size
+
+    assert default_max_patch_size(224, 224, 16) == 32 and default_max_patch_size(256, 384, 16) == 64
+    assert default_max_patch_size(224, 256, 8) == 32 and default_max_patch_size(48, 48, 16) == 16
+    with pytest.raises(ValueError, match="not a multiple of max_patch_size 16"):
+        mixres.QuadtreeGeometry(200, 200, 16, default_max_patch_size(200, 200, 16))  # none divides: the error says so
+
+
 def test_docstring_documents_shapes_and_errors():
     doc = mixres.tokenize.__doc__
     for phrase in ("[B, C, H, W]", "[B, N, C, p, p]", "[B, N, 3]", "[B, N, 2]", "Raises", "nearest valid"):

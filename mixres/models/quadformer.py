@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..mosaic import Mosaic, tokenize
-from ..pyramid import QuadtreeGeometry
+from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Scorer, create_scorer
 from .position import LearnedXYEmbed, leaf_table_embed, sincos_xy_embed
 
@@ -71,8 +71,7 @@ class Quadformer(nn.Module):
             raise ValueError(f"resize_mode must be 'area' or 'bilinear', got {resize_mode!r}")
         min_patch_size = self.patch_size if min_patch_size is None else min_patch_size
         if max_patch_size is None:
-            max_patch_size = next(min_patch_size * factor for factor in (4, 2, 1)
-                                  if all(side % (min_patch_size * factor) == 0 for side in image_size))
+            max_patch_size = default_max_patch_size(*image_size, min_patch_size)
         self.geometry = QuadtreeGeometry(*image_size, min_patch_size, max_patch_size)  # checks the sizes
         self.geometry.check_n_patches(n_patches)
 
