@@ -1,8 +1,8 @@
 """Every example in README.md runs, so that none can rot.
 
 Python blocks run as they are, each in a fresh namespace. Command lines run in-process, made small: the data folder
-becomes a generated one, weight files random ones, ``--epochs`` 1, ``--batch-size`` 4, outputs go to a temporary
-folder. Lines that only continue another (``...``) or that set up a machine (``make``, ``pip``) are the CI's.
+becomes a generated one, the photo and weight files random ones, ``--epochs`` 1, ``--batch-size`` 4, outputs go to
+a temporary folder. Lines that only continue another (``...``) or that set up a machine (``make``, ``pip``) are the CI's.
 """
 import re
 import shlex
@@ -49,13 +49,16 @@ def substitutes(tmp_path_factory):
                 noise = torch.randint(0, 30, (48, 48, 3), generator=generator, dtype=torch.uint8)
                 pixels = (torch.tensor(colour, dtype=torch.uint8) + noise).clamp(0, 255)
                 Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    photo = root / "photo.jpg"
+    Image.fromarray(torch.randint(0, 256, (200, 300, 3), generator=generator, dtype=torch.uint8).numpy()).save(photo)
     weights = root / "vit_small_patch16_224.pth"
     torch.save(timm.create_model("vit_small_patch16_224", depth=1).state_dict(), weights)
     return {"/data/imagenet": str(root / "imagenet"), "vit_small_patch16_224.pth": str(weights), "out": root / "out",
+            "photo.jpg": str(photo),
             "depth": '{"depth": 1}'}
 
 
-def small(words: list[str], substitutes: dict) -> list[str]:
+def small(words: list[str], substitutes: dict, model_kwargs: bool = True) -> list[str]:
     """The arguments of a README command line (after the module), made small as the module docstring says."""
     shrink = {"--epochs": "1", "--batch-size": "4"}
     out, skip = [], False
@@ -67,10 +70,10 @@ def small(words: list[str], substitutes: dict) -> list[str]:
             out[-1:] = [previous, shrink[previous]]
             continue
         word = substitutes.get(word, word)
-        if previous in ("--output", "--checkpoint"):
+        if previous in ("--output", "--checkpoint", "-o"):
             word = str(substitutes["out"] / word)
         out.append(str(word))
-    return out + ["--model-kwargs", substitutes["depth"]]
+    return out + (["--model-kwargs", substitutes["depth"]] if model_kwargs else [])
 
 
 @pytest.mark.filterwarnings("ignore:.*left at their random initialisation")  # 1000 ImageNet classes, 2 here
@@ -91,3 +94,17 @@ def test_training_and_evaluation_examples_run(substitutes):
         ran.append(module)
     assert ran == ["mixres.train", "mixres.evaluate"], f"README commands not run: {ran}"
     assert (substitutes["out"] / "out" / "eval" / "budgets.csv").exists()
+
+
+def test_mixres_command_examples_run(substitutes, capsys):
+    from mixres import cli
+
+    ran = []
+    for words in command_lines():
+        if words[0] != "mixres":
+            continue
+        assert cli.main(small(words[1:], substitutes, model_kwargs=False)) == 0, words
+        ran.append(words[1])
+    assert ran == ["mosaic", "bench", "budgets"], f"README commands not run: {ran}"
+    assert (substitutes["out"] / "out" / "mosaic" / "photo.json").exists()
+    assert "49 52 55" in capsys.readouterr().out
