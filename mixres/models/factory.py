@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
+from ..checkpoints import read_state_dict
 from .quadformer import Quadformer
 from .registry import create_quadformer
 
@@ -79,29 +78,6 @@ def create_model(name: str, *, pretrained: bool = False, pretrained_file: str | 
         kwargs["pretrained_cfg_overlay"] = overlay
         pretrained = True
     return timm.create_model(name, pretrained=pretrained, **kwargs)
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A state dict from a ``.safetensors`` or ``torch.save`` file: bare, or a training checkpoint holding it under
-    ``"model"`` or ``"state_dict"``; the prefixes of DDP (``module.``) and torch.compile (``_orig_mod.``) are
-    removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
-        raise ValueError(f"{path} holds no state dict (a dict of tensors, or a checkpoint with one under 'model' "
-                         f"or 'state_dict')")
-    return {key.removeprefix("module.").removeprefix("_orig_mod."): value for key, value in state.items()}
 
 
 def load_weights(model: Quadformer, path: str | os.PathLike, pretrained: bool = False) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoints import read_state_dict
 from .base import Scorer
 
 __all__ = ["FeatureBased"]
@@ -213,17 +213,7 @@ def _is_head(module: nn.Module) -> bool:
 
 
 def _load_weights(backbone: nn.Module, path: str | os.PathLike, name: str) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(f"weights file {os.fspath(path)!r} is not a PyTorch state dict: {error}") from error
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"weights file {os.fspath(path)!r} must hold a state dict {{name: Tensor}}, possibly as "
-                         f"{{'state_dict': ...}} or {{'model': ...}}; got {type(state).__name__}")
+    state = read_state_dict(path)
     own = backbone.state_dict()
     where = f"weights file {os.fspath(path)!r} does not fit backbone {name!r}"
     # BatchNorm's batch counter is absent from old checkpoints and unused in eval mode.
