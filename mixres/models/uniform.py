@@ -90,7 +90,10 @@ class UniformGrid(nn.Module):
         return f"grid={self.grid}, antialias={self.antialias}"
 
     def tokenize(self, images: Tensor, grid: int | tuple[int, int] | None = None) -> Mosaic:
-        """``images [B, C, H, W]`` -> the mosaic of the grid's ``rows * cols`` equal leaves (see the class)."""
+        """``images [B, C, H, W]`` -> the mosaic of the grid's ``rows * cols`` equal leaves (see the class).
+
+        Its boxes are in the resized image. With the ``xy`` embeddings, its centres and ``image_size`` are the input
+        image's instead (where the Quadformer reads positions), so ``mosaic.to_grid`` does not apply to it then."""
         model = self.quadformer
         side = model.min_patch_size
         grid = _as_grid(grid) if grid is not None else self.grid
