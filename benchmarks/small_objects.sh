@@ -7,7 +7,8 @@
 #
 #   benchmarks/small_objects.sh [OUT]        (default out/small_objects)
 #   env: PYTHON (.venv/bin/python), BUDGETS ("25 49"), EPOCHS (20), TRAIN (30000), VAL (2000), BATCH (128),
-#        LR (1e-3), WORKERS (8), DEVICE (cuda if available, else cpu)
+#        LR (1e-3), WORKERS (8), DEVICE (cuda if available, else cpu), DATA_KWARGS (SmallObjects arguments as
+#        JSON, e.g. '{"object_size": [20, 28]}' for larger digits; default {})
 # Prints a Markdown table (also OUT/summary.md) of the best and last validation top-1 of each run, then sweeps the
 # budgets of the last budget's Quadformer against the uniform grid of its own weights (OUT/sweep/budgets.png).
 # Sized for one GPU. A ViT trained from scratch needs the data: on 5000 images for 15 epochs (CPU) it stayed at
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 OUT="${1:-out/small_objects}"
 BUDGETS="${BUDGETS:-25 49}"
+DATA_KWARGS="${DATA_KWARGS:-{\}}"
 DEVICE_ARGS=()
 [ -n "${DEVICE:-}" ] && DEVICE_ARGS=(--device "$DEVICE")
 
@@ -26,7 +28,8 @@ for n in $BUDGETS; do
     [ "$method" = uniform ] && extra=(--uniform-grid)
     "$PYTHON" -m mixres.train --model quadformer_vit_tiny_patch16_224 --img-size 256 \
       --model-kwargs '{"embed_dim": 96, "depth": 4, "num_heads": 3}' --pos-embed xy --scorer pixel-blur \
-      --n-patches "$n" "${extra[@]}" --data small-objects --train-length "${TRAIN:-30000}" --val-length "${VAL:-2000}" \
+      --n-patches "$n" "${extra[@]}" --data small-objects --data-kwargs "$DATA_KWARGS" \
+      --train-length "${TRAIN:-30000}" --val-length "${VAL:-2000}" \
       --no-augment --epochs "${EPOCHS:-20}" --warmup-epochs 1 --batch-size "${BATCH:-128}" --lr "${LR:-1e-3}" \
       --weight-decay 0.05 --workers "${WORKERS:-8}" --seed 0 "${DEVICE_ARGS[@]}" --output "$OUT/$method-$n"
   done
@@ -59,6 +62,7 @@ PY
 last="${BUDGETS##* }"
 "$PYTHON" -m mixres.evaluate --model quadformer_vit_tiny_patch16_224 --img-size 256 \
   --model-kwargs '{"embed_dim": 96, "depth": 4, "num_heads": 3}' --pos-embed xy --scorer pixel-blur --num-classes 10 \
-  --checkpoint "$OUT/quadformer-$last/best.pt" --data small-objects --val-length "${VAL:-2000}" \
+  --checkpoint "$OUT/quadformer-$last/best.pt" --data small-objects --data-kwargs "$DATA_KWARGS" \
+  --val-length "${VAL:-2000}" \
   --budgets 16,25,34,49,64,100 --batch-size "${BATCH:-128}" --workers "${WORKERS:-8}" "${DEVICE_ARGS[@]}" \
   --output "$OUT/sweep"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["HelpFormatter", "add_workers_option", "add_model_options", "check_model_options", "build_model", "add_amp_option", "autocast", "json_object",
+__all__ = ["HelpFormatter", "add_workers_option", "add_data_kwargs_option", "add_model_options", "check_model_options", "build_model", "add_amp_option", "autocast", "json_object",
            "require_at_least", "require_file", "QUADFORMER_OPTIONS", "AMP_DTYPES"]
 
 # The options that configure a Quadformer, each named as the Quadformer argument it sets.
@@ -148,6 +148,13 @@ def add_workers_option(group, help: str) -> None:
     group.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))
                                                           if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1),
                        help=help)
+
+
+def add_data_kwargs_option(group) -> None:
+    """Adds ``--data-kwargs``: more arguments of generated data (:class:`mixres.datasets.SmallObjects`)."""
+    group.add_argument("--data-kwargs", type=json_object, default=None,
+                       help='more arguments of the generated data (small-objects), a JSON object: '
+                            '\'{"object_size": [20, 28]}\'')
 
 
 def add_amp_option(group, note: str = "") -> None:

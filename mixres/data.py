@@ -35,7 +35,7 @@ class _Normalized(Dataset):
 
 
 def build_dataset(source: str | os.PathLike, split: str, image_size: int | tuple[int, int], mean, std,
-                  train: bool, length: int | None = None, seed: int = 0) -> Dataset:
+                  train: bool, length: int | None = None, seed: int = 0, generator_kwargs: dict | None = None) -> Dataset:
     """A dataset of ``(image [3, H, W] normalised with mean and std, label)``.
 
     Args:
@@ -54,6 +54,8 @@ def build_dataset(source: str | os.PathLike, split: str, image_size: int | tuple
             evaluation resize and centre crop. Generated small-objects images are never augmented.
         length: items of a generated split (small-objects only; default 10000 for train, 2000 for val).
         seed: the generated split's seed (small-objects only).
+        generator_kwargs: more :class:`mixres.datasets.SmallObjects` arguments (small-objects only), e.g.
+            ``{"object_size": [20, 28]}``.
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if str(source) == SMALL_OBJECTS:
@@ -62,7 +64,10 @@ def build_dataset(source: str | os.PathLike, split: str, image_size: int | tuple
         if size[0] != size[1]:
             raise ValueError(f"small-objects images are square; got image_size {size}")
         length = length if length is not None else (10000 if split == "train" else 2000)
-        return _Normalized(SmallObjects(split=split, length=length, image_size=size[0], seed=seed), mean, std)
+        generated = SmallObjects(split=split, length=length, image_size=size[0], seed=seed, **(generator_kwargs or {}))
+        return _Normalized(generated, mean, std)
+    if generator_kwargs:
+        raise ValueError(f"generator arguments are for {SMALL_OBJECTS!r} data, not {str(source)!r}")
 
     from timm.data import create_dataset, create_transform
 

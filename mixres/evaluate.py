@@ -24,8 +24,8 @@ from torch.utils.data import IterableDataset, Subset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
-from ._args import (HelpFormatter, add_amp_option, add_model_options, add_workers_option, autocast, build_model,
-                    check_model_options, require_at_least, require_file)
+from ._args import (HelpFormatter, add_amp_option, add_data_kwargs_option, add_model_options, add_workers_option,
+                    autocast, build_model, check_model_options, require_at_least, require_file)
 from ._timing import device_name, median_seconds
 from .data import SMALL_OBJECTS, build_dataset, build_loader
 from .models import load_weights, read_state_dict
@@ -269,6 +269,7 @@ def _parser() -> argparse.ArgumentParser:
                            f"dataset name (torch/cifar10, read under $MIXRES_DATA)")
     data.add_argument("--split", default="val", help="the split to evaluate")
     data.add_argument("--val-length", type=int, default=None, help="images of a generated split (small-objects)")
+    add_data_kwargs_option(data)
     data.add_argument("--batch-size", type=int, default=64, help="batch size, also of the throughput timing")
     data.add_argument("--limit", type=int, default=None,
                       help="evaluate at most this many images, spread evenly over the dataset")
@@ -318,8 +319,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     try:
         dataset = build_dataset(args.data, args.split, (geometry.height, geometry.width),
                                 model.input_mean.flatten().tolist(), model.input_std.flatten().tolist(),
-                                train=False, length=args.val_length, seed=args.seed)
-    except (ValueError, OSError) as error:
+                                train=False, length=args.val_length, seed=args.seed,
+                                generator_kwargs=args.data_kwargs)
+    except (ValueError, TypeError, OSError) as error:
         parser.error(f"--data: {error}")
     classes = getattr(dataset, "classes", None)
     if classes is not None and len(classes) > model.num_classes:

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ._args import (HelpFormatter, add_amp_option, add_model_options, add_workers_option, autocast, build_model,
-                    check_model_options, require_at_least)
+from ._args import (HelpFormatter, add_amp_option, add_data_kwargs_option, add_model_options, add_workers_option,
+                    autocast, build_model, check_model_options, require_at_least)
 from .data import build_dataset, build_loader
 
 __all__ = ["main", "parse_args", "warmup_cosine", "evaluate", "weights_digest"]
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--val-split", default="val")
     data.add_argument("--train-length", type=int, default=None, help="generated training images (small-objects)")
     data.add_argument("--val-length", type=int, default=None, help="generated validation images (small-objects)")
+    add_data_kwargs_option(data)
     data.add_argument("--no-augment", action="store_true",
                       help="train on the evaluation transform (resize and centre crop) instead of random crops, "
                            "flips and colour jitter")
@@ -256,10 +257,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     image_size, mean, std = _data_config(args)
     try:
         train_set = build_dataset(args.data, args.train_split, image_size, mean, std, train=not args.no_augment,
-                                  length=args.train_length, seed=args.seed)
+                                  length=args.train_length, seed=args.seed, generator_kwargs=args.data_kwargs)
         val_set = build_dataset(args.data, args.val_split, image_size, mean, std, train=False,
-                                length=args.val_length, seed=args.seed + 1)
-    except (ValueError, OSError) as error:
+                                length=args.val_length, seed=args.seed + 1, generator_kwargs=args.data_kwargs)
+    except (ValueError, TypeError, OSError) as error:
         parser.error(f"--data: {error}")
     num_classes = args.num_classes if args.num_classes is not None else _count_classes(train_set)
     if num_classes is None:

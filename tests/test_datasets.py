@@ -174,3 +174,16 @@ def test_bad_argument_types_are_named():
         SmallObjects(background_contrast="faint")
     with pytest.raises(ValueError, match="outside the dataset"):
         SmallObjects("train", 3).tensors(4)
+
+
+def test_build_dataset_passes_generator_arguments_to_small_objects(tmp_path):
+    from mixres.data import build_dataset
+
+    dataset = build_dataset("small-objects", "val", 64, (0.5,) * 3, (0.5,) * 3, train=False, length=4,
+                            generator_kwargs={"object_size": [20, 24]})
+    assert len(dataset) == 4 and dataset.dataset.object_size == (20, 24)
+    image, _ = dataset[0]
+    assert image.shape == (3, 64, 64) and image.min() >= -1 and image.max() <= 1  # normalised with 0.5, 0.5
+    with pytest.raises(ValueError, match="generator arguments are for 'small-objects' data"):
+        build_dataset(str(tmp_path), "val", 64, (0.5,) * 3, (0.5,) * 3, train=False,
+                      generator_kwargs={"object_size": [20, 24]})
