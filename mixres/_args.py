@@ -13,12 +13,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["HelpFormatter", "add_workers_option", "add_data_kwargs_option", "add_model_options", "check_model_options", "build_model", "add_amp_option", "autocast", "json_object",
-           "require_at_least", "require_file", "QUADFORMER_OPTIONS", "AMP_DTYPES"]
+from .scorers import SCORERS
+
+__all__ = ["HelpFormatter", "add_model_options", "check_model_options", "build_model", "add_workers_option",
+           "add_data_kwargs_option", "add_amp_option", "autocast", "json_object", "require_at_least", "require_file",
+           "QUADFORMER_OPTIONS", "AMP_DTYPES", "COMMAND_LINE_SCORERS"]
 
 # The options that configure a Quadformer, each named as the Quadformer argument it sets.
 QUADFORMER_OPTIONS = ("n_patches", "scorer", "scorer_kwargs", "pos_embed", "min_patch_size", "max_patch_size")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# GradCAM needs a classifier and Precomputed a saliency map: neither can be given on the command line.
+COMMAND_LINE_SCORERS = tuple(name for name in SCORERS if name not in ("gradcam", "precomputed"))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -49,7 +54,6 @@ def add_model_options(parser: argparse.ArgumentParser, *, quadformer_only: bool 
     ``quadformer_`` prefix optional) and ``--n-patches`` is left out: the caller sets the budget per call.
     Returns the "model" group, for a caller's own options."""
     from .models import POS_EMBEDS
-    from .scorers import SCORERS
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True,
@@ -79,9 +83,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, quadformer_only: bool 
         quadformer.add_argument("--uniform-grid", action="store_true",
                                 help="the uniform-grid baseline instead, at the same budget: the ViT on the images "
                                      "resized to the grid of about --n-patches tokens (mixres.models.UniformGrid)")
-    # GradCAM needs a classifier and Precomputed a saliency map: neither can be given on the command line.
-    quadformer.add_argument("--scorer", default=None, choices=[name for name in SCORERS
-                                                               if name not in ("gradcam", "precomputed")],
+    quadformer.add_argument("--scorer", default=None, choices=COMMAND_LINE_SCORERS,
                             help="the leaves' scorer (default: pixel-blur)")
     quadformer.add_argument("--scorer-kwargs", type=json_object, default=None,
                             help='the scorer\'s arguments, a JSON object: \'{"weights": "shufflenet.pth"}\' for '

@@ -22,17 +22,15 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from ._args import HelpFormatter, json_object, require_at_least
+from ._args import COMMAND_LINE_SCORERS, HelpFormatter, json_object, require_at_least
 from ._timing import device_name, format_throughput, kernel_label, median_seconds, throughput_row, time_tokenizer
 from .demo import fit_to_multiple, nearest_valid_n_patches, save_mosaic
 from .mosaic import tokenize
 from .pyramid import QuadtreeGeometry, default_max_patch_size
-from .scorers import SCORERS, Random, create_scorer
+from .scorers import Random, create_scorer
 
 __all__ = ["main", "build_parser", "load_image"]
 
-# GradCAM needs a classifier and Precomputed a saliency map: neither can be given on the command line.
-COMMAND_LINE_SCORERS = tuple(name for name in SCORERS if name not in ("gradcam", "precomputed"))
 BENCH_SCORERS = ("pixel-blur", "entropy", "random", "uniform")
 DEFAULT_VIT = "vit_base_patch16_224"
 
