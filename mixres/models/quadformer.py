@@ -79,11 +79,8 @@ class Quadformer(nn.Module):
         self.pos_embed_kind = pos_embed
         self.resize_mode = resize_mode
         self.n_patches = n_patches
-        if isinstance(scorer, str):
-            scorer = create_scorer(scorer, min_patch_size, max_patch_size, **(scorer_kwargs or {}))
-        elif scorer_kwargs:
-            raise TypeError("scorer_kwargs are for a scorer given by name; this scorer is already built")
-        self.scorer = create_scorer(scorer, min_patch_size, max_patch_size)
+        # A name is built with its arguments; a built scorer is checked (and arguments for it refused) there too.
+        self._scorer = create_scorer(scorer, min_patch_size, max_patch_size, **(scorer_kwargs or {}))
 
         self.xy_embed = None
         if pos_embed != "resample":
