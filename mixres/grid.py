@@ -131,7 +131,7 @@ class _Pool(_LeafGridFunction):
         # Level j holds the sums of the aligned 2^j x 2^j blocks, [B, h / 2^j * w / 2^j, D], all levels in one
         # tensor so that a single gather reads every leaf's block from the level of its size. Copying the cells in
         # first (D innermost, whatever the grid's layout) lets the sums and the gather read whole D-vectors.
-        sides = _level_sides(rows, cols)
+        sides = block_sides(rows, cols)
         counts = [rows // k * (cols // k) for k in sides]
         batch, dim = cells.shape[0], cells.shape[2]
         pyramid = cells.new_empty(batch, sum(counts), dim)
@@ -141,12 +141,7 @@ class _Pool(_LeafGridFunction):
             quads = finer.unflatten(1, (rows // k, 2, cols // k, 2))
             level.copy_(((quads[:, :, 0, :, 0] + quads[:, :, 0, :, 1])
                          + (quads[:, :, 1, :, 0] + quads[:, :, 1, :, 1])).flatten(1, 2))
-        row, col, side = (boxes.long() // min_patch_size).unbind(-1)
-        area = side * side
-        # Levels 0 .. j-1 before the level of side k = 2^j hold h w (1 + 1/4 + ... + 1/4^(j-1)) = 4 (h w / k^2)
-        # (k^2 - 1) / 3 entries; 3 divides k^2 - 1 = 4^j - 1.
-        start = rows * cols // area * ((area - 1) // 3) * 4
-        index = start + row // side * (cols // side) + col // side
+        index = block_index(boxes, min_patch_size, rows, cols)
         return pyramid.gather(1, index[..., None].expand(-1, -1, dim))
 
     @staticmethod
@@ -154,12 +149,23 @@ class _Pool(_LeafGridFunction):
         return _adjoint(_Paint, ctx, grad)
 
 
-def _level_sides(rows: int, cols: int) -> list[int]:
+def block_sides(rows: int, cols: int) -> list[int]:
     """The leaf sides in cells that a rows x cols grid can hold: 1, 2, 4, ..., each dividing rows and cols."""
     sides = [1]
     while rows % (2 * sides[-1]) == 0 and cols % (2 * sides[-1]) == 0 and 2 * sides[-1] <= min(rows, cols):
         sides.append(2 * sides[-1])
     return sides
+
+
+def block_index(boxes: Tensor, min_patch_size: int, rows: int, cols: int) -> Tensor:
+    """``[B, N]`` int64: where each leaf's block lies in a pyramid of a rows x cols grid's aligned blocks, the
+    levels of sides 1, 2, 4, ... cells (:func:`block_sides`) concatenated, each level in raster order."""
+    row, col, side = (boxes.long() // min_patch_size).unbind(-1)
+    area = side * side
+    # Levels 0 .. j-1 before the level of side k = 2^j hold h w (1 + 1/4 + ... + 1/4^(j-1)) = 4 (h w / k^2)
+    # (k^2 - 1) / 3 entries; 3 divides k^2 - 1 = 4^j - 1.
+    start = rows * cols // area * ((area - 1) // 3) * 4
+    return start + row // side * (cols // side) + col // side
 
 
 def _owner_index(boxes: Tensor, min_patch_size: int, rows: int, cols: int) -> Tensor:
@@ -177,7 +183,7 @@ def _owner_index(boxes: Tensor, min_patch_size: int, rows: int, cols: int) -> Te
     row = torch.arange(rows, device=boxes.device)[:, None]
     col = torch.arange(cols, device=boxes.device)[None, :]
     owner_corner = boxes.new_zeros(batch, rows * cols)
-    for side in _level_sides(rows, cols):
+    for side in block_sides(rows, cols):
         aligned = ((row // side * side) * cols + col // side * side).flatten()  # [rows * cols]
         owner_corner = torch.where(side_at.index_select(1, aligned) == side, aligned, owner_corner)
     leaf_at = boxes.new_zeros(batch, rows * cols).scatter_(

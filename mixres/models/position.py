@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..grid import block_index, block_sides
+
 __all__ = ["leaf_table_embed", "sincos_xy_embed", "LearnedXYEmbed"]
 
 
@@ -27,26 +29,14 @@ def leaf_table_embed(table: Tensor, boxes: Tensor, min_patch_size: int, max_patc
     Returns:
         ``[B, N, D]`` in the table's dtype.
     """
-    rows, cols, dim = table.shape
+    rows, cols, _ = table.shape
     grid = table.permute(2, 0, 1).unsqueeze(0)  # [1, D, gh, gw]
-    pooled, offsets, offset, cells = [], {}, 0, 1
-    # No leaf spans more cells than the table has (a table coarser than the model's: the uniform-grid baseline).
-    while cells * min_patch_size <= max_patch_size and cells <= min(rows, cols):
-        level = grid if cells == 1 else F.avg_pool2d(grid, cells)
-        pooled.append(level.flatten(2)[0].T)  # [gh/k * gw/k, D]
-        offsets[cells] = offset
-        offset += pooled[-1].shape[0]
-        cells *= 2
-    # offset_of[k]: where the table of leaves of k cells starts, looked up by k (a power of two).
-    offset_of = torch.zeros(cells // 2 + 1, dtype=torch.long, device=table.device)
-    for k, start in offsets.items():
-        offset_of[k] = start
-    boxes = boxes.long()
-    size = boxes[..., 2]
-    cells_per_leaf = size // min_patch_size
-    index = (offset_of[cells_per_leaf] + (boxes[..., 0] // size) * (cols // cells_per_leaf)
-             + boxes[..., 1] // size)
-    return torch.cat(pooled)[index]
+    # The pyramid of tokens_to_grid's adjoint, of means rather than sums, and once for the whole batch: every leaf
+    # side up to max_patch_size (and no larger than the table: the uniform-grid baseline's is coarser).
+    levels = [grid if cells == 1 else F.avg_pool2d(grid, cells) for cells in block_sides(rows, cols)
+              if cells * min_patch_size <= max_patch_size]
+    pooled = torch.cat([level.flatten(2)[0].T for level in levels])  # [sum of gh/k * gw/k, D]
+    return pooled[block_index(boxes, min_patch_size, rows, cols)]
 
 
 def sincos_xy_embed(centers: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
