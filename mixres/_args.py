@@ -15,9 +15,10 @@ from torch import nn
 
 from .scorers import SCORERS
 
-__all__ = ["HelpFormatter", "add_model_options", "check_model_options", "build_model", "add_workers_option",
-           "add_data_kwargs_option", "add_amp_option", "autocast", "json_object", "require_at_least", "require_file",
-           "QUADFORMER_OPTIONS", "AMP_DTYPES", "COMMAND_LINE_SCORERS"]
+__all__ = ["HelpFormatter", "add_model_options", "check_model_options", "build_model", "add_device_option",
+           "usable_device", "add_workers_option", "add_data_kwargs_option", "add_amp_option", "autocast",
+           "json_object", "require_at_least", "require_file", "QUADFORMER_OPTIONS", "AMP_DTYPES",
+           "COMMAND_LINE_SCORERS"]
 
 # The options that configure a Quadformer, each named as the Quadformer argument it sets.
 QUADFORMER_OPTIONS = ("n_patches", "scorer", "scorer_kwargs", "pos_embed", "min_patch_size", "max_patch_size")
@@ -127,7 +128,8 @@ def build_model(args: argparse.Namespace, num_classes: int | None = None, load_p
     """The model of the options that :func:`add_model_options` adds (checked by :func:`check_model_options`):
     :func:`mixres.models.create_model` with ``--model-kwargs``, the image size, the Quadformer options and the
     starting weights (``--pretrained``, ``--pretrained-file``; none when ``load_pretrained`` is False, as for a
-    resumed run that reads its own); wrapped in a :class:`mixres.models.UniformGrid` for ``--uniform-grid``. ``num_classes``, where given, overrides ``--num-classes``."""
+    resumed run that reads its own); wrapped in a :class:`mixres.models.UniformGrid` for ``--uniform-grid``.
+    ``num_classes``, where given, overrides ``--num-classes``."""
     from .models import create_model
 
     kwargs = dict(args.model_kwargs)
@@ -143,6 +145,24 @@ def build_model(args: argparse.Namespace, num_classes: int | None = None, load_p
 
         model = UniformGrid(model, grid=grid_for_budget(model.n_patches, (model.geometry.height, model.geometry.width)))
     return model
+
+
+def usable_device(text: str) -> torch.device:
+    """An argparse type: a torch device that this machine can use."""
+    try:
+        device = torch.device(text)
+        torch.empty(0, device=device)
+    # torch reports a device it cannot use in several ways: RuntimeError, AssertionError (a build without CUDA)...
+    except Exception as error:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be used here: {str(error).splitlines()[0]}") from None
+    return device
+
+
+def add_device_option(group) -> None:
+    """Adds ``--device``, checked to be usable here (:func:`usable_device`). Not for training under torchrun, where
+    each process must pick its own GPU before touching any."""
+    group.add_argument("--device", type=usable_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (default: cuda when there is one, else cpu)")
 
 
 def add_workers_option(group, help: str) -> None:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from ._args import COMMAND_LINE_SCORERS, HelpFormatter, json_object, require_at_least
+from ._args import COMMAND_LINE_SCORERS, HelpFormatter, add_device_option, json_object, require_at_least
 from ._timing import device_name, format_throughput, kernel_label, median_seconds, throughput_row, time_tokenizer
 from .demo import fit_to_multiple, nearest_valid_n_patches, save_mosaic
 from .mosaic import tokenize
@@ -44,17 +44,6 @@ def load_image(path: str | os.PathLike) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- shared options
-def _device(text: str) -> torch.device:
-    """An argparse type: a torch device that this machine can use."""
-    try:
-        device = torch.device(text)
-        torch.empty(0, device=device)
-    # torch reports a device it cannot use in several ways: RuntimeError, AssertionError (a build without CUDA)...
-    except Exception as error:
-        raise argparse.ArgumentTypeError(f"{text!r} cannot be used here: {str(error).splitlines()[0]}") from None
-    return device
-
-
 def _scorer_names(text: str) -> list[str]:
     """An argparse type: comma-separated scorer names (``pixel-blur,entropy``) -> their list."""
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -76,11 +65,6 @@ def _add_patch_options(parser: argparse.ArgumentParser, max_default: int | None 
 
 def _add_mode_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="area", choices=("area", "bilinear"), help="how leaves are resized to tokens")
-
-
-def _add_device_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda when there is one, else cpu)")
 
 
 def _geometry(parser: argparse.ArgumentParser, args: argparse.Namespace, height: int, width: int,
@@ -320,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "side rounded to its nearest multiple of --max, halves up, at least --max; an image "
                              "that fits is not resampled). Resizing is bilinear with antialiasing")
     mosaic.add_argument("--batch", type=int, default=16, help="images tokenized together, all of one size")
-    _add_device_option(mosaic)
+    add_device_option(mosaic)
     mosaic.add_argument("-o", "--out", type=Path, default=Path("out/mosaic"), help="output folder, created if needed")
     mosaic.set_defaults(run=_mosaic, parser=mosaic)
 
@@ -331,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "forward over the tokens; prints ms per batch, images/s and each time over the tokenizer's. "
                     "CUDA work is waited for before each time is read. The benchmarks/ suite (pytest-benchmark) "
                     "measures more.")
-    _add_device_option(bench)
+    add_device_option(bench)
     bench.add_argument("--batch", type=int, default=None, help="images per batch (default: 256 on CUDA, 16 on the CPU)")
     bench.add_argument("--size", type=int, default=224, help="image height")
     bench.add_argument("--width", type=int, default=None, help="image width (default: --size)")

@@ -35,7 +35,8 @@ class _Normalized(Dataset):
 
 
 def build_dataset(source: str | os.PathLike, split: str, image_size: int | tuple[int, int], mean, std,
-                  train: bool, length: int | None = None, seed: int = 0, generator_kwargs: dict | None = None) -> Dataset:
+                  train: bool, length: int | None = None, seed: int = 0,
+                  generator_kwargs: dict | None = None) -> Dataset:
     """A dataset of ``(image [3, H, W] normalised with mean and std, label)``.
 
     Args:

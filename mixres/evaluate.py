@@ -24,8 +24,8 @@ from torch.utils.data import IterableDataset, Subset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
-from ._args import (HelpFormatter, add_amp_option, add_data_kwargs_option, add_model_options, add_workers_option,
-                    autocast, build_model, check_model_options, require_at_least, require_file)
+from ._args import (HelpFormatter, add_amp_option, add_data_kwargs_option, add_device_option, add_model_options,
+                    add_workers_option, autocast, build_model, check_model_options, require_at_least, require_file)
 from ._timing import device_name, median_seconds
 from .data import SMALL_OBJECTS, build_dataset, build_loader
 from .models import load_weights, read_state_dict
@@ -278,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--budgets", default=None,
                      help="comma-separated leaf budgets, e.g. 49,64,100,145,196 (default: 5 valid ones from the "
                           "fewest to the most)")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add_device_option(run)
     add_amp_option(run)
     run.add_argument("--warmup", type=int, default=2, help="untimed forward calls before timing")
     run.add_argument("--timed-batches", type=int, default=5, help="timed forward calls (the median is reported)")
@@ -297,10 +297,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     require_at_least(parser, args, 1, ("batch_size", "limit", "timed_batches", "val_length"))
     require_at_least(parser, args, 0, ("warmup", "workers"))
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        parser.error(f"--device: {error}")
+    device = args.device
     torch.manual_seed(args.seed)
     try:
         if args.num_classes is None and args.checkpoint is not None:
@@ -337,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
           f"{f', autocast to {args.amp}' if args.amp else ''}")
     rows = evaluate_budgets(model, loader, budgets, device, limit=args.limit, amp=args.amp, warmup=args.warmup,
                             timed_batches=args.timed_batches)
-    config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    config = {key: str(value) if isinstance(value, (Path, torch.device)) else value
+              for key, value in vars(args).items()}
     config.update(budgets=budgets, scorer_class=type(model.scorer).__name__, min_patch_size=model.min_patch_size,
                   max_patch_size=model.max_patch_size, image_size=[geometry.height, geometry.width])
     paths = write_results(rows, args.output, config,
