@@ -14,12 +14,14 @@ from mixres.scorers import PixelBlur, Random, Scorer, Uniform
 from helpers import random_mosaic
 
 # Small ViTs covering timm's variants: class token with it in the table, DeiT-III's table without the prefix
-# tokens (no_embed_class), register tokens, no class token with average pooling, non-square images.
+# tokens (no_embed_class), register tokens, no class token with average or max pooling (benchmarks/small_objects.sh),
+# non-square images.
 VIT_VARIANTS = {
     "cls": dict(),
     "no_embed_class": dict(no_embed_class=True),
     "registers": dict(reg_tokens=2, no_embed_class=True),
     "avg_pool": dict(class_token=False, global_pool="avg"),
+    "max_pool": dict(class_token=False, global_pool="max"),
     "non_square": dict(img_size=(64, 128)),
 }
 

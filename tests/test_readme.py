@@ -4,8 +4,11 @@ Python blocks run as they are, each in a fresh namespace. Command lines run in-p
 becomes a generated one, the photo and weight files random ones, ``--epochs`` 1, ``--batch-size`` 4, outputs go to
 a temporary folder. Lines that only continue another (``...``) or that set up a machine (``make``, ``pip``) are the CI's.
 """
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,20 @@ def test_mixres_command_examples_run(substitutes, capsys):
     assert ran == ["mosaic", "bench", "budgets"], f"README commands not run: {ran}"
     assert (substitutes["out"] / "out" / "mosaic" / "photo.json").exists()
     assert "49 52 55" in capsys.readouterr().out
+
+
+def test_small_objects_script_runs(tmp_path):
+    """benchmarks/small_objects.sh end to end, made small: both methods train at one budget, then the sweep."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("matplotlib")
+    script = Path(__file__).parents[1] / "benchmarks" / "small_objects.sh"
+    environment = {**os.environ, "PYTHON": sys.executable, "BUDGETS": "25", "TRAIN": "64", "VAL": "32",
+                   "EPOCHS": "1", "BATCH": "16", "WORKERS": "0", "DEVICE": "cpu"}
+    result = subprocess.run(["bash", str(script), str(tmp_path)], env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (tmp_path / "summary.md").read_text().splitlines()[2:]
+    assert [row.split("|")[1:3] for row in rows] == [[" quadformer ", " 25 "], [" uniform ", " 25 (5x5 grid) "]]
+    sweep = (tmp_path / "sweep" / "budgets.csv").read_text().splitlines()
+    assert len(sweep) == 1 + 2 * 6  # a header, then both methods at the script's 6 budgets
+    assert (tmp_path / "sweep" / "budgets.png").stat().st_size > 0
