@@ -153,9 +153,7 @@ def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: st
         raise ValueError("the loader gave no images")
 
     one = first[:1]
-    raw = one * model.input_std.to(one.dtype) + model.input_mean.to(one.dtype)  # what Quadformer.tokenize scores
-    with torch.no_grad():
-        scorer_macs = count_macs(lambda: model.scorer(raw))
+    scorer_macs = count_macs(lambda: model.score(one))
     name, results = device_name(device), []
     for config, hits in zip(configs, correct):
         forward = config.pop("forward")

@@ -155,14 +155,17 @@ class Quadformer(nn.Module):
                 f"pos_embed={self.pos_embed_kind!r}, resize_mode={self.resize_mode!r}, scorer={self.scorer!r}")
 
     # ---------------------------------------------------------------------------------------------------- forward
+    def score(self, images: Tensor):
+        """``images [B, C, H, W]`` (normalised as the ViT's inputs) -> the scorer's output on the images as they
+        were before normalisation (scorers take images in [0, 1]), without gradients."""
+        with torch.no_grad():
+            return self.scorer(images * self.input_std.to(images.dtype) + self.input_mean.to(images.dtype))
+
     def tokenize(self, images: Tensor, n_patches: int | None = None) -> Mosaic:
         """``images [B, C, H, W]`` (normalised as the ViT's inputs) -> their :class:`mixres.Mosaic`, the leaves
-        chosen by the scorer on the unnormalised images and resized to the ViT's patch size."""
-        with torch.no_grad():
-            raw = images * self.input_std.to(images.dtype) + self.input_mean.to(images.dtype)
-            scores = self.scorer(raw)
-        return tokenize(images, scores, self.n_patches if n_patches is None else n_patches, self.min_patch_size,
-                        self.max_patch_size, self.patch_size, self.resize_mode)
+        chosen by the scorer (:meth:`score`) and resized to the ViT's patch size."""
+        return tokenize(images, self.score(images), self.n_patches if n_patches is None else n_patches,
+                        self.min_patch_size, self.max_patch_size, self.patch_size, self.resize_mode)
 
     def embed(self, mosaic: Mosaic) -> Tensor:
         """A mosaic -> the token sequence entering the blocks, ``[B, prefix + N, D]``: leaves embedded by the
