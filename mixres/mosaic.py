@@ -9,11 +9,13 @@ from torch import Tensor
 
 from . import ops
 from .grid import tokens_to_grid
-from .pyramid import QuadtreeGeometry, pack_pyramid, saliency_to_pyramid
+from .pyramid import QuadtreeGeometry, check_int, pack_pyramid, saliency_to_pyramid
 
-__all__ = ["Mosaic", "tokenize"]
+__all__ = ["Mosaic", "tokenize", "NAN_POLICIES"]
 
 _IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What tokenize does with NaN and infinite scores: see its docstring.
+NAN_POLICIES = ("raise", "lowest")
 
 
 @dataclass
@@ -71,6 +73,32 @@ def _check_images(images) -> None:
         raise ValueError("images is an empty batch (B=0): tokenize needs at least one image")
     if images.shape[1] == 0:
         raise ValueError("images has no channels (C=0)")
+    if images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"images have no pixels (H x W = {images.shape[2]} x {images.shape[3]}): height and width "
+                         f"must be positive multiples of max_patch_size")
+
+
+def check_nan_policy(nan_policy) -> str:
+    if not isinstance(nan_policy, str) or nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {', '.join(map(repr, NAN_POLICIES))}, got {nan_policy!r}")
+    return nan_policy
+
+
+def _rank_non_finite_lowest(packed: Tensor) -> Tensor:
+    """``nan_policy="lowest"``: NaN and -Inf scores become the lowest finite value of the scores' dtype, +Inf the
+    highest. Elementwise, so no host synchronisation, and the same on every device."""
+    extremes = torch.finfo(packed.dtype)
+    return torch.nan_to_num(packed, nan=extremes.min, posinf=extremes.max, neginf=extremes.min)
+
+
+def _first_non_finite_pixel(images: Tensor) -> str | None:
+    """Where ``images`` (on the CPU) hold NaN or Inf, in words; None if they are finite."""
+    bad = ~torch.isfinite(images)
+    if not bad.any():
+        return None
+    batch, channel, y, x = bad.nonzero()[0].tolist()
+    return (f"{int(bad.sum())} NaN or Inf values (the first, {images[batch, channel, y, x].item()}, in image "
+            f"{batch}, channel {channel}, at (y, x) = ({y}, {x}))")
 
 
 def _score_pyramid(scores, images: Tensor, geometry: QuadtreeGeometry) -> Tensor:
@@ -107,34 +135,61 @@ def _is_scorer(scores) -> bool:
     return callable(scores) and not isinstance(scores, Tensor)
 
 
+def _build_quadtree(backend: ModuleType, packed: Tensor, images: Tensor, geometry: QuadtreeGeometry,
+                    n_patches: int, scorer) -> Tensor:
+    """The backend's quadtree; when it rejects non-finite scores on the CPU, the error says where they come from."""
+    try:
+        return backend.build_quadtree(packed, geometry.height, geometry.width, geometry.min_patch_size,
+                                      geometry.max_patch_size, n_patches)
+    except ValueError as error:
+        # Only on the CPU: on CUDA, non-finite scores trip a device-side assert instead (checking would need a
+        # host synchronisation), and the arguments were checked before.
+        if packed.device.type != "cpu" or bool(torch.isfinite(packed).all()):
+            raise
+        pixels = _first_non_finite_pixel(images)
+        if pixels is not None:
+            raise ValueError(f"images hold {pixels}, and the scores are not finite there: scorers need finite "
+                             f"pixels. Replace them (e.g. torch.nan_to_num), or pass nan_policy='lowest' to split "
+                             f"the patches with NaN scores last ({error})") from error
+        if scorer is not None:
+            largest = images.abs().amax().item()
+            raise ValueError(f"{error}; the images are finite (largest |value| {largest:.3g}), so the scorer "
+                             f"{scorer!r} made them: its arithmetic may overflow for values this large (scorers "
+                             f"expect images in [0, 1])") from error
+        raise
+
+
 def _tokenize(backend: ModuleType, images: Tensor, scores, n_patches: int, min_patch_size: int | None,
-              max_patch_size: int | None, patch_size: int | None, mode: str) -> Mosaic:
+              max_patch_size: int | None, patch_size: int | None, mode: str, nan_policy: str = "raise") -> Mosaic:
     _check_images(images)
     min_patch_size, max_patch_size = _patch_sizes(scores, min_patch_size, max_patch_size)
     height, width = images.shape[-2:]
     geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
-    geometry.check_n_patches(n_patches)
-    if patch_size is None:
-        patch_size = min_patch_size
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
-        raise ValueError(f"patch_size must be a positive int or None (= min_patch_size), got {patch_size!r}")
+    n_patches = geometry.check_n_patches(n_patches)
+    patch_size = geometry.min_patch_size if patch_size is None else check_int(
+        "patch_size", patch_size, low=1, valid="a positive int or None (= min_patch_size)")
     if mode not in ("area", "bilinear"):
         raise ValueError(f"mode must be 'area' or 'bilinear', got {mode!r}")
-    if _is_scorer(scores):
-        scores = scores(images)
+    check_nan_policy(nan_policy)
+    scorer = scores if _is_scorer(scores) else None
+    if scorer is not None:
+        scores = scorer(images)
     packed = _score_pyramid(scores, images, geometry)
-    boxes = backend.build_quadtree(packed, height, width, min_patch_size, max_patch_size, n_patches)
+    if nan_policy == "lowest":
+        packed = _rank_non_finite_lowest(packed)
+    boxes = _build_quadtree(backend, packed, images, geometry, n_patches, scorer)
     return Mosaic(
         tokens=backend.extract_patches(images, boxes, patch_size, mode),
         boxes=boxes,
-        centers=backend.leaf_centers(boxes, min_patch_size),
-        min_patch_size=min_patch_size,
+        centers=backend.leaf_centers(boxes, geometry.min_patch_size),
+        min_patch_size=geometry.min_patch_size,
         image_size=(height, width),
     )
 
 
 def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int | None = None,
-             max_patch_size: int | None = None, patch_size: int | None = None, mode: str = "area") -> Mosaic:
+             max_patch_size: int | None = None, patch_size: int | None = None, mode: str = "area",
+             nan_policy: str = "raise") -> Mosaic:
     """Splits each image into a quadtree of ``n_patches`` square leaves, greedily by score, and resizes every leaf
     to one token size.
 
@@ -155,25 +210,45 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int |
               averages when it divides evenly, bilinear resampling otherwise);
             - a scorer: a callable ``scorer(images) -> pyramid``, such as :class:`mixres.scorers.PixelBlur`.
 
-            Scores must be finite. float16/bfloat16 maps are compared as float32.
+            Scores must be finite (but see ``nan_policy``). float16/bfloat16 maps are compared (and a dense one
+            summed) as float32.
         n_patches: leaves per image, N = (H/s_max)(W/s_max) + 3k, at most (H/s_min)(W/s_min). See
-            :func:`mixres.valid_n_patches`.
+            :func:`mixres.valid_n_patches`. This and the sizes below take Python ints or integer scalars such as
+            ``np.int64`` (not bools, floats or Tensors).
         min_patch_size, max_patch_size: the smallest and largest leaf side, in pixels; their ratio is a power of 2.
             Default: the scorer's own sizes when ``scores`` is a scorer that has them, else 16 and 64.
         patch_size: token side p; default ``min_patch_size``.
         mode: how a leaf is resized to p x p: ``"area"`` (exact box averaging, ``F.interpolate(mode="area")``) or
             ``"bilinear"`` (``align_corners=False``, no antialiasing).
+        nan_policy: what NaN and infinite scores do:
+
+            - ``"raise"`` (default): they are an error. On the CPU a ``ValueError`` that names the first one, and
+              the images' first NaN or Inf pixel when there is one. **On CUDA they trip a device-side assert**,
+              which ends the process's CUDA context (every later CUDA call fails): raising an exception would need
+              a host synchronisation, which tokenize never does.
+            - ``"lowest"``: they are ranked instead, so a pipeline keeps running: NaN and -Inf count as the lowest
+              finite value of the packed scores' dtype (``torch.finfo(torch.float32).min``, or float64's), +Inf
+              as the highest, so patches with NaN scores are split last; ties go to raster order as always. It
+              costs one elementwise pass over the packed scores (no synchronisation) and gives the same leaves
+              on every device.
+
+    Non-finite pixels: tokenize itself resizes them like any other value (a leaf that holds a NaN gives NaN
+    tokens, as ``F.interpolate`` would). The scorers that read pixel values (PixelBlur, Entropy, FeatureBased,
+    GradCAM) give NaN scores to every patch that holds a NaN or Inf pixel, so ``nan_policy`` decides: on the CPU
+    ``"raise"`` names the pixel, and ``"lowest"`` splits those patches last. Random, Uniform and Precomputed do not
+    read pixel values. On CUDA, check the images yourself if they may hold NaN (``torch.isfinite(images).all()``
+    synchronises once), or use ``"lowest"``.
 
     Returns:
         :class:`Mosaic` with ``tokens [B, N, C, p, p]`` (differentiable w.r.t. ``images``), ``boxes [B, N, 3]``
         int32 (y, x, size) and ``centers [B, N, 2]`` float32.
 
     Raises:
-        TypeError: images or scores not floating point, or n_patches not an int.
-        ValueError: patch sizes that contradict the scorer's, a wrong rank or shape, an empty batch, images and scores on different devices, H or W not a
-            multiple of max_patch_size, a patch-size ratio that is not a power of two, an unreachable n_patches
-            (the message names the nearest valid ones), NaN or Inf scores, or an unknown mode. On CUDA, NaN or
-            Inf scores trip a device-side assert instead: raising would need a host synchronisation.
+        TypeError: images or scores not floating point, or n_patches or a size not an integer.
+        ValueError: patch sizes that contradict the scorer's, a wrong rank or shape, an empty batch or image, images
+            and scores on different devices, H or W not a multiple of max_patch_size, a patch-size ratio that is
+            not a power of two, an unreachable n_patches (the message names the nearest valid ones), NaN or Inf
+            scores with ``nan_policy="raise"`` (on the CPU; see above for CUDA), an unknown mode or nan_policy.
 
     Example:
         >>> images = torch.rand(2, 3, 256, 256)
@@ -183,4 +258,4 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int |
         (torch.Size([2, 100, 3, 16, 16]), torch.Size([2, 100, 3]))
         >>> mosaic = mixres.tokenize(images, mixres.PixelBlur(16, 32), n_patches=100)  # sizes from the scorer
     """
-    return _tokenize(ops, images, scores, n_patches, min_patch_size, max_patch_size, patch_size, mode)
+    return _tokenize(ops, images, scores, n_patches, min_patch_size, max_patch_size, patch_size, mode, nan_policy)

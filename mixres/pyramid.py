@@ -7,6 +7,7 @@ map flattened row-major and concatenated, ``[B, P]``.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,12 +15,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["QuadtreeGeometry", "valid_n_patches", "default_max_patch_size", "pack_pyramid", "saliency_to_pyramid"]
+__all__ = ["QuadtreeGeometry", "valid_n_patches", "default_max_patch_size", "pack_pyramid", "saliency_to_pyramid",
+           "check_int"]
+
+
+def check_int(name: str, value, low: int | None = None, high: int | None = None, valid: str | None = None) -> int:
+    """``value`` as a Python int, for the sizes, counts and seeds of mixres: a Python int or any integer scalar
+    that implements ``__index__`` (NumPy's ``np.int64(100)``), within ``[low, high]``.
+
+    A bool is not a count, and a Tensor is refused too: reading its value would synchronise with its device (and
+    specialise a compiled graph on it); pass ``int(t)``. ``valid`` describes the valid values in the errors
+    (default: from ``low`` and ``high``).
+
+    Raises:
+        TypeError: not an integer (a float, a str, a bool, a Tensor...), naming ``name``.
+        ValueError: outside ``[low, high]``, naming ``name`` and the range.
+    """
+    if valid is None:
+        valid = ("a positive int" if low == 1 and high is None else
+                 f"an int >= {low}" if high is None else f"an int from {low} to {high}")
+    if isinstance(value, bool) or isinstance(value, Tensor) or not hasattr(type(value), "__index__"):
+        hint = ": pass int(value)" if isinstance(value, Tensor) else ""
+        raise TypeError(f"{name} must be {valid}, got {type(value).__name__} {value!r}{hint}")
+    try:
+        number = operator.index(value)
+    except TypeError:  # NumPy's bool has __index__ but refuses to be an index
+        raise TypeError(f"{name} must be {valid}, got {type(value).__name__} {value!r}") from None
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise ValueError(f"{name} must be {valid}, got {number}")
+    return number
 
 
 @dataclass(frozen=True)
 class QuadtreeGeometry:
-    """Patch sizes of a quadtree over an ``height x width`` image. Raises ``ValueError`` when they do not fit."""
+    """Patch sizes of a quadtree over an ``height x width`` image. Raises ``ValueError`` when they do not fit, and
+    ``TypeError`` for sizes that are not integers; integer scalars such as ``np.int64`` become Python ints."""
 
     height: int
     width: int
@@ -28,9 +58,7 @@ class QuadtreeGeometry:
 
     def __post_init__(self):
         for name in ("height", "width", "min_patch_size", "max_patch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), low=1))
         lo, hi = self.min_patch_size, self.max_patch_size
         if lo > hi:
             raise ValueError(f"min_patch_size {lo} must be at most max_patch_size {hi}")
@@ -79,8 +107,9 @@ class QuadtreeGeometry:
         return list(range(self.n_roots, self.max_patches + 1, 3))
 
     def check_n_patches(self, n_patches) -> int:
-        if isinstance(n_patches, bool) or not isinstance(n_patches, int):
-            raise TypeError(f"n_patches must be an int, got {type(n_patches).__name__}")
+        """``n_patches`` as a Python int (integer scalars such as ``np.int64`` are taken), if it is reachable;
+        a ``ValueError`` naming the nearest valid budgets otherwise."""
+        n_patches = check_int("n_patches", n_patches, valid="an int")
         lo, hi = self.n_roots, self.max_patches
         if lo <= n_patches <= hi and (n_patches - lo) % 3 == 0:
             return n_patches
@@ -169,7 +198,11 @@ def saliency_to_pyramid(saliency: Tensor, geometry: QuadtreeGeometry) -> list[Te
     A sum, not a mean: a large patch holding much saliency is split before a small one with the same density.
     The map is first brought to the s_min grid ``[B, H/s_min, W/s_min]``: averaged over each cell when it is at
     least that fine and divides evenly, resampled bilinearly otherwise. It must have the image's aspect ratio.
+    float16 and bfloat16 maps are summed in float32 (half precision would round the sums, and so the ranking);
+    the maps come out float32, or float64 for a float64 map.
     """
+    if saliency.dtype in (torch.float16, torch.bfloat16):
+        saliency = saliency.float()
     batch, h, w = saliency.shape
     if h * geometry.width != w * geometry.height:
         raise ValueError(f"saliency map {h}x{w} does not have the image's aspect ratio "

@@ -233,8 +233,11 @@ def test_entropy_splits_the_noisy_half_first():
 def test_entropy_checks_its_arguments():
     assert repr(Entropy(8, 32, bins=4, value_range=(0, 255))) == \
         "Entropy(min_patch_size=8, max_patch_size=32, bins=4, value_range=(0.0, 255.0))"
-    for bins in (1, 0, 2.0, True, "32"):
-        with pytest.raises(ValueError, match="bins must be an int >= 2"):
+    for bins in (1, 0, -1, 2 ** 16 + 1, 2 ** 31, 2 ** 63):
+        with pytest.raises(ValueError, match=r"bins must be an int >= 2 and at most 65536 \(2\*\*16\), got"):
+            Entropy(bins=bins)
+    for bins in (2.0, True, "32", None):  # not integers: a TypeError (it was a ValueError before issue 12)
+        with pytest.raises(TypeError, match="bins must be an int >= 2"):
             Entropy(bins=bins)
     for value_range in ((1.0, 0.0), (0.5, 0.5), (0.0, math.inf), (math.nan, 1.0)):
         with pytest.raises(ValueError, match="value_range must be finite with lo < hi"):

@@ -246,7 +246,7 @@ def test_hooks_and_flags_are_restored_when_the_forward_fails():
     model = tiny_cnn().train()
     wrong_channels = torch.rand(1, 4, 64, 64)
     for target_layer in (None, "3"):
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ValueError, match="images have 4 channels, but model Sequential takes 3"):
             GradCAM(model, target_layer, min_patch_size=8, max_patch_size=32)(wrong_channels)
         assert hooks_left(model) == 0
         assert all(m.training for m in model.modules())

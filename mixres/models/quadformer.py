@@ -1,13 +1,15 @@
 """The Quadformer: a standard timm VisionTransformer that reads a mixed-resolution mosaic instead of a patch grid."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..mosaic import Mosaic, tokenize
+from ..grid import block_sides
+from ..mosaic import Mosaic, _check_images, check_nan_policy, tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Scorer, create_scorer
 from .position import LearnedXYEmbed, leaf_table_embed, sincos_xy_embed
@@ -48,18 +50,27 @@ class Quadformer(nn.Module):
             - ``"xy-learned"``: the same with learned y and x tables (:class:`LearnedXYEmbed`).
         resize_mode: how leaves are resized to the token size: ``"area"`` or ``"bilinear"``.
         scorer_kwargs: arguments for a scorer given by name, e.g. ``{"weights": "shufflenet.pth"}``.
-        input_mean, input_std: the per-channel normalisation that the model's inputs carry (as for the plain ViT).
-            The scorer sees ``images * std + mean``, the [0, 1] images that scorers expect. Default: the ViT's
-            ``pretrained_cfg`` mean and std; pass ``(0.0,) * C`` and ``(1.0,) * C`` for unnormalised inputs.
+        input_mean, input_std: the per-channel normalisation that the model's inputs carry (as for the plain ViT):
+            one finite number per input channel, the std positive. The scorer sees ``images * std + mean``, the
+            [0, 1] images that scorers expect, computed in float32 (float64 for float64 images) whatever the
+            images' or the model's dtype: a model in ``.to(torch.bfloat16)`` keeps these two buffers float32, so
+            that it chooses the leaves the float32 model chooses. Default: the ViT's ``pretrained_cfg`` mean and
+            std; pass ``(0.0,) * C`` and ``(1.0,) * C`` for unnormalised inputs.
+        nan_policy: what NaN and infinite scores do in :func:`mixres.tokenize`: ``"raise"`` (an error on the CPU, a
+            device-side assert on CUDA) or ``"lowest"`` (those patches are split last; for a pipeline that must
+            keep running). Scorers that read pixels give NaN scores to the patches that hold NaN or Inf pixels.
+            Change it at any time (``model.nan_policy = "lowest"``).
 
-    Inputs: images ``[B, C, H, W]`` (normalised as for the ViT; H, W multiples of max_patch_size), or a prepared
+    Inputs: images ``[B, C, H, W]`` with the ViT's C input channels (normalised as for the ViT; H, W multiples of
+    max_patch_size; any float dtype: the ViT gets the tokens in its own dtype), or a prepared
     :class:`mixres.Mosaic` whose tokens have the ViT's patch size and channels.
     """
 
     def __init__(self, vit: nn.Module, n_patches: int = 100, scorer: str | Scorer = "pixel-blur",
                  min_patch_size: int | None = None, max_patch_size: int | None = None, pos_embed: str = "resample",
                  resize_mode: str = "area", scorer_kwargs: dict | None = None,
-                 input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None):
+                 input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None,
+                 nan_policy: str = "raise"):
         super().__init__()
         self.patch_size, self.in_chans, image_size = _check_vit(vit)
         if pos_embed not in POS_EMBEDS:
@@ -73,12 +84,13 @@ class Quadformer(nn.Module):
         if max_patch_size is None:
             max_patch_size = default_max_patch_size(*image_size, min_patch_size)
         self.geometry = QuadtreeGeometry(*image_size, min_patch_size, max_patch_size)  # checks the sizes
-        self.geometry.check_n_patches(n_patches)
+        n_patches = self.geometry.check_n_patches(n_patches)
 
         self.vit = vit
         self.pos_embed_kind = pos_embed
         self.resize_mode = resize_mode
         self.n_patches = n_patches
+        self.nan_policy = check_nan_policy(nan_policy)
         # A name is built with its arguments; a built scorer is checked (and arguments for it refused) there too.
         self._scorer = create_scorer(scorer, min_patch_size, max_patch_size, **(scorer_kwargs or {}))
 
@@ -99,11 +111,11 @@ class Quadformer(nn.Module):
         cfg = dict(getattr(vit, "pretrained_cfg", None) or {})
         mean = input_mean if input_mean is not None else cfg.get("mean", (0.0,) * self.in_chans)
         std = input_std if input_std is not None else cfg.get("std", (1.0,) * self.in_chans)
-        if len(mean) != self.in_chans or len(std) != self.in_chans:
-            raise ValueError(f"input_mean and input_std need {self.in_chans} values (the ViT's channels), got "
-                             f"{len(mean)} and {len(std)}")
-        self.register_buffer("input_mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
-        self.register_buffer("input_std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        # Kept as numbers too: the buffers are rebuilt from them when the model changes dtype (see _apply).
+        self._input_stats = {"input_mean": _channel_values("input_mean", mean, self.in_chans),
+                             "input_std": _channel_values("input_std", std, self.in_chans, positive=True)}
+        for name, values in self._input_stats.items():
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.pretrained_cfg = cfg
         self.register_load_state_dict_pre_hook(_adapt_checkpoint)
 
@@ -154,18 +166,41 @@ class Quadformer(nn.Module):
         return (f"n_patches={self.n_patches}, patch sizes {self.min_patch_size}-{self.max_patch_size} px, "
                 f"pos_embed={self.pos_embed_kind!r}, resize_mode={self.resize_mode!r}, scorer={self.scorer!r}")
 
+    def _apply(self, fn, recurse=True):
+        # .half(), .bfloat16() and .to(dtype) would round input_mean and input_std to the model's dtype, and the
+        # scorer would then see other images than the float32 model's scorer (and choose other leaves). They are
+        # rebuilt from the exact numbers, float32 (float64 if the model goes float64), on their new device.
+        super()._apply(fn, recurse)
+        for name, values in self._input_stats.items():
+            buffer = getattr(self, name)
+            dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+            setattr(self, name, torch.tensor(values, dtype=dtype, device=buffer.device).view(-1, 1, 1))
+        return self
+
     # ---------------------------------------------------------------------------------------------------- forward
+    def check_images(self, images: Tensor) -> None:
+        """A clear error for images the ViT cannot take: not ``[B, C, H, W]`` floats, or another channel count."""
+        _check_images(images)
+        if images.shape[1] != self.in_chans:
+            raise ValueError(f"images must have the ViT's {self.in_chans} input channels, [B, {self.in_chans}, H, W], "
+                             f"got {list(images.shape)}")
+
     def score(self, images: Tensor):
         """``images [B, C, H, W]`` (normalised as the ViT's inputs) -> the scorer's output on the images as they
-        were before normalisation (scorers take images in [0, 1]), without gradients."""
+        were before normalisation (scorers take images in [0, 1]), without gradients. The normalisation is undone
+        in float32 (float64 for float64 images), whatever the images' dtype."""
+        self.check_images(images)
+        dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            return self.scorer(images * self.input_std.to(images.dtype) + self.input_mean.to(images.dtype))
+            return self.scorer(images.to(dtype) * self.input_std.to(dtype) + self.input_mean.to(dtype))
 
     def tokenize(self, images: Tensor, n_patches: int | None = None) -> Mosaic:
         """``images [B, C, H, W]`` (normalised as the ViT's inputs) -> their :class:`mixres.Mosaic`, the leaves
-        chosen by the scorer (:meth:`score`) and resized to the ViT's patch size."""
+        chosen by the scorer (:meth:`score`) and resized to the ViT's patch size. NaN or infinite scores are
+        handled by ``self.nan_policy``."""
         return tokenize(images, self.score(images), self.n_patches if n_patches is None else n_patches,
-                        self.min_patch_size, self.max_patch_size, self.patch_size, self.resize_mode)
+                        self.min_patch_size, self.max_patch_size, self.patch_size, self.resize_mode,
+                        nan_policy=self.nan_policy)
 
     def embed(self, mosaic: Mosaic) -> Tensor:
         """A mosaic -> the token sequence entering the blocks, ``[B, prefix + N, D]``: leaves embedded by the
@@ -210,7 +245,10 @@ class Quadformer(nn.Module):
             table = resample_abs_pos_embed(table, new_size=list(grid), old_size=list(table_grid),
                                            num_prefix_tokens=0)
         table = table.reshape(grid[0], grid[1], -1)
-        return leaf_table_embed(table, mosaic.boxes, self.min_patch_size, self.max_patch_size)
+        # Every leaf side the mosaic's grid can hold, not only up to the model's max_patch_size: a prepared mosaic
+        # may have larger leaves, and checking its boxes would need a host synchronisation.
+        largest = self.min_patch_size * block_sides(*grid)[-1]
+        return leaf_table_embed(table, mosaic.boxes, self.min_patch_size, largest)
 
     def forward_features(self, x: Tensor | Mosaic, n_patches: int | None = None) -> Tensor:
         """Images or a mosaic -> the normed token features ``[B, prefix + N, D]``."""
@@ -256,6 +294,23 @@ def _check_vit(vit: nn.Module) -> tuple[int, int, tuple[int, int]]:
         raise ValueError("the ViT's patch_embed has no fixed img_size: create it with img_size=... (the image size "
                          "the Quadformer will see)")
     return kernel[0], proj.in_channels, image_size
+
+
+def _channel_values(name: str, values, channels: int, positive: bool = False) -> tuple[float, ...]:
+    """``input_mean`` or ``input_std`` as ``channels`` finite floats (positive ones for ``positive``)."""
+    try:
+        if isinstance(values, (str, bytes)):
+            raise TypeError
+        numbers = tuple(float(value) for value in values)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of {channels} numbers (one per input channel of the ViT), got "
+                        f"{values!r}") from None
+    if len(numbers) != channels:
+        raise ValueError(f"input_mean and input_std need {channels} values (the ViT's channels), got {len(numbers)} "
+                         f"for {name}: {values!r}")
+    if not all(math.isfinite(number) and (number > 0 or not positive) for number in numbers):
+        raise ValueError(f"{name} must be {'positive' if positive else 'finite'} numbers, got {values!r}")
+    return numbers
 
 
 def _adapt_checkpoint(module: Quadformer, state_dict: dict, prefix: str, *args) -> None:

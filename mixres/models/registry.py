@@ -27,11 +27,11 @@ def create_quadformer(vit_name: str, pretrained: bool = False, **kwargs) -> Quad
             dict(file=...)`` for a local file). With ``scorer="feature"``, the scorer's backbone is pretrained
             too (``weights="DEFAULT"``) unless ``scorer_kwargs`` names its weights.
         **kwargs: :class:`Quadformer` arguments (``n_patches``, ``scorer``, ``scorer_kwargs``, ``pos_embed``,
-            ``min_patch_size``, ``max_patch_size``, ``resize_mode``, ``input_mean``, ``input_std``); the rest go
-            to ``timm.create_model`` for the ViT (``num_classes``, ``img_size``, ``drop_path_rate``,
-            ``pretrained_cfg``, ...). ``n_patches`` defaults to about half the tokens of the uniform grid, at any
-            image size: the fewest valid leaves of at least half the grid of min_patch_size cells (100 of 196 at
-            224 px with 16-32 px leaves, 288 of 576 at 384 px with 16-64 px).
+            ``min_patch_size``, ``max_patch_size``, ``resize_mode``, ``input_mean``, ``input_std``,
+            ``nan_policy``); the rest go to ``timm.create_model`` for the ViT (``num_classes``, ``img_size``,
+            ``drop_path_rate``, ``pretrained_cfg``, ...). ``n_patches`` defaults to about half the tokens of the
+            uniform grid, at any image size: the fewest valid leaves of at least half the grid of min_patch_size
+            cells (100 of 196 at 224 px with 16-32 px leaves, 288 of 576 at 384 px with 16-64 px).
     """
     import timm
 

@@ -7,13 +7,14 @@ table resampled to that grid. This is what timm's ViT computes at another input 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..mosaic import Mosaic, tokenize
+from ..pyramid import check_int
 from ..scorers import Uniform
 from .quadformer import Quadformer, _check_vit
 
@@ -27,16 +28,26 @@ def grid_for_budget(n_patches: int, image_size: tuple[int, int]) -> tuple[int, i
     Example: ``grid_for_budget(145, (224, 224))`` gives ``(12, 12)``; ``grid_for_budget(100, (256, 384))`` gives
     ``(8, 12)``.
     """
-    if isinstance(n_patches, bool) or not isinstance(n_patches, int) or n_patches < 1:
-        raise ValueError(f"n_patches must be a positive int, got {n_patches!r}")
+    n_patches = check_int("n_patches", n_patches, low=1)
     aspect = image_size[1] / image_size[0]
-    best = (1, max(1, round(aspect)))
-    for rows in itertools.count(2):
-        cols = max(1, round(rows * aspect))
-        if rows * cols - n_patches > abs(best[0] * best[1] - n_patches):
-            return best  # rows * cols only grows with the rows: no closer grid is left
-        if abs(rows * cols - n_patches) < abs(best[0] * best[1] - n_patches):
-            best = (rows, cols)
+
+    def grid(rows: int) -> tuple[int, int]:
+        return rows, max(1, round(rows * aspect))
+
+    # rows * cols grows strictly with the rows: bisect for the first grid of at least n_patches tokens (in
+    # O(log n) steps, so that a huge budget does not hang), then take it or the one below, whichever is closer.
+    low, high = 1, n_patches  # grid(n_patches) has at least n_patches tokens
+    while low < high:
+        middle = (low + high) // 2
+        if math.prod(grid(middle)) >= n_patches:
+            high = middle
+        else:
+            low = middle + 1
+    above = grid(low)
+    if low == 1:
+        return above
+    below = grid(low - 1)
+    return below if n_patches - math.prod(below) <= math.prod(above) - n_patches else above
 
 
 class UniformGrid(nn.Module):
@@ -58,8 +69,10 @@ class UniformGrid(nn.Module):
         grid: the default grid, ``g`` or ``(rows, cols)``; None: the images' full grid of s x s patches (no resize).
         antialias: antialias the downsampling (the resize of PIL and torchvision's transforms).
 
-    Inputs: images ``[B, C, H, W]`` normalised as for the ViT, any H and W. ``forward(images, grid=...)`` overrides
-    the grid per call; :func:`grid_for_budget` gives the grid for a token budget.
+    Inputs: images ``[B, C, H, W]`` with the ViT's C input channels, normalised as for the ViT, any H and W, any
+    float dtype (float16 and bfloat16 images are resized in float32, which CPUs need for antialiasing, and the
+    result rounded back). ``forward(images, grid=...)`` overrides the grid per call; :func:`grid_for_budget` gives
+    the grid for a token budget.
     """
 
     def __init__(self, model: Quadformer | nn.Module, grid: int | tuple[int, int] | None = None,
@@ -95,6 +108,7 @@ class UniformGrid(nn.Module):
         Its boxes are in the resized image. With the ``xy`` embeddings, its centres and ``image_size`` are the input
         image's instead (where the Quadformer reads positions), so ``mosaic.to_grid`` does not apply to it then."""
         model = self.quadformer
+        model.check_images(images)
         side = model.min_patch_size
         grid = _as_grid(grid) if grid is not None else self.grid
         if grid is None:
@@ -102,8 +116,10 @@ class UniformGrid(nn.Module):
         size = (grid[0] * side, grid[1] * side)
         resized = images
         if tuple(images.shape[-2:]) != size:
-            resized = F.interpolate(images, size=size, mode="bilinear", align_corners=False,
-                                    antialias=self.antialias)
+            # Antialiased resizing has no float16/bfloat16 CPU kernel: in float32 on every device, so that they agree.
+            wide = images.float() if images.dtype in (torch.float16, torch.bfloat16) else images
+            resized = F.interpolate(wide, size=size, mode="bilinear", align_corners=False,
+                                    antialias=self.antialias).to(images.dtype)
         # One leaf size, so there is nothing to score: the root grid is the mosaic.
         mosaic = tokenize(resized, [], grid[0] * grid[1], side, side, model.patch_size, model.resize_mode)
         if model.pos_embed_kind != "resample" and resized is not images:
@@ -121,7 +137,9 @@ class UniformGrid(nn.Module):
 
 
 def _as_grid(grid: int | tuple[int, int]) -> tuple[int, int]:
-    rows, cols = (grid, grid) if isinstance(grid, int) else tuple(grid)
-    if any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in (rows, cols)):
+    pair = tuple(grid) if isinstance(grid, (tuple, list)) else (grid, grid)
+    if len(pair) != 2:
         raise ValueError(f"grid must be a positive int or (rows, cols), got {grid!r}")
+    rows, cols = (check_int("grid", side, low=1, valid="a positive int or (rows, cols) of positive ints")
+                  for side in pair)
     return rows, cols

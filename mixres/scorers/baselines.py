@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..pyramid import QuadtreeGeometry, _check_map, pyramid_maps, saliency_to_pyramid
+from ..pyramid import QuadtreeGeometry, _check_map, check_int, pyramid_maps, saliency_to_pyramid
 from .base import Scorer
 
 __all__ = ["Random", "Uniform", "Precomputed"]
@@ -21,7 +21,11 @@ class Random(Scorer):
     Args:
         min_patch_size, max_patch_size: the tokenizer's smallest and largest leaf side, in pixels; their ratio is a
             power of two.
-        seed: an int for reproducible scores, or None for fresh ones at every call.
+        seed: an int in [0, 2**64) for reproducible scores (the range of ``torch.Generator.manual_seed``; a NumPy
+            integer is fine), or None for fresh ones at every call.
+
+    Its scores do not depend on the pixel values, so NaN and Inf pixels change nothing here (the tokens of the
+    leaves that hold them are NaN, as any resize makes them).
 
     Example:
         >>> scorer = Random(16, 64, seed=0)
@@ -33,9 +37,9 @@ class Random(Scorer):
 
     def __init__(self, min_patch_size: int = 16, max_patch_size: int = 64, seed: int | None = None):
         super().__init__(min_patch_size, max_patch_size)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        self.seed = seed
+        # torch also takes negative seeds, as their value modulo 2**64: -1 would be the same seed as 2**64 - 1.
+        self.seed = None if seed is None else check_int("seed", seed, 0, 2 ** 64 - 1,
+                                                        valid="an int or None (an int in [0, 2**64))")
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, seed={self.seed!r})"
@@ -60,9 +64,9 @@ class Uniform(Scorer):
     """Every score equal (ones): the tokenizer's tie-break alone decides which patches are split.
 
     Ties go to the leaf whose top-left corner comes first in raster order, so below the largest budget the splits
-    fill the image from the top, row of roots by row of roots, whatever it shows. At the largest budget,
-    ``n_patches = (H/min_patch_size) * (W/min_patch_size)``, every patch is split and the mosaic is the regular
-    grid of ``min_patch_size`` patches in raster order: a plain ViT's tokens.
+    fill the image from the top, row of roots by row of roots, whatever it shows (NaN pixels included). At the
+    largest budget, ``n_patches = (H/min_patch_size) * (W/min_patch_size)``, every patch is split and the mosaic is
+    the regular grid of ``min_patch_size`` patches in raster order: a plain ViT's tokens.
 
     Args:
         min_patch_size, max_patch_size: the tokenizer's smallest and largest leaf side, in pixels; their ratio is a
@@ -99,7 +103,8 @@ class Precomputed(Scorer):
       - a ready pyramid: a list of maps ``[B, H/s, W/s]`` for s = max_patch_size, ..., 2*min_patch_size (coarse to
         fine), or a dict ``{s: map}``.
 
-    The tensors are kept, not copied.
+    The tensors are kept, not copied. The saliency's values are the scores: NaN or Inf in it are what
+    :func:`mixres.tokenize`'s ``nan_policy`` is about; the images' pixel values are not read.
 
     Args:
         saliency: the dense map or the pyramid, floating point, on the device of the images it will score.

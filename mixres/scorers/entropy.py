@@ -7,12 +7,15 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Scorer
+from ..pyramid import check_int
+from .base import Scorer, nan_where_pixels_are_not_finite
 
 __all__ = ["Entropy"]
 
 # ITU-R BT.601 luma weights of R, G, B.
 _BT601_LUMA = (0.299, 0.587, 0.114)
+# The most grey levels: a 16-bit image's. The histograms take bins float32 counts per patch of 2 * min_patch_size.
+MAX_BINS = 2 ** 16
 
 
 class Entropy(Scorer):
@@ -32,10 +35,14 @@ class Entropy(Scorer):
     Args:
         min_patch_size, max_patch_size: the tokenizer's smallest and largest leaf side, in pixels; their ratio is a
             power of two.
-        bins: the number of grey levels, an int >= 2.
+        bins: the number of grey levels, an int from 2 to 65536 (2**16, a 16-bit image's levels). The histograms
+            take ``B * H * W / (2 * min_patch_size)**2 * bins`` float32 counts.
         value_range: ``(lo, hi)``, the grey values the levels span: (0, 1) for images in [0, 1], (0, 255) for
             8-bit values. Values outside are clamped into the first or last level, so normalised images (e.g. by
-            ImageNet mean and std) need their own range.
+            ImageNet mean and std) need their own range. The levels are computed in float32 (float64 for float64
+            images), so lo and hi must be finite and ordered in float32, and hi - lo at most its largest value.
+
+    A patch that holds a NaN or Inf pixel (in any channel) scores NaN, at every level (see :class:`Scorer`).
 
     Example:
         >>> scorer = Entropy(16, 64, bins=32)
@@ -48,14 +55,19 @@ class Entropy(Scorer):
     def __init__(self, min_patch_size: int = 16, max_patch_size: int = 64, bins: int = 32,
                  value_range: tuple[float, float] = (0.0, 1.0)):
         super().__init__(min_patch_size, max_patch_size)
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-            raise ValueError(f"bins must be an int >= 2, got {bins!r}")
+        bins = check_int("bins", bins, 2, MAX_BINS, valid=f"an int >= 2 and at most {MAX_BINS} (2**16)")
         try:
             lo, hi = (float(bound) for bound in value_range)
         except (TypeError, ValueError):
             raise TypeError(f"value_range must be a pair of numbers (lo, hi), got {value_range!r}") from None
+        lo32, hi32 = torch.tensor([lo, hi], dtype=torch.float32).tolist()
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"value_range must be finite with lo < hi, got {value_range!r}")
+        if not (math.isfinite(lo32) and math.isfinite(hi32) and lo32 < hi32
+                and math.isfinite(torch.tensor(hi32 - lo32, dtype=torch.float32).item())):
+            raise ValueError(f"value_range must be finite with lo < hi in float32, where the grey levels are "
+                             f"computed (|lo|, |hi| and hi - lo at most {torch.finfo(torch.float32).max:.4g}, and "
+                             f"lo < hi after rounding to float32), got {value_range!r}")
         self.bins = bins
         self.value_range = (lo, hi)
 
@@ -88,7 +100,7 @@ class Entropy(Scorer):
                 counts = counts.view(batch, rows // 2, 2, cols // 2, 2, bins).sum(dim=(2, 4))
             # entr(p) = -p ln p, and 0 at p = 0; dividing by ln 2 gives bits.
             pyramid.append(torch.special.entr(counts / (size * size)).sum(dim=-1) / math.log(2))
-        return pyramid[::-1]
+        return nan_where_pixels_are_not_finite(pyramid[::-1], images, geometry)
 
     def _grey_levels(self, images: Tensor) -> Tensor:
         """``[B, C, H, W]`` -> ``[B, H, W]`` int64, each pixel's grey level in [0, bins)."""
@@ -99,7 +111,9 @@ class Entropy(Scorer):
         else:
             grey = images.mean(dim=1)
         lo, hi = self.value_range
-        return grey.clamp_(lo, hi).sub_(lo).mul_(self.bins / (hi - lo)).long().clamp_(max=self.bins - 1)
+        # NaN would become a wild index; its patches are set to NaN afterwards, so any level does here.
+        grey = grey.nan_to_num_(nan=lo).clamp_(lo, hi)
+        return grey.sub_(lo).mul_(self.bins / (hi - lo)).long().clamp_(0, self.bins - 1)
 
     def _histograms(self, levels: Tensor, size: int) -> Tensor:
         """Grey levels ``[B, H, W]`` -> float32 counts ``[B, H/s, W/s, bins]``, one histogram per s x s patch."""

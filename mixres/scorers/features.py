@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoints import read_state_dict
-from .base import Scorer
+from .base import Scorer, explaining_channel_mismatch, nan_where_pixels_are_not_finite, without_non_finite
 
 __all__ = ["FeatureBased"]
 
@@ -65,7 +65,13 @@ class FeatureBased(Scorer):
             taken in float32.
 
     The scorer owns its backbone: it puts it in eval mode at every call, and moves it to the images' device at the
-    first call on that device.
+    first call on that device. The images are converted to the backbone's dtype (float16 and bfloat16 images to a
+    float32 backbone, for example); they must have the channels its first convolution takes (3 for the named
+    backbones), else a ``ValueError`` says so.
+
+    Non-finite pixels: the backbone sees NaN and Inf pixels (also those that overflow in the conversion to its
+    dtype or in the normalisation) as 0 (after the normalisation: the ImageNet mean), so that they do not spread
+    through its receptive fields; every patch that holds one scores NaN, at every level (see :class:`Scorer`).
 
     Example:
         >>> scorer = FeatureBased(weights="shufflenetv2_x0.5-f707e7126e.pth")  # torchvision's file, saved locally
@@ -110,7 +116,6 @@ class FeatureBased(Scorer):
         self.normalize = normalize
         self.autocast_dtype = autocast_dtype
         self._device = None  # where the backbone is; None until the first call
-        self._dtype = next((p.dtype for p in self.backbone.parameters() if p.is_floating_point()), torch.float32)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(backbone={self.backbone_name!r}, min_patch_size={self.min_patch_size}, "
@@ -132,18 +137,23 @@ class FeatureBased(Scorer):
             raise ValueError(f"normalize=True standardises RGB images with the ImageNet mean and std, but images "
                              f"have {images.shape[1]} channels: pass normalize=False for other inputs")
         backbone = self._backbone_on(images.device)
-        images = images.to(self._dtype)
+        # The backbone's dtype now, not when it was built: its owner may have converted it since.
+        images = images.to(next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32))
         if self.normalize:
             # Before the blur: both are linear and the blur's weights sum to 1, so the order does not matter.
             mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
             std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
             images = (images - mean) / std
+        pixels = images
+        images = without_non_finite(images)
         versions = [images] + [_blur(images, size // self.min_patch_size) for size in sizes]
-        with torch.autocast(images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None), \
+                explaining_channel_mismatch(backbone, images, f"backbone {self.backbone_name!r}"):
             features = self._feature_map(backbone, torch.cat(versions))
         features = features.float().unflatten(0, (len(versions), images.shape[0]))
         importance = (features[1:] - features[0]).square_().mean(dim=2)  # [L, B, h, w]
-        return [_to_grid(level, geometry.grid(size)) for level, size in zip(importance, sizes)]
+        pyramid = [_to_grid(level, geometry.grid(size)) for level, size in zip(importance, sizes)]
+        return nan_where_pixels_are_not_finite(pyramid, pixels, geometry)
 
     def _backbone_on(self, device: torch.device) -> nn.Module:
         if device != self._device:

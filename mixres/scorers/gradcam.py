@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..pyramid import saliency_to_pyramid
-from .base import Scorer
+from .base import Scorer, explaining_channel_mismatch, nan_where_pixels_are_not_finite, without_non_finite
 
 __all__ = ["GradCAM"]
 
@@ -73,6 +73,12 @@ class GradCAM(Scorer):
         labels: the classes to explain when a call passes none (as :func:`mixres.tokenize` does): an int for every
             image, or an integer Tensor ``[B]``. None explains each image's top-1 prediction.
 
+    The images are converted to the model's dtype (float16 and bfloat16 images to a float32 model, float32 images
+    to a model in ``.to(torch.bfloat16)``); they must have the channels its first convolution takes, else a
+    ``ValueError`` says so. Non-finite pixels: the model sees NaN and Inf pixels as 0 (the dataset mean, for
+    normalised inputs), so that they do not reach the logits and spoil the whole image's map, and every patch that
+    holds one scores NaN, at every level (see :class:`Scorer`).
+
     Example:
         >>> model = torchvision.models.resnet50(weights="DEFAULT")
         >>> mosaic = mixres.tokenize(images, GradCAM(model, labels=targets), n_patches=100)
@@ -112,11 +118,16 @@ class GradCAM(Scorer):
             raise ValueError(f"model is on {parameter.device} but images are on {images.device}: move the model "
                              f"(model.to(images.device)) before scoring")
         labels = _check_labels(self.labels if labels is None else labels, images.shape[0])
+        if parameter is not None and parameter.is_floating_point():
+            images = images.to(parameter.dtype)
+        pixels = images
+        images = without_non_finite(images)
         training_flags = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
-            target = self._target or self._default_target(images)
-            activations, gradients = self._activations_and_gradients(images, labels, target)
+            with explaining_channel_mismatch(self.model, images, f"model {type(self.model).__name__}"):
+                target = self._target or self._default_target(images)
+                activations, gradients = self._activations_and_gradients(images, labels, target)
         finally:
             for module, training in training_flags:
                 module.training = training
@@ -126,7 +137,7 @@ class GradCAM(Scorer):
         with torch.no_grad():
             channel_weights = gradients.to(dtype).mean(dim=(2, 3))
             cam = torch.einsum("bk,bkhw->bhw", channel_weights, activations.to(dtype)).relu_()
-        return saliency_to_pyramid(cam, geometry)
+        return nan_where_pixels_are_not_finite(saliency_to_pyramid(cam, geometry), pixels, geometry)
 
     def _activations_and_gradients(self, images: Tensor, labels: Tensor | None,
                                    target: _Target) -> tuple[Tensor, Tensor]:

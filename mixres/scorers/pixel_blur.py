@@ -23,7 +23,9 @@ class PixelBlur(Scorer):
 
     All levels come from one fused op, ``torch.ops.mixres.pixel_blur_scores`` (:func:`mixres.ops.pixel_blur_scores`,
     which falls back to :func:`mixres.reference.pixel_blur_scores` where the extension has no kernel for the
-    images' device); it accumulates in float32 (float64 for float64 images).
+    images' device); it accumulates in float32 (float64 for float64 images). A patch that holds a NaN or Inf pixel
+    scores NaN, at every level (its error is NaN; see :class:`Scorer`); pixel values near the dtype's largest can
+    overflow the squared error to Inf, which :func:`mixres.tokenize` reports.
 
     Args:
         min_patch_size, max_patch_size: the tokenizer's smallest and largest leaf side, in pixels; their ratio is a
