@@ -175,7 +175,8 @@ def test_weights_from_a_plain_vit_a_quadformer_or_a_training_checkpoint(tmp_path
             assert torch.equal(model.state_dict()[key], value), (name, key)
 
     other_classes = Quadformer(tiny_vit(seed=2, num_classes=3), n_patches=16)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(RuntimeError, match=r"train.pth: these weights do not fit the Quadformer: .*\(num_classes: 5 "
+                                           r"in the weights, 3 in the model\)"):
         evaluate.load_weights(other_classes, tmp_path / "train.pth")
     with pytest.warns(UserWarning, match="vit.head.weight, vit.head.bias left at their random initialisation"):
         evaluate.load_weights(other_classes, tmp_path / "vit.pth", pretrained=True)
