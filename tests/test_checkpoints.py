@@ -197,6 +197,10 @@ def test_evaluating_a_checkpoint_of_another_configuration(tmp_path, image_folder
     assert "no position table for the patches" in capsys.readouterr().err
     rows = evaluate.main([*options, "--pos-embed", "xy-learned", "--img-size", "128"])  # its tables resampled
     assert rows[0]["image_size"] == "128x128" and rows[0]["n_images"] == 4
+    # A uniform-grid baseline's training checkpoint: its Quadformer, of the classes its head has.
+    torch.save({"model": UniformGrid(quadformer(num_classes=6)).state_dict(), "epoch": 2}, tmp_path / "grid.pt")
+    rows = evaluate.main([*options[:-2], "--output", str(tmp_path / "grid"), "--checkpoint", str(tmp_path / "grid.pt")])
+    assert json.loads((tmp_path / "grid" / "budgets.json").read_text())["config"]["num_classes"] == 6
 
 
 @pytest.fixture
