@@ -2,6 +2,7 @@
 task of :mod:`mixres.datasets`; normalised as the model expects, split across processes under ``torchrun``."""
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,13 +10,109 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-__all__ = ["build_dataset", "build_loader", "ShardSampler", "SMALL_OBJECTS"]
+__all__ = ["build_dataset", "build_loader", "ShardSampler", "SMALL_OBJECTS", "MAX_SEED", "read_image",
+           "UnreadableImageError", "skip_unreadable_images", "report_unreadable"]
 
 SMALL_OBJECTS = "small-objects"
+# The largest seed: the training order seeds torch's generator with seed + epoch, and generated data its validation
+# split with seed + 1, each of which must stay below 2**64 (torch's and numpy's limit); 2**63 - 1 leaves room.
+MAX_SEED = 2**63 - 1
 # The prefixes of timm's dataset factory (``torch/cifar10``, ``hfds/...``); any other source is a folder.
 _TIMM_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")
+
+
+class UnreadableImageError(OSError):
+    """An image file that cannot be read; its message names the file and the reason.
+
+    Raised in a DataLoader worker, it reaches the main process as an UnreadableImageError too, whose message holds
+    the worker's traceback, then this message: :attr:`brief` is the message alone either way."""
+
+    @property
+    def brief(self) -> str:
+        text = str(self).strip()
+        marker = f"{type(self).__name__}: "
+        return text.rsplit(marker, 1)[-1] if "Original Traceback" in text and marker in text else text
+
+
+def read_image(path: str | os.PathLike):
+    """The image file at ``path`` as an RGB ``PIL.Image``, read whole (as torchvision's ImageFolder reads it).
+
+    Raises:
+        UnreadableImageError: the file cannot be read: not an image Pillow knows, truncated, corrupt... The
+            message names the file and Pillow's reason.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as file:
+            return Image.open(file).convert("RGB")  # convert reads the whole image
+    except MemoryError:
+        raise
+    # Pillow's decoders report a bad file in many ways: OSError (truncated), SyntaxError (a broken PNG chunk),
+    # ValueError, EOFError, zlib and struct errors, DecompressionBombError...
+    except Exception as error:
+        reason = "not an image file that Pillow can identify" if isinstance(error, UnidentifiedImageError) else \
+            str(error) or type(error).__name__
+        raise UnreadableImageError(f"cannot read {path}: {reason}") from error
+
+
+class _Readability(Dataset):
+    """Item i: "" where ``paths[i]`` can be read, else why not (:func:`read_image`'s message)."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> str:
+        try:
+            read_image(self.paths[index])
+        except UnreadableImageError as error:
+            return str(error)
+        return ""
+
+
+def skip_unreadable_images(dataset: Dataset, workers: int = 0, distributed: bool = False) -> tuple[Dataset, list[str]]:
+    """``dataset`` (an image folder of :func:`build_dataset`, or a ``Subset`` of one) without the items whose
+    files cannot be read, and why each was skipped (:func:`read_image`'s messages), in the dataset's order.
+
+    Each file is read whole once, by ``workers`` loader processes; under DDP (``distributed``, the process group
+    initialised) each process reads its share and they exchange what they found, so that all keep the same items.
+    ``dataset`` itself is returned when every file can be read.
+
+    Raises:
+        ValueError: ``dataset`` is not an image folder (generated data, a timm dataset: no files to read).
+    """
+    folder, indices = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else \
+        (dataset, list(range(len(dataset))))
+    if not isinstance(getattr(folder, "samples", None), list):
+        raise ValueError("skipping unreadable images is for image folders: this data has no image files")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    mine = range(rank, len(indices), world)
+    probe = _Readability([folder.samples[indices[position]][0] for position in mine])
+    loader = DataLoader(probe, batch_size=16, num_workers=workers, collate_fn=list)
+    found = {position: problem for position, problem in zip(mine, itertools.chain.from_iterable(loader)) if problem}
+    if distributed:
+        shares = [None] * world
+        dist.all_gather_object(shares, found)
+        found = {position: problem for share in shares for position, problem in share.items()}
+    if not found:
+        return dataset, []
+    kept = Subset(folder, [index for position, index in enumerate(indices) if position not in found])
+    return kept, [found[position] for position in sorted(found)]
+
+
+def report_unreadable(problems: list[str], total: int, what: str, shown: int = 10) -> str:
+    """Lines for the user: how many of the ``total`` files of ``what`` (``"training images"``) were left out as
+    unreadable (:func:`skip_unreadable_images`'s ``problems``), and the first ``shown`` reasons."""
+    lines = [f"skipped {len(problems)} unreadable {what} of {total}" + (":" if problems else "")]
+    lines += [f"  {problem}" for problem in problems[:shown]]
+    if len(problems) > shown:
+        lines.append(f"  ... and {len(problems) - shown} more")
+    return "\n".join(lines)
 
 
 class _Normalized(Dataset):
@@ -43,7 +140,9 @@ def build_dataset(source: str | os.PathLike, split: str, image_size: int | tuple
         source: one of
 
             - a folder of class sub-folders (torchvision's ImageFolder layout; every split reads it), or a folder
-              holding ``split`` as such a folder (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``);
+              holding ``split`` as such a folder (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``).
+              Its files are read by :func:`read_image`: one that cannot be read raises an
+              :class:`UnreadableImageError` naming it (:func:`skip_unreadable_images` leaves such files out);
             - ``"small-objects"``: :class:`mixres.datasets.SmallObjects`, generated (needs scikit-image);
             - a name for timm's dataset factory (``timm.data.create_dataset``) with its prefix (``torch/``,
               ``hfds/``, ``hfids/``, ``tfds/``, ``wds/``), e.g. ``"torch/cifar10"``, whose files are looked up
@@ -89,11 +188,11 @@ def build_dataset(source: str | os.PathLike, split: str, image_size: int | tuple
     from torchvision.datasets import ImageFolder
 
     if (path / split).is_dir():
-        return ImageFolder(str(path / split), transform=transform)
+        return ImageFolder(str(path / split), transform=transform, loader=read_image)
     if any((path / name).is_dir() for name in ("train", "val", "validation", "test")):
         # A folder of splits lacking this one: reading it as a folder of classes would make a class of each split.
         raise FileNotFoundError(f"{path} holds split folders but no {split!r} one")
-    return ImageFolder(str(path), transform=transform)
+    return ImageFolder(str(path), transform=transform, loader=read_image)
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, distributed: bool = False,
@@ -105,7 +204,10 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
     ``loader.sampler.set_epoch(epoch)`` every epoch. Its order is a function of ``seed`` and the epoch alone, so a
     run resumed at some epoch reads what an uninterrupted one reads. Evaluation reads every item exactly once, in
     order, across the processes (:class:`ShardSampler`), so that sums over the processes count each item once.
+    ``seed``: an int from 0 to :data:`MAX_SEED`.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an int from 0 to 2**63 - 1, got {seed!r}")
     if train:
         replicas = {} if distributed else dict(num_replicas=1, rank=0)
         sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True, **replicas)

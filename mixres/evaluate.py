@@ -27,7 +27,8 @@ from tqdm import tqdm
 from ._args import (HelpFormatter, add_amp_option, add_data_kwargs_option, add_device_option, add_model_options,
                     add_workers_option, autocast, build_model, check_model_options, require_at_least, require_file)
 from ._timing import device_name, median_seconds
-from .data import SMALL_OBJECTS, build_dataset, build_loader
+from .data import (MAX_SEED, SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, report_unreadable,
+                   skip_unreadable_images)
 from .models import load_weights, read_state_dict
 from .pyramid import QuadtreeGeometry
 
@@ -248,8 +249,10 @@ def _evenly_spaced(dataset, limit: int):
 
 
 def _head_classes(state: dict[str, Tensor]) -> int | None:
-    """The number of classes of a Quadformer's or a plain ViT's state dict: its head's outputs (None: no head)."""
-    head = state.get("vit.head.weight", state.get("head.weight"))
+    """The number of classes of a Quadformer's, a UniformGrid's or a plain ViT's state dict: its head's outputs
+    (None: no head)."""
+    head = next((state[key] for key in ("vit.head.weight", "quadformer.vit.head.weight", "head.weight")
+                 if key in state), None)
     return head.shape[0] if head is not None and head.dim() == 2 else None
 
 
@@ -271,6 +274,10 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int, default=64, help="batch size, also of the throughput timing")
     data.add_argument("--limit", type=int, default=None,
                       help="evaluate at most this many images, spread evenly over the dataset")
+    data.add_argument("--skip-bad-images", action="store_true",
+                      help="leave out image files that cannot be read (each file is read once first); the number "
+                           "left out is printed and saved in budgets.json. Without it, the first unreadable file "
+                           "stops the run with its name")
     add_workers_option(data, "data-loading processes")
     run = parser.add_argument_group("run")
     run.add_argument("--budgets", default=None,
@@ -280,7 +287,9 @@ def _parser() -> argparse.ArgumentParser:
     add_amp_option(run)
     run.add_argument("--warmup", type=int, default=2, help="untimed forward calls before timing")
     run.add_argument("--timed-batches", type=int, default=5, help="timed forward calls (the median is reported)")
-    run.add_argument("--seed", type=int, default=0, help="seed of random initialisations (random scorer weights)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of random initialisations (random scorer weights) and of generated data, from 0 to "
+                          "2**63 - 1")
     run.add_argument("--output", type=Path, default=Path("out/eval"), help="folder for budgets.csv, .json, .png")
     return parser
 
@@ -294,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     require_file(parser, args, "checkpoint")
     require_at_least(parser, args, 1, ("batch_size", "limit", "timed_batches", "val_length"))
     require_at_least(parser, args, 0, ("warmup", "workers"))
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be from 0 to 2**63 - 1 ({MAX_SEED}), got {args.seed}")
 
     device = args.device
     torch.manual_seed(args.seed)
@@ -324,25 +335,38 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                       stacklevel=2)
     if args.limit is not None and not isinstance(dataset, IterableDataset):
         dataset = _evenly_spaced(dataset, args.limit)
+    unreadable = None
+    if args.skip_bad_images:
+        size = len(dataset)
+        try:
+            dataset, unreadable = skip_unreadable_images(dataset, args.workers)
+        except ValueError as error:
+            parser.error(f"--skip-bad-images: {error} (--data {args.data})")
+        print(report_unreadable(unreadable, size, "images"))
     loader = build_loader(dataset, args.batch_size, train=False, workers=args.workers)
 
     print(f"{args.model}: {type(model.scorer).__name__} scorer, {model.min_patch_size}-{model.max_patch_size} px "
           f"leaves, pos_embed={model.pos_embed_kind}, {geometry.height}x{geometry.width} images; budgets "
           f"{', '.join(map(str, budgets))}; on {device} ({device_name(device)}), torch {torch.__version__}"
           f"{f', autocast to {args.amp}' if args.amp else ''}")
-    rows = evaluate_budgets(model, loader, budgets, device, limit=args.limit, amp=args.amp, warmup=args.warmup,
-                            timed_batches=args.timed_batches)
+    try:
+        rows = evaluate_budgets(model, loader, budgets, device, limit=args.limit, amp=args.amp, warmup=args.warmup,
+                                timed_batches=args.timed_batches)
+    except UnreadableImageError as error:
+        parser.error(f"--data: {error.brief} (--skip-bad-images leaves unreadable files out)")
     config = {key: str(value) if isinstance(value, (Path, torch.device)) else value
               for key, value in vars(args).items()}
     config.update(budgets=budgets, scorer_class=type(model.scorer).__name__, min_patch_size=model.min_patch_size,
                   max_patch_size=model.max_patch_size, image_size=[geometry.height, geometry.width])
+    if unreadable is not None:
+        config["unreadable_skipped"] = unreadable
     paths = write_results(rows, args.output, config,
                           title=f"{args.model}, {type(model.scorer).__name__} scorer, {rows[0]['device_name']}")
     print(format_table(rows))
     print(MACS_NOTE)
     print(f"images/s and us/image: the whole forward (scorer, tokenize, ViT) on batches of {rows[0]['batch_size']}, "
           f"median of {args.timed_batches} after {args.warmup} warm-up calls; top-1 over {rows[0]['n_images']} "
-          f"images")
+          f"images" + (f" ({len(unreadable)} unreadable ones left out)" if unreadable else ""))
     print("Wrote " + ", ".join(str(path) for path in paths.values() if path is not None))
     return rows
 

@@ -11,12 +11,22 @@ given. AdamW (no weight decay on 1-D parameters, position tables and prefix toke
 after a linear warmup.
 
 Writes to ``--output``: ``last.pt`` every epoch and ``best.pt`` on the best validation top-1 (model, optimizer,
-scheduler, grad scaler, epoch, best top-1, arguments); one row per epoch in ``log.csv`` and ``log.jsonl`` (epoch,
-lr of its last step, train_loss, val_loss, val_top1 and val_top5 (from 5 classes) in percent, training images_per_s
-over all processes, seconds). ``--resume auto`` continues
-from ``last.pt`` where there is one. A resumed run reads the same batches in the same order as an uninterrupted
-one, and its random numbers are seeded per epoch, so with ``--workers 0`` it computes the same weights; with
-workers, the augmentations draw other random numbers after a resume.
+scheduler, grad scaler, epoch, best top-1, arguments, number of processes); one row per epoch in ``log.csv`` and
+``log.jsonl`` (epoch, lr of its last step, train_loss, val_loss, val_top1 and val_top5 (from 5 classes) in percent,
+training images_per_s over all processes, seconds; with ``--skip-bad-images``, train_skipped and val_skipped, the
+unreadable files left out). ``--resume auto`` continues from ``last.pt`` where there is one. A resumed run reads
+the same batches in the same order as an uninterrupted one, and its random numbers are seeded per epoch, so with
+``--workers 0`` it computes the same weights; with workers, the augmentations draw other random numbers after a
+resume.
+
+A resumed run continues the checkpoint's model: the options that make another one (``--model``, ``--model-kwargs``
+other than dropout rates, ``--img-size``, ``--pos-embed``, ``--min-patch-size``, ``--max-patch-size``,
+``--uniform-grid``, and the number of classes) must be the checkpoint's; ``--pretrained-file`` starts a new run
+from its weights instead. The others take effect from the resumed epoch on: ``--epochs``, ``--lr``, ``--min-lr``,
+``--warmup-epochs``, ``--weight-decay`` and ``--grad-clip`` as if the whole run had had them; ``--batch-size``, the
+number of processes and the data set the steps per epoch, and the schedule continues at the epochs done times this
+run's steps per epoch (a line says so when they differ from the checkpoint's); ``--n-patches``, ``--scorer``,
+``--amp``, ``--seed``, ``--workers``...
 """
 from __future__ import annotations
 
@@ -43,11 +53,21 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ._args import (HelpFormatter, add_amp_option, add_data_kwargs_option, add_model_options, add_workers_option,
                     autocast, build_model, check_model_options, require_at_least)
-from .data import build_dataset, build_loader
+from .checkpoints import explain_mismatch, read_torch_file
+from .data import (MAX_SEED, UnreadableImageError, build_dataset, build_loader, report_unreadable,
+                   skip_unreadable_images)
 
-__all__ = ["main", "parse_args", "warmup_cosine", "evaluate", "weights_digest"]
+__all__ = ["main", "parse_args", "warmup_cosine", "evaluate", "weights_digest", "read_checkpoint", "CHECKPOINT_KEYS"]
 
-LOG_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "seconds")
+LOG_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "seconds",
+              "train_skipped", "val_skipped")
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_top1", "metrics", "args")
+# The options that make another model than the checkpoint's, which a resumed run must keep (its weights and the
+# optimizer's moments are that model's), beside --model and the number of classes.
+RESUME_MODEL_OPTIONS = ("model_kwargs", "img_size", "pos_embed", "min_patch_size", "max_patch_size", "uniform_grid")
+# timm arguments in --model-kwargs that only regularise training: a resumed run may change them.
+_REGULARISERS = frozenset({"drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate",
+                           "patch_drop_rate"})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--train-length", type=int, default=None, help="generated training images (small-objects)")
     data.add_argument("--val-length", type=int, default=None, help="generated validation images (small-objects)")
     add_data_kwargs_option(data)
+    data.add_argument("--skip-bad-images", action="store_true",
+                      help="leave out image files that cannot be read (each file is read once before training, by "
+                           "--workers processes), and count them in the log (train_skipped, val_skipped); without "
+                           "it, the first unreadable file stops the run with its name")
     data.add_argument("--no-augment", action="store_true",
                       help="train on the evaluation transform (resize and centre crop) instead of random crops, "
                            "flips and colour jitter")
@@ -76,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument("--grad-clip", type=float, default=None, help="clip the gradients' global norm to this")
     add_amp_option(training, note=" (CUDA only; it adds a gradient scaler)")
     training.add_argument("--compile", action="store_true", help="torch.compile the model")
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--seed", type=int, default=0, help="from 0 to 2**63 - 1")
     training.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                           help="under torchrun, each process takes the device of its LOCAL_RANK")
 
@@ -99,6 +123,8 @@ def parse_args(argv: Sequence[str] | None = None,
     require_at_least(parser, args, 0, ("workers", "weight_decay", "warmup_epochs", "min_lr"))
     if args.lr <= 0 or (args.grad_clip is not None and args.grad_clip <= 0):
         parser.error("--lr and --grad-clip must be positive")
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be from 0 to 2**63 - 1 ({MAX_SEED}), got {args.seed}")
     if args.amp == "fp16" and not args.device.startswith("cuda"):
         parser.error("--amp fp16 is for CUDA devices; use --amp bf16 on the CPU")
     if args.resume == "auto":
@@ -211,6 +237,89 @@ def weights_digest(model: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- files and DDP
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint that this script wrote (``last.pt``, ``best.pt``), checked to be a whole one: the
+    :data:`CHECKPOINT_KEYS`, each of its kind.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file cannot be read (empty, truncated...: :func:`mixres.checkpoints.read_torch_file`), or
+            is no such checkpoint (a plain state dict, another program's file, keys missing); the message names
+            the file and what is wrong.
+    """
+    state = read_torch_file(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a checkpoint of python -m mixres.train: it holds a {type(state).__name__}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        if state and all(isinstance(value, Tensor) for value in state.values()):
+            raise ValueError(f"{path} is not a checkpoint of python -m mixres.train but a state dict of weights "
+                             f"alone: start a new run from it with --pretrained-file {path}")
+        raise ValueError(f"{path} is not a whole checkpoint of python -m mixres.train: it lacks "
+                         f"{', '.join(missing)}")
+    kinds = {"model": isinstance(state["model"], dict) and all(isinstance(value, Tensor)
+                                                                for value in state["model"].values()),
+             "optimizer": isinstance(state["optimizer"], dict) and {"state", "param_groups"} <= set(state["optimizer"]),
+             "scheduler": isinstance(state["scheduler"], dict) and isinstance(state["scheduler"].get("last_epoch"),
+                                                                              int),
+             "scaler": isinstance(state["scaler"], dict),
+             "epoch": isinstance(state["epoch"], int) and state["epoch"] >= 1,
+             "best_top1": isinstance(state["best_top1"], (int, float)),
+             "metrics": isinstance(state["metrics"], dict),
+             "args": isinstance(state["args"], dict) and isinstance(state["args"].get("model"), str)}
+    wrong = [key for key, right in kinds.items() if not right]
+    if wrong:
+        raise ValueError(f"{path} is not a whole checkpoint of python -m mixres.train: its {', '.join(wrong)} "
+                         f"{'is' if len(wrong) == 1 else 'are'} not what this script writes")
+    return state
+
+
+def _check_resumable(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: dict) -> None:
+    """A usage error where this run's options make another model than the checkpoint's (see the module's
+    docstring): it names the option, the checkpoint's value and this run's."""
+    saved = checkpoint["args"]
+    if saved["model"] != args.model:
+        parser.error(f"--resume {args.resume} holds a {saved['model']}, not a {args.model}")
+
+    def value(options: dict | argparse.Namespace, name: str):
+        found = options.get(name, parser.get_default(name)) if isinstance(options, dict) else getattr(options, name)
+        if name == "model_kwargs":
+            return {key: item for key, item in (found or {}).items() if key not in _REGULARISERS}
+        return found
+
+    def show(name: str, found) -> str:
+        if isinstance(found, bool):
+            return "given" if found else "not given"
+        return "not given" if found is None else json.dumps(found) if isinstance(found, dict) else str(found)
+
+    for name in RESUME_MODEL_OPTIONS:
+        before, now = value(saved, name), value(args, name)
+        if before != now:
+            option = f"--{name.replace('_', '-')}"
+            parser.error(f"--resume {args.resume}: {option} is {show(name, before)} in the checkpoint and "
+                         f"{show(name, now)} in this run; a resumed run continues the checkpoint's model: give "
+                         f"its {option}, or start a new run from its weights with --pretrained-file {args.resume}")
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, checkpoint: dict, step: int) -> None:
+    """Loads the optimizer's state (AdamW's moments and step counts) from ``checkpoint``, keeping this run's
+    hyperparameters (``--lr``, ``--weight-decay``), and puts the schedule (this run's: ``--epochs``,
+    ``--warmup-epochs``, ``--min-lr``) at ``step``: the epochs done times this run's steps per epoch, which another
+    batch size or number of processes changes. With nothing changed, this is the checkpoint's own step and
+    learning rate, bit for bit."""
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)
+    scheduler.load_state_dict(checkpoint["scheduler"])  # its counters
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    scheduler.last_epoch = step
+    # What LambdaLR.step() computes at this step.
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def _save(path: Path, state: dict) -> None:
     """Writes a checkpoint whole or not at all: a run killed while saving keeps the previous file."""
     partial = path.with_suffix(".tmp")
@@ -223,8 +332,12 @@ def _append_log(output: Path, row: dict) -> None:
         file.write(json.dumps(row) + "\n")
     csv_path = output / "log.csv"
     new = not csv_path.exists() or csv_path.stat().st_size == 0
+    fields = [field for field in LOG_FIELDS if field in row]
+    if not new:  # a resumed run keeps the file's columns, should its options add or drop some (log.jsonl has all)
+        with open(csv_path, newline="") as file:
+            fields = next(csv.reader(file), fields)
     with open(csv_path, "a", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=[field for field in LOG_FIELDS if field in row])
+        writer = csv.DictWriter(file, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -267,27 +380,52 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"--data {args.data} does not say how many classes it has: give --num-classes")
     val_classes = _count_classes(val_set)
     if val_classes is not None and val_classes != num_classes:
-        parser.error(f"the validation split has {val_classes} classes and training {num_classes}")
+        parser.error(f"the validation split has {val_classes} classes and the model {num_classes} (--num-classes, "
+                     f"else the training split's)")
 
-    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
-    if checkpoint is not None and checkpoint["args"]["model"] != args.model:
-        parser.error(f"--resume {args.resume} holds a {checkpoint['args']['model']}, not a {args.model}")
+    checkpoint = None
+    if args.resume is not None:
+        try:
+            checkpoint = read_checkpoint(args.resume)
+        except (ValueError, OSError) as error:
+            parser.error(f"--resume: {error}")
+        _check_resumable(parser, args, checkpoint)
     torch.manual_seed(args.seed)  # the same initial weights in every process
     try:
         model = build_model(args, num_classes, load_pretrained=checkpoint is None)
     except (ValueError, TypeError, RuntimeError, OSError) as error:
         parser.error(f"cannot build {args.model}: {error}")
+    if checkpoint is not None:
+        problem = explain_mismatch(model.state_dict(), checkpoint["model"])
+        if problem:
+            parser.error(f"--resume {args.resume}: its weights do not fit this run's {args.model} ({num_classes} "
+                         f"classes, from --num-classes or the training set): {problem}")
+        model.load_state_dict(checkpoint["model"])
 
     device, rank, world = _setup_device(args)
     try:
-        return _train(args, model, train_set, val_set, device, rank, world, checkpoint)
+        skipped = {}
+        if args.skip_bad_images:
+            sizes = len(train_set), len(val_set)
+            try:
+                train_set, bad_train = skip_unreadable_images(train_set, args.workers, distributed=world > 1)
+                val_set, bad_val = skip_unreadable_images(val_set, args.workers, distributed=world > 1)
+            except ValueError as error:
+                parser.error(f"--skip-bad-images: {error} (--data {args.data})")
+            skipped = {"train_skipped": len(bad_train), "val_skipped": len(bad_val)}
+            if rank == 0:
+                print(report_unreadable(bad_train, sizes[0], "training images"))
+                print(report_unreadable(bad_val, sizes[1], "validation images"), flush=True)
+        return _train(args, model, train_set, val_set, device, rank, world, checkpoint, skipped)
+    except UnreadableImageError as error:
+        parser.error(f"--data: {error.brief} (--skip-bad-images leaves unreadable files out)")
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
 def _train(args: argparse.Namespace, model: nn.Module, train_set, val_set, device: torch.device, rank: int,
-           world: int, checkpoint: dict | None) -> dict:
+           world: int, checkpoint: dict | None, skipped: dict) -> dict:
     from timm.optim import create_optimizer_v2
     from tqdm import tqdm
 
@@ -303,18 +441,28 @@ def _train(args: argparse.Namespace, model: nn.Module, train_set, val_set, devic
     model.to(device)
     # Built on the bare model: timm reads its no_weight_decay() names, and leaves 1-D parameters undecayed too.
     optimizer = create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = warmup_cosine(optimizer, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch),
+    total_steps = args.epochs * steps_per_epoch
+    scheduler = warmup_cosine(optimizer, total_steps, round(args.warmup_epochs * steps_per_epoch),
                               args.min_lr / args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_epoch, best_top1, row = 0, -math.inf, {}
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best_top1, row = checkpoint["epoch"], checkpoint["best_top1"], checkpoint["metrics"]
+        step = start_epoch * steps_per_epoch
+        _restore_optimizer(optimizer, scheduler, checkpoint, step)
+        if checkpoint["scaler"] and scaler.is_enabled():  # a scale learnt under --amp fp16, for --amp fp16
+            scaler.load_state_dict(checkpoint["scaler"])
         if rank == 0:
-            print(f"resumed from {args.resume} after epoch {start_epoch} (best val top-1 {best_top1:.2f})")
+            lr = optimizer.param_groups[0]["lr"]
+            print(f"resumed from {args.resume} after epoch {start_epoch} (best val top-1 {best_top1:.2f}): step "
+                  f"{step} of {total_steps}, lr {lr:.4g}")
+            saved_batch, saved_world = checkpoint["args"].get("batch_size"), checkpoint.get("world_size")
+            if saved_batch != args.batch_size or saved_world not in (None, world) \
+                    or checkpoint["scheduler"]["last_epoch"] != step:
+                print(f"rescheduled: the checkpoint's run took {saved_batch} x {saved_world or '?'} images per step "
+                      f"(batch size x processes) and stopped at step {checkpoint['scheduler']['last_epoch']}; this "
+                      f"run takes {args.batch_size} x {world} in {steps_per_epoch} steps per epoch, so its schedule "
+                      f"continues at step {step} of {total_steps} (the end of epoch {start_epoch}), lr {lr:.4g}")
 
     # The Quadformer's scorer has no parameters and every parameter gets a gradient (the ViT's position table is
     # cut to what is used), so DDP need not look for unused parameters.
@@ -363,7 +511,7 @@ def _train(args: argparse.Namespace, model: nn.Module, train_set, val_set, devic
         metrics = evaluate(eval_net, val_loader, device, args.amp)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics,
                "images_per_s": steps_per_epoch * args.batch_size * world / train_seconds,
-               "seconds": time.perf_counter() - started}
+               "seconds": time.perf_counter() - started, **skipped}
         is_best = metrics["val_top1"] > best_top1
         best_top1 = max(best_top1, metrics["val_top1"])
         if rank == 0:
@@ -371,7 +519,7 @@ def _train(args: argparse.Namespace, model: nn.Module, train_set, val_set, devic
             _save(args.output / "last.pt", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                "best_top1": best_top1, "metrics": row, "args": saved_args})
+                "best_top1": best_top1, "metrics": row, "args": saved_args, "world_size": world})
             if is_best:
                 shutil.copyfile(args.output / "last.pt", args.output / "best.tmp")
                 os.replace(args.output / "best.tmp", args.output / "best.pt")

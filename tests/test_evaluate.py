@@ -3,6 +3,7 @@ sweep over a generated image folder (rows, accuracy, MACs against a hand count, 
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,7 +176,8 @@ def test_weights_from_a_plain_vit_a_quadformer_or_a_training_checkpoint(tmp_path
             assert torch.equal(model.state_dict()[key], value), (name, key)
 
     other_classes = Quadformer(tiny_vit(seed=2, num_classes=3), n_patches=16)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(RuntimeError, match=r"train.pth: these weights do not fit the Quadformer: .*\(num_classes: 5 "
+                                           r"in the weights, 3 in the model\)"):
         evaluate.load_weights(other_classes, tmp_path / "train.pth")
     with pytest.warns(UserWarning, match="vit.head.weight, vit.head.bias left at their random initialisation"):
         evaluate.load_weights(other_classes, tmp_path / "vit.pth", pretrained=True)
@@ -206,6 +208,42 @@ def test_bad_options_exit_with_a_clear_message(image_folder, tmp_path, capsys, o
         evaluate.main(argv)
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64])
+def test_a_seed_out_of_range_is_a_usage_error(image_folder, tmp_path, capsys, seed):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([*CLI_MODEL, "--data", str(image_folder), "--output", str(tmp_path), "--seed", str(seed)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: --seed must be from 0 to 2**63 - 1 ({2**63 - 1}), got {seed}")
+
+
+def test_unreadable_images_stop_the_sweep_with_their_name_or_are_left_out(image_folder, tmp_path, capsys):
+    from test_data import write_bad
+
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    bad = data / "class3" / "bad.png"
+    write_bad("corrupt", bad)
+    options = [*CLI_MODEL, "--data", str(data), "--budgets", "4,16", "--batch-size", "4", "--workers", "2",
+               "--warmup", "0", "--timed-batches", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([*options, "--output", str(tmp_path / "stopped")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: --data: cannot read {bad}: broken data stream when reading image file (--skip-bad-images leaves "
+        f"unreadable files out)")
+
+    rows = evaluate.main([*options, "--output", str(tmp_path / "out"), "--skip-bad-images"])
+    printed = capsys.readouterr().out
+    assert f"skipped 1 unreadable images of 11:\n  cannot read {bad}: broken data stream" in printed
+    assert "top-1 over 10 images (1 unreadable ones left out)" in printed
+    clean = evaluate.main([*options, "--output", str(tmp_path / "clean"), "--data", str(image_folder)])
+    for row, clean_row in zip(rows, clean):  # the same images: the same accuracy
+        assert row["n_images"] == clean_row["n_images"] == 10 and row["top1"] == clean_row["top1"]
+    saved = json.loads((tmp_path / "out" / "budgets.json").read_text())["config"]["unreadable_skipped"]
+    assert saved == [f"cannot read {bad}: broken data stream when reading image file"]
 
 
 def test_the_command_exits_non_zero(tmp_path):

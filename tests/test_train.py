@@ -4,8 +4,10 @@ does; DDP replicas stay identical and match one process with the global batch; v
 pretrained files; and the usage errors."""
 import csv
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +18,10 @@ import timm
 import torch
 from PIL import Image
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from mixres import train
-from mixres.data import ShardSampler, build_dataset, build_loader
+from mixres.data import MAX_SEED, ShardSampler, build_dataset, build_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -44,6 +47,37 @@ def colours(tmp_path_factory):
 
 def run(data, output, *options):
     return train.main([*TINY, "--data", str(data), "--output", str(output), *options])
+
+
+def scheduled_lr(step, steps_per_epoch, epochs, warmup_epochs=0.5, peak=1e-3, low=0.0):
+    """The schedule the module documents, written out: a linear warmup over round(warmup_epochs * steps_per_epoch)
+    steps to the peak, then half a cosine down to ``low`` at the run's last step."""
+    warmup, total = round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return low + (peak - low) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2
+
+
+@pytest.fixture
+def optimizer_steps():
+    """The learning rate and the weight decays of every optimiser step taken while the test runs."""
+    steps = []
+
+    def record(optimizer, args, kwargs):
+        decays = sorted(group["weight_decay"] for group in optimizer.param_groups)
+        steps.append((optimizer.param_groups[0]["lr"], decays))
+
+    handle = register_optimizer_step_pre_hook(record)
+    yield steps
+    handle.remove()
+
+
+@pytest.fixture(scope="module")
+def one_epoch(colours, tmp_path_factory):
+    """The last.pt of a run of one epoch (TINY: 5 steps of 8 images)."""
+    output = tmp_path_factory.mktemp("one_epoch")
+    run(colours, output, "--epochs", "1")
+    return output / "last.pt"
 
 
 def read_log(output):
@@ -108,6 +142,75 @@ def test_a_resumed_run_computes_what_an_uninterrupted_one_does(colours, tmp_path
     strip = lambda row: {key: value for key, value in row.items() if key not in timing}  # noqa: E731
     assert [strip(row) for row in read_log(tmp_path / "resumed")] == [strip(row)
                                                                         for row in read_log(tmp_path / "straight")]
+
+
+# --------------------------------------------------------------------------------- resuming with other options
+def test_resuming_with_a_larger_batch_continues_the_schedule_where_its_epochs_end(colours, tmp_path, capsys,
+                                                                                   optimizer_steps):
+    run(colours, tmp_path, "--epochs", "1", "--batch-size", "4")  # 10 steps: the checkpoint's schedule is at 10
+    optimizer_steps.clear()
+    capsys.readouterr()
+    run(colours, tmp_path, "--epochs", "2", "--batch-size", "8", "--resume", "auto")  # 5 steps per epoch now
+    # An uninterrupted run of 8 images per step: 10 steps, 2 of warmup. The resumed epoch is its steps 5 to 9 (the
+    # checkpoint's step count, 10, is this run's end: lr 0 throughout).
+    lrs = [lr for lr, _ in optimizer_steps]
+    assert lrs == pytest.approx([scheduled_lr(step, 5, 2) for step in range(5, 10)], rel=1e-12)
+    assert lrs[0] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 3 / 8)) / 2) and min(lrs) > 0
+    printed = capsys.readouterr().out
+    assert "rescheduled: the checkpoint's run took 4 x 1 images per step" in printed
+    assert "takes 8 x 1 in 5 steps per epoch, so its schedule continues at step 5 of 10" in printed
+    assert read_log(tmp_path)[1]["lr"] == lrs[-1]
+
+
+def test_a_resumed_run_follows_its_own_lr_epochs_warmup_and_weight_decay(colours, one_epoch, tmp_path,
+                                                                          optimizer_steps):
+    (tmp_path / "out").mkdir()
+    resumed = tmp_path / "out" / "last.pt"
+    resumed.write_bytes(one_epoch.read_bytes())
+    run(colours, tmp_path / "out", "--epochs", "3", "--lr", "2e-3", "--min-lr", "1e-4", "--warmup-epochs", "1.2",
+        "--weight-decay", "0.2", "--resume", "auto")
+    # As if the whole run had had these options: 15 steps, 6 of warmup; the resumed steps are 5 to 14.
+    assert [lr for lr, _ in optimizer_steps] == pytest.approx(
+        [scheduled_lr(step, 5, 3, warmup_epochs=1.2, peak=2e-3, low=1e-4) for step in range(5, 15)], rel=1e-12)
+    assert all(decays == [0.0, 0.2] for _, decays in optimizer_steps)  # 1-D parameters and tables undecayed
+    assert torch.load(resumed, weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--pos-embed", "xy"], "--pos-embed is not given in the checkpoint and xy in this run"),
+    (["--img-size", "128", "--n-patches", "16"], "--img-size is 64 in the checkpoint and 128 in this run"),
+    (["--model-kwargs", json.dumps({**VIT, "depth": 2})],
+     '--model-kwargs is {"depth": 1, "embed_dim": 32, "num_heads": 2} in the checkpoint and {"depth": 2, '),
+    (["--min-patch-size", "32", "--n-patches", "4"], "--min-patch-size is not given in the checkpoint and 32"),
+    (["--max-patch-size", "16", "--n-patches", "16"], "--max-patch-size is not given in the checkpoint and 16"),
+    (["--uniform-grid"], "--uniform-grid is not given in the checkpoint and given in this run"),
+    (["--data", "{three_colours}"], r"its weights do not fit this run's quadformer_vit_tiny_patch16_224 \(3 "
+                                    r"classes.*num_classes: 4 in the weights, 3 in the model"),
+    (["--model", "quadformer_vit_small_patch16_224"], "holds a quadformer_vit_tiny_patch16_224, not a "
+                                                      "quadformer_vit_small_patch16_224"),
+])
+def test_resuming_another_model_is_refused_naming_the_option(colours, one_epoch, tmp_path, capsys, options, message):
+    if "{three_colours}" in options:  # the data of another number of classes
+        shutil.copytree(colours, tmp_path / "three", ignore=shutil.ignore_patterns("yellow"))
+        options = [option.format(three_colours=tmp_path / "three") for option in options]
+    with pytest.raises(SystemExit) as exit_:
+        run(colours, tmp_path, "--resume", str(one_epoch), *options)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert re.search(message, error), error
+    if "--pretrained-file" not in message and "weights do not fit" not in message and "holds a" not in message:
+        assert f"start a new run from its weights with --pretrained-file {one_epoch}" in error
+
+
+@pytest.mark.parametrize("options", [
+    ["--model-kwargs", json.dumps({**VIT, "drop_path_rate": 0.1})],  # regularisation only
+    ["--n-patches", "10", "--scorer", "entropy"],
+    ["--amp"],
+    ["--batch-size", "4", "--seed", "3", "--no-augment"],
+])
+def test_options_that_keep_the_model_may_change_on_resume(colours, one_epoch, tmp_path, options):
+    result = run(colours, tmp_path, "--epochs", "1", "--resume", str(one_epoch), *options)  # nothing left to train
+    assert result["best_val_top1"] == torch.load(one_epoch, weights_only=True)["best_top1"]
 
 
 def test_bf16_autocast_and_gradient_clipping_on_the_cpu(colours, tmp_path):
@@ -175,6 +278,24 @@ def test_ddp_on_two_processes_keeps_replicas_identical_and_matches_one_process(c
     assert metrics["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
 
 
+def test_resuming_on_two_processes_continues_the_schedule_of_a_run_on_one(colours, one_epoch, tmp_path):
+    (tmp_path / "last.pt").write_bytes(one_epoch.read_bytes())  # one process: 5 steps of 8 images
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "mixres.train", *TINY, "--epochs", "2", "--data", str(colours), "--output", str(tmp_path),
+               "--resume", "auto"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Two processes of 8 images: 2 steps per epoch, 4 in all, 1 of warmup; the resumed epoch is steps 2 and 3 (the
+    # checkpoint's step count, 5, is past this run's end: lr 0 throughout).
+    assert "rescheduled: the checkpoint's run took 8 x 1 images per step" in done.stdout
+    assert "takes 8 x 2 in 2 steps per epoch, so its schedule continues at step 2 of 4" in done.stdout
+    first_lr = float(re.search(r"after epoch 1 .*: step 2 of 4, lr (\S+)\n", done.stdout).group(1))
+    assert first_lr == pytest.approx(scheduled_lr(2, 2, 2), rel=1e-3) == 7.5e-4  # printed to 4 digits
+    assert read_log(tmp_path)[-1]["lr"] == pytest.approx(scheduled_lr(3, 2, 2), rel=1e-12) == 2.5e-4
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["world_size"] == 2
+
+
 def test_evaluation_shards_cover_each_item_once_and_metrics_are_exact():
     for world in (1, 2, 3):
         shards = [list(ShardSampler(range(7), world, rank)) for rank in range(world)]
@@ -236,6 +357,10 @@ def test_a_quadformer_checkpoint_file_starts_a_quadformer_whole(tmp_path):
     (["--data", "{colours}", "--model", "no_such_model"], "unknown timm model 'no_such_model'"),
     (["--data", "{colours}", "--amp", "fp16", "--device", "cpu"], "fp16 is for CUDA"),
     (["--data", "{colours}", "--model-kwargs", "[1]"], "expected a JSON object"),
+    *[(["--data", "{colours}", "--seed", str(seed)], rf"--seed must be from 0 to 2\*\*63 - 1 \({2**63 - 1}\), "
+                                                     rf"got {seed}$") for seed in (-1, -2**63, 2**63, 2**64, 2**200)],
+    (["--data", "small-objects", "--skip-bad-images"], "--skip-bad-images: skipping unreadable images is for image "
+                                                       "folders: this data has no image files"),
 ])
 def test_bad_options_exit_with_a_usage_error(colours, tmp_path, capsys, options, message):
     options = [option.format(tmp=tmp_path, colours=colours) for option in options]
@@ -245,6 +370,114 @@ def test_bad_options_exit_with_a_usage_error(colours, tmp_path, capsys, options,
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.startswith("python -m mixres.train: error:")
     assert re.search(message, error), error
+
+
+@pytest.mark.parametrize("seed", [2**32, MAX_SEED])
+def test_seeds_up_to_the_largest_train_and_order_the_data_by_seed_and_epoch(colours, tmp_path, seed):
+    train_set = build_dataset(colours, "train", 64, (0.5,) * 3, (0.5,) * 3, train=False)
+    orders = []
+    for epoch in (0, 1, 2**20):
+        loader = build_loader(train_set, 8, train=True, seed=seed)
+        loader.sampler.set_epoch(epoch)
+        orders.append(list(loader.sampler))
+    assert all(sorted(order) == list(range(40)) for order in orders) and orders[0] != orders[1] != orders[2]
+    assert list(loader.sampler) == orders[2]  # a function of (seed, epoch)
+    if seed == MAX_SEED:  # the whole run: data order, per-epoch seeds, weights, the validation seed + 1
+        result = run(colours, tmp_path, "--epochs", "1", "--seed", str(seed))
+        assert np.isfinite(result["train_loss"])
+        small = build_dataset("small-objects", "val", 64, (0.5,) * 3, (0.5,) * 3, train=False, length=2,
+                              seed=seed + 1)  # what train gives generated validation data
+        assert small[1][0].shape == (3, 64, 64)
+    with pytest.raises(ValueError, match=r"seed must be an int from 0 to 2\*\*63 - 1, got -1"):
+        build_loader(train_set, 8, train=True, seed=-1)
+
+
+# ------------------------------------------------------------------------------------------ unreadable images
+def test_skipping_unreadable_images_trains_as_on_the_readable_ones_and_counts_them(colours, one_epoch, tmp_path,
+                                                                                    capsys):
+    from test_data import BAD_FILES, write_bad
+
+    data = tmp_path / "data"
+    shutil.copytree(colours, data)
+    bad = {"corrupt": data / "train" / "red" / "bad.png", "truncated": data / "train" / "green" / "bad.png",
+           "not an image": data / "train" / "blue" / "bad.png"}
+    for kind, path in {**bad, "truncated ": data / "val" / "red" / "bad.png"}.items():
+        write_bad(kind.strip(), path)
+    capsys.readouterr()
+    result = run(data, tmp_path / "out", "--epochs", "1", "--skip-bad-images")
+    printed = capsys.readouterr().out
+    assert "skipped 3 unreadable training images of 43:\n" in printed
+    assert "skipped 1 unreadable validation images of 20:\n" in printed
+    for kind, path in bad.items():
+        assert f"  cannot read {path}: {BAD_FILES[kind]}" in printed
+    assert "training quadformer_vit_tiny_patch16_224 (0.04M parameters) on 1 x cpu, 40 training and 19 " in printed
+    (row,) = read_log(tmp_path / "out")
+    assert row["train_skipped"] == 3 and row["val_skipped"] == 1
+    # The readable files in their order: the same training and validation as a run on the folder without the others.
+    clean = torch.load(one_epoch, weights_only=True)
+    assert row["val_loss"] == clean["metrics"]["val_loss"] and result["val_top1"] == clean["metrics"]["val_top1"]
+    for key, value in torch.load(tmp_path / "out" / "last.pt", weights_only=True)["model"].items():
+        assert torch.equal(value, clean["model"][key]), key
+
+
+def test_an_unreadable_image_stops_training_with_its_name_from_a_worker_too(colours, tmp_path, capsys):
+    from test_data import write_bad
+
+    data = tmp_path / "data"
+    shutil.copytree(colours, data)
+    write_bad("truncated", data / "train" / "yellow" / "bad.png")
+    with pytest.raises(SystemExit) as exit_:
+        run(data, tmp_path / "out", "--epochs", "1", "--workers", "2")
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # one line: the worker's traceback left out
+    bad = data / "train" / "yellow" / "bad.png"
+    assert error.startswith(f"python -m mixres.train: error: --data: cannot read {bad}: image file is truncated")
+    assert error.endswith("(--skip-bad-images leaves unreadable files out)"), error
+
+
+def _broken(kind, last_pt, path):
+    """Writes at ``path`` a file that is not a whole mixres.train checkpoint, made from the good ``last_pt``."""
+    data = last_pt.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[:len(data) // 2])  # as a copy or a disk-full write cut short
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    else:
+        checkpoint = torch.load(last_pt, weights_only=True)
+        if kind == "state dict":
+            checkpoint = checkpoint["model"]
+        elif kind == "no optimizer":
+            del checkpoint["optimizer"]
+        elif kind == "a list":
+            checkpoint = [1, 2, 3]
+        elif kind == "epoch 0":
+            checkpoint["epoch"] = 0
+        torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", "cannot read {path}: truncated or corrupt"),
+    ("empty", "cannot read {path}: the file is empty"),
+    ("random bytes", "cannot read {path}: not a file written by torch.save"),
+    ("state dict", "{path} is not a checkpoint of python -m mixres.train but a state dict of weights alone: start a "
+                   "new run from it with --pretrained-file {path}"),
+    ("no optimizer", "{path} is not a whole checkpoint of python -m mixres.train: it lacks optimizer"),
+    ("a list", "{path} is not a checkpoint of python -m mixres.train: it holds a list"),
+    ("epoch 0", "{path} is not a whole checkpoint of python -m mixres.train: its epoch is not what this script "
+                "writes"),
+])
+@pytest.mark.parametrize("how", ["path", "auto"])
+def test_resuming_from_a_file_that_is_no_whole_checkpoint_is_a_usage_error(colours, one_epoch, tmp_path, capsys,
+                                                                            kind, message, how):
+    path = tmp_path / "last.pt"
+    _broken(kind, one_epoch, path)
+    with pytest.raises(SystemExit) as exit_:
+        run(colours, tmp_path, "--resume", str(path) if how == "path" else "auto")
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith(f"python -m mixres.train: error: --resume: {message.format(path=path)}"), error
 
 
 def test_uniform_grid_baseline_trains_at_the_budgets_grid(tmp_path, capsys):

@@ -13,7 +13,7 @@ import warnings
 
 from torch import nn
 
-from ..checkpoints import read_state_dict
+from ..checkpoints import explain_mismatch, read_state_dict
 from .quadformer import Quadformer
 from .registry import create_quadformer
 
@@ -75,32 +75,51 @@ def create_model(name: str, *, pretrained: bool = False, pretrained_file: str | 
             # timm replaces the classifier when the model's classes differ from the cfg's; the file's own
             # classifier is what to compare with (a fine-tuned file of 10 classes keeps its head for 10).
             overlay["num_classes"] = head.shape[0]
-        kwargs["pretrained_cfg_overlay"] = overlay
-        pretrained = True
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        except RuntimeError as error:
+            # timm's strict load lists every weight that differs: say which configuration differs instead.
+            problem = explain_mismatch(timm.create_model(name, **kwargs).state_dict(), state)
+            raise RuntimeError(f"{pretrained_file}: these weights do not fit the {name}: {problem or error}") from None
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def load_weights(model: Quadformer, path: str | os.PathLike, pretrained: bool = False) -> None:
-    """Loads a plain timm ViT's state dict, or a Quadformer's, from ``path`` (see :func:`read_state_dict`) into a
-    Quadformer (plain ViT keys go under ``vit.``, the position table is adapted: ``Quadformer.load_state_dict``).
+    """Loads a plain timm ViT's state dict, a Quadformer's or a UniformGrid's, from ``path`` (see
+    :func:`read_state_dict`) into a Quadformer (plain ViT keys go under ``vit.``, the position tables are adapted
+    to the model's image size: ``Quadformer.load_state_dict``).
 
     Every weight must match, except with ``pretrained``: then a classifier of another number of classes, and
-    learned xy position tables the file lacks, are left at their initialisation, with a warning.
+    learned xy position tables the file lacks, are left at their initialisation, and learned xy tables the model
+    has no use for (``pos_embed="xy"``) are left out, with a warning.
+
+    Raises:
+        FileNotFoundError, ValueError: the file cannot be read (:func:`read_state_dict`).
+        RuntimeError: the weights do not fit the model; the message names the file and the configuration that
+            differs (classes, embedding width, depth, position embedding...).
     """
+    from .quadformer import _adapt_weights
+
     state = read_state_dict(path)
-    if not pretrained:
+    new, unused = [], []
+    try:
+        if pretrained:
+            _adapt_weights(model, state)
+            own = model.state_dict()
+            for key in list(state):
+                if key.startswith("xy_embed.") and key not in own:
+                    unused.append(key)
+                    del state[key]
+                elif key.startswith("vit.head.") and key in own and state[key].shape != own[key].shape:
+                    del state[key]
+            new = [key for key in own if key not in state and key.startswith(("vit.head.", "xy_embed."))]
+            state.update({key: own[key] for key in new})  # left as they are
         model.load_state_dict(state)
-        return
-    own = model.state_dict()
-    head = [key for key in state if key.removeprefix("vit.").startswith("head.")
-            and state[key].shape != own.get("vit." + key.removeprefix("vit."), state[key]).shape]
-    for key in head:
-        del state[key]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    new = [key for key in missing if key.startswith(("vit.head.", "xy_embed."))]
-    if unexpected or len(new) != len(missing):
-        raise RuntimeError(f"{path} does not fit the model: missing {sorted(set(missing) - set(new))}, unexpected "
-                           f"{sorted(unexpected)}")
+    except RuntimeError as error:
+        raise RuntimeError(f"{path}: {error}") from None
     if new:
         warnings.warn(f"{path}: {', '.join(new)} left at their random initialisation (the file has none of this "
                       f"shape): they mean nothing until trained", stacklevel=2)
+    if unused:
+        warnings.warn(f"{path}: {', '.join(unused)} not used (the model has pos_embed={model.pos_embed_kind!r})",
+                      stacklevel=2)

@@ -313,14 +313,47 @@ def _channel_values(name: str, values, channels: int, positive: bool = False) ->
     return numbers
 
 
-def _adapt_checkpoint(module: Quadformer, state_dict: dict, prefix: str, *args) -> None:
+def _adapt_checkpoint(module: Quadformer, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                      *args) -> None:
+    """Before a Quadformer loads a state dict: adapts it (:func:`_adapt_weights`), then raises a RuntimeError that
+    says which configuration differs (the number of classes, the embedding width, the depth, the position
+    embedding...: :func:`mixres.checkpoints.explain_mismatch`) where the weights still do not fit, instead of
+    torch's list of size mismatches. Nothing is loaded then. Names missing on either side are left to torch when
+    ``strict`` is False."""
+    from ..checkpoints import explain_mismatch
+
+    _adapt_weights(module, state_dict, prefix)
+    found = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    problem = explain_mismatch(module.state_dict(), found, keys=strict)
+    if problem:
+        raise RuntimeError(f"these weights do not fit the {type(module).__name__}: {problem}")
+
+
+def _adapt_weights(module: Quadformer, state_dict: dict, prefix: str = "") -> None:
     """Lets a Quadformer load a plain timm ViT checkpoint (keys without ``vit.``), as timm's ``checkpoint_path=``
-    and ``load_checkpoint`` do: keys are moved under ``vit.``, and the position table is cut to the prefix
-    entries (``xy`` embeddings) or resampled to the model's grid (``resample``)."""
+    and ``load_checkpoint`` do, or a :class:`mixres.models.UniformGrid`'s (keys under ``quadformer.``): keys are
+    moved under ``vit.``; the position table is cut to the prefix entries (``xy`` embeddings) or resampled to the
+    model's grid (``resample``), and learned xy tables are resampled (linearly, as the model reads them) to the
+    model's grid. In place; a state dict that already fits is left as it is."""
     own = f"{prefix}vit."
-    if f"{prefix}patch_embed.proj.weight" in state_dict and not any(key.startswith(own) for key in state_dict):
-        for key in [key for key in state_dict if key.startswith(prefix)]:
-            state_dict[own + key[len(prefix):]] = state_dict.pop(key)
+    if not any(key.startswith(own) for key in state_dict):
+        wrapped = f"{prefix}quadformer."  # a UniformGrid's: the Quadformer it wraps
+        if any(key.startswith(wrapped + "vit.") for key in state_dict):
+            for key in [key for key in state_dict if key.startswith(wrapped)]:
+                state_dict[prefix + key[len(wrapped):]] = state_dict.pop(key)
+        elif f"{prefix}patch_embed.proj.weight" in state_dict:
+            for key in [key for key in state_dict if key.startswith(prefix)]:
+                state_dict[own + key[len(prefix):]] = state_dict.pop(key)
+    if module.xy_embed is not None:
+        for name, table in module.xy_embed.named_parameters():
+            key = f"{prefix}xy_embed.{name}"
+            loaded = state_dict.get(key)
+            if loaded is not None and loaded.dim() == 2 and loaded.shape[1] == table.shape[1] \
+                    and loaded.shape[0] != table.shape[0]:
+                # Another image size or min_patch_size: the table's rows span the leaf centres' range whatever
+                # its length, so its values are resampled along it.
+                state_dict[key] = F.interpolate(loaded.T[None].float(), size=table.shape[0], mode="linear",
+                                                align_corners=True)[0].T.to(loaded.dtype).contiguous()
     key = f"{own}pos_embed"
     if key not in state_dict:
         return
@@ -330,8 +363,19 @@ def _adapt_checkpoint(module: Quadformer, state_dict: dict, prefix: str, *args) 
         del state_dict[key]
     elif module.pos_embed_kind != "resample":
         state_dict[key] = table[:, :n_prefix]
-    elif table.shape != vit.pos_embed.shape:
+    elif table.shape != vit.pos_embed.shape and table.dim() == 3 and table.shape[-1] == vit.pos_embed.shape[-1]:
         from timm.layers import resample_abs_pos_embed
 
+        cells = table.shape[1] - n_prefix
+        side = round(cells ** 0.5)
+        if cells <= 0:
+            raise RuntimeError(f"these weights have no position table for the patches (only its {table.shape[1]} "
+                               f"prefix-token entries: a Quadformer's trained with pos_embed 'xy' or 'xy-learned'), "
+                               f"which this model's pos_embed='resample' needs: build it with pos_embed='xy' or "
+                               f"'xy-learned' (--pos-embed)")
+        if side * side != cells:
+            raise RuntimeError(f"these weights' position table has {cells} patch entries, not a square grid, and "
+                               f"the model's {tuple(vit.patch_embed.grid_size)} grid differs: it cannot be "
+                               f"resampled; build the model at the weights' image size (img_size)")
         state_dict[key] = resample_abs_pos_embed(table, new_size=list(vit.patch_embed.grid_size),
-                                                 num_prefix_tokens=n_prefix)
+                                                 old_size=[side, side], num_prefix_tokens=n_prefix)
