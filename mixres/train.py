@@ -463,6 +463,9 @@ def _train(args: argparse.Namespace, model: nn.Module, train_set, val_set, devic
                       f"(batch size x processes) and stopped at step {checkpoint['scheduler']['last_epoch']}; this "
                       f"run takes {args.batch_size} x {world} in {steps_per_epoch} steps per epoch, so its schedule "
                       f"continues at step {step} of {total_steps} (the end of epoch {start_epoch}), lr {lr:.4g}")
+            if start_epoch >= args.epochs:
+                print(f"nothing to train: the checkpoint has done {start_epoch} epochs, and --epochs is "
+                      f"{args.epochs}; give a larger --epochs to train on")
 
     # The Quadformer's scorer has no parameters and every parameter gets a gradient (the ViT's position table is
     # cut to what is used), so DDP need not look for unused parameters.

@@ -176,6 +176,14 @@ def test_a_resumed_run_follows_its_own_lr_epochs_warmup_and_weight_decay(colours
     assert torch.load(resumed, weights_only=True)["epoch"] == 3
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(colours, one_epoch, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "last.pt").write_bytes(one_epoch.read_bytes())
+    result = run(colours, tmp_path / "out", "--epochs", "1", "--resume", "auto")
+    assert "nothing to train: the checkpoint has done 1 epochs, and --epochs is 1" in capsys.readouterr().out
+    assert result["epoch"] == 1 and not (tmp_path / "out" / "log.jsonl").exists()  # no epoch ran
+
+
 @pytest.mark.parametrize("options, message", [
     (["--pos-embed", "xy"], "--pos-embed is not given in the checkpoint and xy in this run"),
     (["--img-size", "128", "--n-patches", "16"], "--img-size is 64 in the checkpoint and 128 in this run"),
