@@ -198,7 +198,7 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_hint(tmp_path, monkeypatc
     (["--data", "torch"], "no such folder"),  # not a timm name without its slash: no folder of $MIXRES_DATA read
     (["--model-kwargs", "{depth: 1}"], "not JSON"),
     (["--pretrained-file", "missing.pth"], "no such file"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer from 1"),
 ])
 def test_bad_options_exit_with_a_clear_message(image_folder, tmp_path, capsys, options, message):
     argv = [*CLI_MODEL, "--data", str(image_folder), "--workers", "0", "--output", str(tmp_path), *options]
