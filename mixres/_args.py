@@ -1,10 +1,12 @@
-"""The command-line pieces that ``python -m mixres.train`` and ``python -m mixres.evaluate`` share: the model options
-and the model they build (by :func:`mixres.models.create_model`), JSON-object arguments, ``--amp`` and its
-autocast, and range checks that end in a usage error."""
+"""The command-line pieces that ``python -m mixres.train``, ``python -m mixres.evaluate`` and ``mixres`` share: the
+model options and the model they build (by :func:`mixres.models.create_model`), JSON-object arguments, ``--amp``
+and its autocast, and numeric option types that declare their range once (:class:`Integer`, :class:`Real`,
+:class:`IntegerList`), so that any number out of range is a usage error naming the option and the range."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -13,18 +15,114 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import MAX_SEED
 from .scorers import SCORERS
 
 __all__ = ["HelpFormatter", "add_model_options", "check_model_options", "build_model", "add_device_option",
-           "usable_device", "add_workers_option", "add_data_kwargs_option", "add_amp_option", "autocast",
-           "json_object", "require_at_least", "require_file", "QUADFORMER_OPTIONS", "AMP_DTYPES",
-           "COMMAND_LINE_SCORERS"]
+           "usable_device", "add_workers_option", "add_seed_option", "add_data_kwargs_option", "add_amp_option",
+           "autocast", "json_object", "require_file", "QUADFORMER_OPTIONS", "AMP_DTYPES",
+           "COMMAND_LINE_SCORERS", "Integer", "Real", "IntegerList", "INDEX_MAX", "SIDE_MAX", "SEED_MAX", "SIDE",
+           "COUNT", "POSITIVE"]
 
 # The options that configure a Quadformer, each named as the Quadformer argument it sets.
 QUADFORMER_OPTIONS = ("n_patches", "scorer", "scorer_kwargs", "pos_embed", "min_patch_size", "max_patch_size")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # GradCAM needs a classifier and Precomputed a saliency map: neither can be given on the command line.
 COMMAND_LINE_SCORERS = tuple(name for name in SCORERS if name not in ("gradcam", "precomputed"))
+
+
+# The largest count an option takes: torch's tensors and Python's len() index with signed 64-bit integers.
+INDEX_MAX = 2 ** 63 - 1
+# The largest image side or patch size: the tokenizer's boxes (y, x, size) are int32.
+SIDE_MAX = 2 ** 31 - 1
+# The largest seed: mixres.data's, which leaves room for the seeds derived from it (seed + epoch, seed + 1).
+SEED_MAX = MAX_SEED
+
+
+def _number(value: float) -> str:
+    """``value`` for a message: ``2**63 - 1`` rather than its 19 digits."""
+    if isinstance(value, int) and value >= 2 ** 16 and (value + 1) & value == 0:
+        return f"2**{value.bit_length()} - 1"
+    return str(value)
+
+
+def _quoted(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+class Integer:
+    """An argparse type: an integer from ``minimum`` to ``maximum``; anything else (not an integer, out of range)
+    is a usage error that names the option (argparse adds it) and the range:
+    ``argument --batch: expected an integer from 1 to 2**63 - 1, got '0'``."""
+
+    def __init__(self, minimum: int, maximum: int = INDEX_MAX):
+        self.minimum, self.maximum = minimum, maximum
+
+    def describe(self) -> str:
+        return f"an integer from {_number(self.minimum)} to {_number(self.maximum)}"
+
+    def __call__(self, text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:  # not an integer, or more digits than Python converts
+            value = None
+        if value is None or not self.minimum <= value <= self.maximum:
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {_quoted(text)}")
+        return value
+
+    def __repr__(self) -> str:  # argparse names the type by it in some messages
+        return f"Integer({self.minimum}, {self.maximum})"
+
+
+class IntegerList(Integer):
+    """An argparse type: comma-separated integers (``49,64,100``), each from ``minimum`` to ``maximum`` ->
+    their list; at least one."""
+
+    def describe(self) -> str:
+        return f"comma-separated integers such as 49,64,100, each from {_number(self.minimum)} to " \
+               f"{_number(self.maximum)}"
+
+    def __call__(self, text: str) -> list[int]:
+        parts = [part.strip() for part in text.split(",")]
+        try:
+            if not any(parts) or not all(parts):  # empty, or an empty item: "49,,64", "49,"
+                raise argparse.ArgumentTypeError("")
+            return [super(IntegerList, self).__call__(part) for part in parts]
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {_quoted(text)}") from None
+
+
+class Real:
+    """An argparse type: a finite number above ``minimum`` (or from it, with ``inclusive``) and at most
+    ``maximum``; NaN, infinities ("nan", "inf" parse as floats), out-of-range values and anything else are usage
+    errors that name the option and the range."""
+
+    def __init__(self, minimum: float = 0.0, maximum: float = math.inf, *, inclusive: bool = True):
+        self.minimum, self.maximum, self.inclusive = minimum, maximum, inclusive
+
+    def describe(self) -> str:
+        lower = f"at least {self.minimum:g}" if self.inclusive else f"above {self.minimum:g}"
+        upper = f" and at most {self.maximum:g}" if self.maximum < math.inf else ""
+        return f"a finite number {lower}{upper}"
+
+    def __call__(self, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        above = value >= self.minimum if self.inclusive else value > self.minimum
+        if not (math.isfinite(value) and above and value <= self.maximum):
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {_quoted(text)}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Real({self.minimum}, {self.maximum}, inclusive={self.inclusive})"
+
+
+# The ranges most options share.
+POSITIVE = Integer(1)            # counts of images, batches, epochs, budgets...
+COUNT = Integer(0)               # counts that may be zero: warm-up calls
+SIDE = Integer(1, SIDE_MAX)      # image sides and patch sizes, in pixels
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -69,16 +167,16 @@ def add_model_options(parser: argparse.ArgumentParser, *, quadformer_only: bool 
                             "ViT's for a Quadformer), a Quadformer's, or a training checkpoint holding one under "
                             "'model'. A classifier of another number of classes starts from its initialisation "
                             "(with a warning for a Quadformer)")
-    model.add_argument("--num-classes", type=int, default=None,
+    model.add_argument("--num-classes", type=POSITIVE, default=None,
                        help=f"classifier outputs (default: {num_classes_default})")
-    model.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    model.add_argument("--img-size", type=SIDE, default=None, help="input size (default: the model's)")
     model.add_argument("--model-kwargs", type=json_object, default={},
                        help='more timm.create_model arguments, a JSON object: \'{"depth": 6, "drop_path_rate": 0.1}\'')
 
     quadformer = parser.add_argument_group("Quadformer" if quadformer_only else
                                            "Quadformer (quadformer_* models only; default: the model's)")
     if not quadformer_only:
-        quadformer.add_argument("--n-patches", type=int, default=None,
+        quadformer.add_argument("--n-patches", type=POSITIVE, default=None,
                                 help="leaves per image (default: about half the uniform grid's tokens: 100 at "
                                      "224 px, 288 at 384 px)")
         quadformer.add_argument("--uniform-grid", action="store_true",
@@ -91,8 +189,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, quadformer_only: bool 
                                  'feature')
     quadformer.add_argument("--pos-embed", default=None, choices=POS_EMBEDS,
                             help="the leaves' position embedding (default: resample)")
-    quadformer.add_argument("--min-patch-size", type=int, default=None, help="smallest leaf (default: the ViT's patch)")
-    quadformer.add_argument("--max-patch-size", type=int, default=None,
+    quadformer.add_argument("--min-patch-size", type=SIDE, default=None,
+                            help="smallest leaf (default: the ViT's patch)")
+    quadformer.add_argument("--max-patch-size", type=SIDE, default=None,
                             help="largest leaf (default: 4, 2 or 1 times the smallest, the first that divides the "
                                  "image)")
     return model
@@ -165,11 +264,20 @@ def add_device_option(group) -> None:
                        help="torch device (default: cuda when there is one, else cpu)")
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def add_workers_option(group, help: str) -> None:
-    """Adds ``--workers``, defaulting to 4 data-loading processes, or fewer on a machine with fewer cores."""
-    group.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))
-                                                          if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1),
-                       help=help)
+    """Adds ``--workers``, defaulting to 4 data-loading processes, or fewer on a machine with fewer cores; at most
+    4 per core (and at least 16 allowed): more only adds processes, and a typo such as 1000000 would try to start
+    that many."""
+    group.add_argument("--workers", type=Integer(0, max(16, 4 * _cores())), default=min(4, _cores()), help=help)
+
+
+def add_seed_option(group, help: str = "seed of the random numbers") -> None:
+    """Adds ``--seed``, from 0 to :data:`SEED_MAX`, 0 by default."""
+    group.add_argument("--seed", type=Integer(0, SEED_MAX), default=0, help=help)
 
 
 def add_data_kwargs_option(group) -> None:
@@ -191,15 +299,6 @@ def autocast(device: torch.device, amp: str | None) -> AbstractContextManager:
     """``torch.autocast`` on ``device`` to the dtype of an ``--amp`` value (``"bf16"``, ``"fp16"``); nothing for
     None."""
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp is not None else nullcontext()
-
-
-def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, minimum: float,
-                     names: Iterable[str]) -> None:
-    """A usage error for the first option among ``names`` (attribute names) given below ``minimum``."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
 
 
 def require_file(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> None:

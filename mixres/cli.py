@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import textwrap
+import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from ._args import COMMAND_LINE_SCORERS, HelpFormatter, add_device_option, json_object, require_at_least
+from ._args import COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, add_device_option, json_object
 from ._timing import device_name, format_throughput, kernel_label, median_seconds, throughput_row, time_tokenizer
-from .demo import fit_to_multiple, nearest_valid_n_patches, save_mosaic
+from .demo import fit_to_multiple, fitted_size, nearest_valid_n_patches, save_mosaic
 from .mosaic import tokenize
 from .pyramid import QuadtreeGeometry, default_max_patch_size
 from .scorers import Random, create_scorer
@@ -35,12 +36,78 @@ BENCH_SCORERS = ("pixel-blur", "entropy", "random", "uniform")
 DEFAULT_VIT = "vit_base_patch16_224"
 
 
+# How each Pillow mode becomes RGB in [0, 1]. An alpha channel is dropped: the colours as stored, not composited onto
+# any background (a transparent pixel shows the colour it holds).
+GREY_MODES = ("1", "L", "LA", "La")  # 8-bit grey (1: black and white): value / 255, replicated to three channels
+# 8-bit colour, converted to RGB by Pillow (palettes expanded; CMYK, YCbCr, LAB, HSV without colour management):
+# value / 255. Pillow reads 16-bit colour PNG and TIFF files as 8-bit RGB.
+COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grey: value / 65535 (12-bit TIFF: / 4095)
+BITS_PER_SAMPLE = 258  # the TIFF tag
+# I (32-bit integers) is read from PGM and PNG files only, where it holds 16-bit grey (Pillow scales a PGM's maxval to
+# 65535; Pillows before 10 open 16-bit PNG files in mode I); F (32-bit float) as it is, when every value lies in [0, 1].
+READABLE_MODES = (*GREY_MODES, *COLOUR_MODES, *SIXTEEN_BIT_MODES, "I", "F")
+
+
 def load_image(path: str | os.PathLike) -> Tensor:
-    """An image file, in any format Pillow reads, as RGB ``[3, H, W]`` float32 in [0, 1]: turned upright by its
-    EXIF orientation, grey and palette images expanded to RGB, an alpha channel dropped."""
+    """An image file, in any format Pillow reads, as RGB ``[3, H, W]`` float32 in [0, 1], its values read
+    faithfully or not at all: turned upright by its EXIF orientation, grey replicated, an alpha channel dropped.
+
+    - 8-bit images (Pillow modes 1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, LAB, HSV...): value / 255, after Pillow's
+      conversion to RGB (palettes; CMYK, YCbCr, LAB and HSV without colour management). Pillow itself reads 16-bit
+      colour PNG and TIFF files as 8-bit RGB.
+    - 16-bit grey (modes I;16, I;16B...; mode I from PGM files of maxval above 255, which Pillow scales to 65535,
+      and from PNG files): value / 65535; 12-bit TIFF files, whose samples Pillow leaves from 0 to 4095: value / 4095.
+    - 32-bit float (mode F): the values as they are, when every one is finite and in [0, 1].
+    - Files of several frames (animations, multi-page TIFF): the first frame, with a ``UserWarning``.
+
+    Raises:
+        ValueError: a float image with values outside [0, 1] (the message gives their range) or NaN; a 32-bit
+            integer image (mode I) other than a PGM's or PNG's, whose white level no file states; any other mode;
+            an empty image.
+        OSError, SyntaxError, PIL.Image.DecompressionBombError...: what Pillow raises for a file it cannot read.
+    """
     with Image.open(path) as file:
-        picture = ImageOps.exif_transpose(file).convert("RGB")
-    return torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255
+        mode = file.mode
+        if mode not in READABLE_MODES:
+            raise ValueError(f"{path}: Pillow reads it in mode {mode!r}, which mixres does not read; it reads "
+                             f"{', '.join(READABLE_MODES)}")
+        if mode == "I" and file.format not in ("PPM", "PNG"):
+            raise ValueError(f"{path}: a {file.format} image of 32-bit integers (Pillow mode I), whose white level "
+                             f"no file states: save it as 8 or 16 bits, or as floats in [0, 1]")
+        scale = 65535 if mode in SIXTEEN_BIT_MODES or mode == "I" else 1 if mode == "F" else 255
+        if mode in SIXTEEN_BIT_MODES and file.format == "TIFF":
+            # Pillow leaves the samples of a 12-bit TIFF as they are, 0 to 4095: its white is 2**bits - 1.
+            bits = file.tag_v2.get(BITS_PER_SAMPLE, 16)
+            scale = 2 ** (bits[0] if isinstance(bits, tuple) else bits) - 1
+        if getattr(file, "is_animated", False):
+            warnings.warn(f"{path}: {file.n_frames} frames (an animation or pages): only the first is read",
+                          stacklevel=2)
+        ImageOps.exif_transpose(file, in_place=True)
+        picture = file.convert("LA") if mode == "La" else file  # Pillow converts premultiplied grey through LA
+        if mode in GREY_MODES and picture.mode != "L":
+            picture = picture.convert("L")
+        elif mode in COLOUR_MODES and mode != "RGB":
+            picture = picture.convert("RGB")
+        # A copy of the pixels, as uint8, uint16 (either byte order), int32 or float32; Pillow's own copy is freed
+        # with the file, before the float image is made.
+        pixels = np.asarray(picture)
+        del picture
+    if pixels.size == 0:
+        raise ValueError(f"{path}: an empty image ({pixels.shape[1]}x{pixels.shape[0]} px)")
+    if mode == "F":
+        lowest, highest = float(pixels.min()), float(pixels.max())
+        if np.isnan(lowest) or np.isnan(highest):
+            raise ValueError(f"{path}: a float image (Pillow mode F) that holds NaN")
+        if lowest < 0 or highest > 1:
+            raise ValueError(f"{path}: a float image (Pillow mode F) with values from {lowest:g} to {highest:g}: "
+                             f"float images are read as they are, so they must lie in [0, 1]; scale it first")
+    image = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    image[...] = pixels.transpose(2, 0, 1) if pixels.ndim == 3 else pixels  # grey: one plane, three times
+    del pixels
+    if scale != 1:
+        np.divide(image, np.float32(scale), out=image)  # float32 division, correctly rounded
+    return torch.from_numpy(image)
 
 
 # ----------------------------------------------------------------------------------------------- shared options
@@ -56,10 +123,10 @@ def _scorer_names(text: str) -> list[str]:
 
 def _add_patch_options(parser: argparse.ArgumentParser, max_default: int | None = None) -> None:
     """Adds ``--min`` and ``--max`` (default ``max_default``; None: the image's default_max_patch_size)."""
-    parser.add_argument("--min", type=int, default=16, help="smallest leaf side, in pixels")
+    parser.add_argument("--min", type=SIDE, default=16, help="smallest leaf side, in pixels")
     default = f"default: {max_default}" if max_default is not None else \
         "default: the largest of 4, 2, 1 times --min that divides the image: 32 at 224 px, 64 at 256 px"
-    parser.add_argument("--max", type=int, default=max_default,
+    parser.add_argument("--max", type=SIDE, default=max_default,
                         help=f"largest leaf side: --min times a power of two ({default})")
 
 
@@ -90,28 +157,90 @@ def _writable_folder(parser: argparse.ArgumentParser, folder: Path, option: str)
 def _size_geometry(parser: argparse.ArgumentParser, args: argparse.Namespace) -> QuadtreeGeometry:
     """The quadtree of ``--size`` x ``--width`` (``--size`` when not given) with ``--min`` and ``--max`` (when not
     given: :func:`mixres.pyramid.default_max_patch_size`, set in ``args``); usage errors as :func:`_geometry`'s."""
-    require_at_least(parser, args, 1, ("size", "width"))
     height, width = args.size, args.width or args.size
     if args.max is None:
         args.max = default_max_patch_size(height, width, args.min)
     return _geometry(parser, args, height, width, f"{height}x{width} px with --min {args.min} --max {args.max}")
 
 
+# --------------------------------------------------------------------------------------------------------- memory
+# Bytes per pixel of an RGB float32 image, the unit of the memory estimates below.
+FLOAT_PIXEL = 3 * 4
+
+
+def _memory(device: torch.device) -> tuple[int, int | None]:
+    """(total, available now or None where unknown) bytes of the memory that tensors on ``device`` use: the GPU's
+    for CUDA, else this machine's (or its container's, where a cgroup limits it)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total, free
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        total = min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        pass
+    try:
+        available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        available = None
+    return total, available
+
+
+def _require_memory(parser: argparse.ArgumentParser, needed: int, what: str, device: torch.device,
+                    smaller: str) -> None:
+    """A usage error when ``what`` needs (about) ``needed`` bytes on ``device``, more than it has (``smaller``
+    says how to need less); a warning when more than it has free now."""
+    total, available = _memory(device)
+    where = "the GPU's" if device.type == "cuda" else "this machine's"
+    if needed > total:
+        parser.error(f"{what} needs about {needed / 2**30:,.1f} GiB of memory, more than {where} "
+                     f"{total / 2**30:,.1f} GiB: {smaller}")
+    if available is not None and needed > available:
+        print(f"{parser.prog}: warning: {what} needs about {needed / 2**30:,.1f} GiB of memory, and "
+              f"{available / 2**30:,.1f} GiB are free now", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------------------------------------- mosaic
-def _read_images(parser: argparse.ArgumentParser, paths: Sequence[Path]) -> Iterator[Tensor]:
-    """Each image of ``paths`` in turn (see :func:`load_image`); a usage error for the first that is missing or
-    unreadable."""
-    for path in paths:
-        if not path.exists():
-            parser.error(f"{path}: no such file")
-        if path.is_dir():
-            parser.error(f"{path}: a folder, not an image (pass its files: {path}/*.jpg)")
+def _check_path(parser: argparse.ArgumentParser, path: Path) -> None:
+    """A usage error when ``path`` is missing or a folder."""
+    if not path.exists():
+        parser.error(f"{path}: no such file")
+    if path.is_dir():
+        parser.error(f"{path}: a folder, not an image (pass its files: {path}/*.jpg)")
+
+
+def _read_image(parser: argparse.ArgumentParser, path: Path, show_warnings: bool = True) -> Tensor:
+    """:func:`load_image`, with a usage error for a file that is missing or unreadable, and its warnings (several
+    frames, Pillow's decompression-bomb warning) shown as one line each, or not at all."""
+    _check_path(parser, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             image = load_image(path)
+        except ValueError as error:  # a mode or values that load_image refuses; its message names the file
+            parser.error(str(error))
         # Pillow reports a file it cannot identify or decode as any of these, depending on the format.
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        except (OSError, SyntaxError, Image.DecompressionBombError) as error:
             parser.error(f"{path}: cannot read it as an image: {error}")
-        yield image
+    for warning in caught if show_warnings else ():
+        text = str(warning.message)
+        print(f"{parser.prog}: warning: {text if text.startswith(str(path)) else f'{path}: {text}'}", file=sys.stderr)
+    return image
+
+
+def _source_size(parser: argparse.ArgumentParser, path: Path) -> tuple[int, int]:
+    """The height and width in an image file's header, before any pixel is decoded (EXIF orientation aside: it
+    swaps them, which changes no memory estimate); a usage error as :func:`_read_image`'s."""
+    _check_path(parser, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _read_image shows it
+            with Image.open(path) as file:
+                return file.height, file.width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        parser.error(f"{path}: cannot read it as an image: {error}")
 
 
 def _budget(parser: argparse.ArgumentParser, args: argparse.Namespace, path: Path, size: tuple[int, int]) -> int:
@@ -128,10 +257,17 @@ def _budget(parser: argparse.ArgumentParser, args: argparse.Namespace, path: Pat
         parser.error(f"{path} (resized to {size[0]}x{size[1]}): {error}; or pass --nearest")
 
 
+def _mosaic_bytes(source_pixels: int, pixels: int, batch: int) -> int:
+    """About the most memory that ``mixres mosaic`` takes for a batch of ``batch`` images of ``pixels`` each,
+    read from files of at most ``source_pixels``, counted in float32 RGB pixels: one image as read, its resizing
+    (an intermediate and the result), the batch, its tokens (at most the batch's pixels) and the figure (8-bit,
+    two thirds of one)."""
+    return FLOAT_PIXEL * (source_pixels + (2 * batch + 2) * pixels)
+
+
 def _mosaic(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """``mixres mosaic``: checks the options and reads every image, then tokenizes them in batches of one size and
-    budget, and writes each one's figure and leaves."""
-    require_at_least(parser, args, 1, ("n_patches", "batch"))
+    """``mixres mosaic``: checks the options and every image, then reads, tokenizes and draws them in batches of
+    one size and budget, and writes each one's figure and leaves."""
     _geometry(parser, args, args.max, args.max, f"--min {args.min} --max {args.max}")
     if args.size is not None:
         _geometry(parser, args, args.size, args.size, f"--size {args.size} with --max {args.max}")
@@ -146,24 +282,36 @@ def _mosaic(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         parser.error(f"--scorer {args.scorer}: {error} (its arguments go in --scorer-kwargs)")
 
-    # Every image is read before anything is written, so that a bad one stops the run with nothing half done.
-    source_sizes, photos = [], []
-    for image in _read_images(parser, args.images):
-        source_sizes.append(tuple(image.shape[-2:]))
-        photos.append(fit_to_multiple(image, args.max, args.size))
-    groups: dict[tuple[int, int, int], list[int]] = {}  # (height, width, n_patches) -> indices, first seen first
-    for index, (path, photo) in enumerate(zip(args.images, photos)):
-        size = tuple(photo.shape[-2:])
+    # Every image is read and checked before anything is written, so that a bad one stops the run with nothing
+    # half done; only its sizes are kept, and each batch is read again when its turn comes, so that memory holds
+    # one batch, not every image.
+    cpu = torch.device("cpu")
+    sources, groups = [], {}  # groups: (height, width, n_patches) -> indices, first seen first
+    for index, path in enumerate(args.images):
+        source = _source_size(parser, path)
+        size = fitted_size(*source, args.max, args.size)
+        _require_memory(parser, _mosaic_bytes(math.prod(source), math.prod(size), 1),
+                        f"{path} ({source[0]}x{source[1]} px, resized to {size[0]}x{size[1]})", cpu,
+                        "lower --size or --max")
+        source = tuple(_read_image(parser, path).shape[-2:])  # upright, as EXIF orientation turns it
+        size = fitted_size(*source, args.max, args.size)
+        sources.append(source)
         groups.setdefault((*size, _budget(parser, args, path, size)), []).append(index)
+    for (height, width, _), indices in groups.items():
+        batch, largest = min(args.batch, len(indices)), max(math.prod(sources[index]) for index in indices)
+        what = f"a batch of {batch} images of {height}x{width} px (--batch {args.batch})"
+        _require_memory(parser, _mosaic_bytes(largest, height * width, batch), what, cpu, "lower --batch")
+        if args.device.type != "cpu":
+            _require_memory(parser, _mosaic_bytes(0, height * width, batch), what, args.device, "lower --batch")
     _writable_folder(parser, args.out, "--out")
 
     for (height, width, n_patches), indices in groups.items():
         for start in range(0, len(indices), args.batch):
             chunk = indices[start:start + args.batch]
-            images = torch.stack([photos[index] for index in chunk]).to(args.device)
-            mosaic = tokenize(images, scorer, n_patches, mode=args.mode)
+            images = _read_batch(parser, [args.images[index] for index in chunk], (height, width), args)
+            mosaic = tokenize(images.to(args.device), scorer, n_patches, mode=args.mode)
             for position, index in enumerate(chunk):
-                path, source = args.images[index], source_sizes[index]
+                path, source = args.images[index], sources[index]
                 try:
                     record = save_mosaic(images[position], mosaic, args.out, path.stem, args.max, position,
                                          image=str(path), source_size=list(source), scorer=repr(scorer),
@@ -173,7 +321,20 @@ def _mosaic(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 leaves = ", ".join(f"{side} px: {count}" for side, count in record["leaves_per_size"].items())
                 print(f"{path}: {source[0]}x{source[1]} -> {height}x{width}, n_patches={n_patches} ({leaves}): "
                       f"{args.out / path.stem}.png, .json")
+            del images, mosaic
     return 0
+
+
+def _read_batch(parser: argparse.ArgumentParser, paths: Sequence[Path], size: tuple[int, int],
+                args: argparse.Namespace) -> Tensor:
+    """The images of ``paths``, each resized to ``size`` (:func:`mixres.demo.fit_to_multiple`), as one batch
+    ``[B, 3, H, W]`` on the CPU, filled one image at a time (one alone is its own batch, without a copy)."""
+    if len(paths) == 1:
+        return fit_to_multiple(_read_image(parser, paths[0], False), args.max, args.size)[None]
+    images = torch.empty(len(paths), 3, *size)
+    for slot, path in zip(images, paths):
+        slot.copy_(fit_to_multiple(_read_image(parser, path, False), args.max, args.size))
+    return images
 
 
 # ---------------------------------------------------------------------------------------------------------- bench
@@ -200,7 +361,6 @@ def _vit(parser: argparse.ArgumentParser, name: str, geometry: QuadtreeGeometry,
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``mixres bench``: times the tokenizer, the reference, the scorers and optionally a ViT forward on one batch
     of random images, and prints the table."""
-    require_at_least(parser, args, 1, ("batch", "repeats"))
     geometry = _size_geometry(parser, args)
     height, width, device = geometry.height, geometry.width, args.device
     batch = args.batch or (256 if device.type == "cuda" else 16)
@@ -208,6 +368,9 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         geometry.check_n_patches(args.n_patches)
     except ValueError as error:
         parser.error(f"--n-patches: {error}")
+    # The images, their tokens and the reference's temporaries: 2-3.6x the images measured (2 x 2048 px, CPU).
+    _require_memory(parser, 4 * FLOAT_PIXEL * batch * height * width,
+                    f"a batch of {batch} random {height}x{width} images", device, "lower --batch, --size or --width")
     if args.json is not None:
         if args.json.is_dir():
             parser.error(f"--json {args.json}: a folder; give a file name")
@@ -257,14 +420,41 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------------------------------------- budgets
+# Up to this many budgets, ``mixres budgets`` lists them all; beyond, the first and last few (``--all``: all).
+LISTED_BUDGETS = 1000
+LINE_WIDTH = 100
+
+
+def _lines_of_numbers(numbers: Iterable[int], width: int = LINE_WIDTH) -> Iterator[str]:
+    """Space-separated numbers in lines of at most ``width`` characters (one alone where longer), built as they
+    come: a range of millions is never held as a list or a string."""
+    line = ""
+    for number in numbers:
+        word = str(number)
+        if line and len(line) + 1 + len(word) > width:
+            yield line
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    if line:
+        yield line
+
+
 def _budgets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """``mixres budgets``: prints the quadtree's root and leaf counts and every reachable ``n_patches``."""
+    """``mixres budgets``: prints the quadtree's root and leaf counts and the reachable ``n_patches``: all of them
+    up to :data:`LISTED_BUDGETS` (or with ``--all``), else the first and last few. They are an arithmetic
+    progression, so they are computed as they are printed, never held."""
     geometry = _size_geometry(parser, args)
-    valid = geometry.valid_n_patches()
-    print(f"{geometry.height}x{geometry.width} px, {args.min}-{args.max} px leaves: {geometry.n_roots} roots of "
-          f"{args.max} px, at most {geometry.max_patches} leaves of {args.min} px; n_patches = {geometry.n_roots} + 3k "
-          f"(each split adds 3), {len(valid)} budgets:")
-    print(textwrap.fill(" ".join(map(str, valid)), width=100))
+    first, last = geometry.n_roots, geometry.max_patches
+    count = (last - first) // 3 + 1
+    print(f"{geometry.height}x{geometry.width} px, {args.min}-{args.max} px leaves: {first} roots of {args.max} px, "
+          f"at most {last} leaves of {args.min} px; n_patches = {first} + 3k (each split adds 3), {count} budgets:")
+    if args.all or count <= LISTED_BUDGETS:
+        for line in _lines_of_numbers(range(first, last + 1, 3)):
+            print(line)
+    else:
+        head, tail = range(first, first + 15, 3), range(last - 12, last + 1, 3)
+        print(f"{' '.join(map(str, head))} ... {' '.join(map(str, tail))}\n(--all lists every one)")
     return 0
 
 
@@ -280,13 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     mosaic = commands.add_parser(
         "mosaic", formatter_class=HelpFormatter, help="draw the mosaics of image files",
-        description="For each image (any format Pillow reads, as RGB): resize it so that both sides are multiples "
-                    "of --max, tokenize it, and write OUT/<name>.png (its leaf borders on the photo, then the mosaic "
+        description="For each image (any format Pillow reads, as RGB: 8-bit values / 255, 16-bit grey / 65535, "
+                    "float as it is within [0, 1], alpha dropped; others refused): resize it so that both sides are "
+                    "multiples of --max, tokenize it, and write OUT/<name>.png (its leaf borders on the photo, then the mosaic "
                     "rendered from its tokens) and OUT/<name>.json (image, source_size, height, width, the patch "
                     "sizes, n_patches, scorer, mode, leaves [[y, x, size], ...], leaves_per_size). Images of one "
-                    "size are tokenized together.")
+                    "size are tokenized together; every image is checked before anything is written.")
     mosaic.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
-    mosaic.add_argument("-n", "--n-patches", type=int, default=None,
+    mosaic.add_argument("-n", "--n-patches", type=POSITIVE, default=None,
                         help="leaves per image; an unreachable budget is an error naming the nearest valid ones "
                              "(see mixres budgets) unless --nearest (default: the valid budget nearest to a third "
                              "of the most)")
@@ -298,12 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
                              '\'{"seed": 1}\' for random')
     _add_patch_options(mosaic, max_default=64)
     _add_mode_option(mosaic)
-    mosaic.add_argument("--size", type=int, default=None,
+    mosaic.add_argument("--size", type=SIDE, default=None,
                         help="resize each image so that its short side is SIZE (a multiple of --max) and its long "
                              "side the nearest multiple of --max to its aspect ratio (default: keep the size, each "
                              "side rounded to its nearest multiple of --max, halves up, at least --max; an image "
                              "that fits is not resampled). Resizing is bilinear with antialiasing")
-    mosaic.add_argument("--batch", type=int, default=16, help="images tokenized together, all of one size")
+    mosaic.add_argument("--batch", type=POSITIVE, default=16,
+                        help="images tokenized together, all of one size: memory holds one batch")
     add_device_option(mosaic)
     mosaic.add_argument("-o", "--out", type=Path, default=Path("out/mosaic"), help="output folder, created if needed")
     mosaic.set_defaults(run=_mosaic, parser=mosaic)
@@ -316,13 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "CUDA work is waited for before each time is read. The benchmarks/ suite (pytest-benchmark) "
                     "measures more.")
     add_device_option(bench)
-    bench.add_argument("--batch", type=int, default=None, help="images per batch (default: 256 on CUDA, 16 on the CPU)")
-    bench.add_argument("--size", type=int, default=224, help="image height")
-    bench.add_argument("--width", type=int, default=None, help="image width (default: --size)")
-    bench.add_argument("-n", "--n-patches", type=int, default=100, help="leaves per image")
+    bench.add_argument("--batch", type=POSITIVE, default=None,
+                       help="images per batch (default: 256 on CUDA, 16 on the CPU)")
+    bench.add_argument("--size", type=SIDE, default=224, help="image height")
+    bench.add_argument("--width", type=SIDE, default=None, help="image width (default: --size)")
+    bench.add_argument("-n", "--n-patches", type=POSITIVE, default=100, help="leaves per image")
     _add_patch_options(bench)
     _add_mode_option(bench)
-    bench.add_argument("--repeats", type=int, default=5, help="timed batches of each; the median is shown")
+    bench.add_argument("--repeats", type=POSITIVE, default=5, help="timed batches of each; the median is shown")
     bench.add_argument("--scorers", type=_scorer_names, default=list(BENCH_SCORERS), metavar="NAMES",
                        help=f"comma-separated scorers to time, of {', '.join(COMMAND_LINE_SCORERS)}; feature runs "
                             f"with random weights, as labelled (its cost does not depend on them) (default: "
@@ -335,11 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     budgets = commands.add_parser(
         "budgets", formatter_class=HelpFormatter, help="list the valid n_patches of an image size",
-        description="Lists every reachable n_patches of a quadtree over an image: from the grid of --max roots, "
+        description="Lists the reachable n_patches of a quadtree over an image: from the grid of --max roots, "
                     "each split adds 3 leaves, up to the grid of --min leaves.")
-    budgets.add_argument("--size", type=int, required=True, help="image height")
-    budgets.add_argument("--width", type=int, default=None, help="image width (default: --size)")
+    budgets.add_argument("--size", type=SIDE, required=True, help="image height")
+    budgets.add_argument("--width", type=SIDE, default=None, help="image width (default: --size)")
     _add_patch_options(budgets)
+    budgets.add_argument("--all", action="store_true",
+                         help=f"list every budget (default: all up to {LISTED_BUDGETS}, else the first and last "
+                              f"few)")
     budgets.set_defaults(run=_budgets, parser=budgets)
     return parser
 

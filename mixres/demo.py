@@ -17,6 +17,7 @@ import json
 import math
 import warnings
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -24,14 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from ._args import POSITIVE, Integer
 from ._timing import format_throughput, time_tokenizer
 from .mosaic import Mosaic, tokenize
 from .pyramid import QuadtreeGeometry
 from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Random, Scorer, Uniform
 from .viz import save_mosaic_figure, save_mosaic_grid
 
-__all__ = ["main", "load_photo", "fit_to_multiple", "nearest_valid_n_patches", "leaves_per_size", "save_mosaic",
-           "compare_scorers"]
+__all__ = ["main", "load_photo", "fit_to_multiple", "fitted_size", "nearest_valid_n_patches", "leaves_per_size",
+           "save_mosaic", "compare_scorers"]
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 MIN_PATCH, MAX_PATCH = 16, 64
@@ -47,23 +49,36 @@ def load_photo(name: str, short_side: int = 256, multiple: int = MAX_PATCH) -> T
     return fit_to_multiple(photo, multiple, short_side)
 
 
+def fitted_size(height: int, width: int, multiple: int, short_side: int | None = None) -> tuple[int, int]:
+    """The size that :func:`fit_to_multiple` gives an ``height x width`` image."""
+    scale = 1 if short_side is None else short_side / min(height, width)
+    return tuple(max(multiple, math.floor(side * scale / multiple + 0.5) * multiple) for side in (height, width))
+
+
 def fit_to_multiple(image: Tensor, multiple: int, short_side: int | None = None) -> Tensor:
     """``[C, H, W]`` in [0, 1] -> resized so that both sides are multiples of ``multiple``: each side becomes the
     nearest multiple (halves round up, at least ``multiple``) of its length, or, given ``short_side``, of its
     length once the image is scaled to that short side (a multiple of ``multiple``, so kept exactly). Bilinear with
     antialiasing; an image that already fits is returned as it is."""
-    height, width = image.shape[-2:]
-    scale = 1 if short_side is None else short_side / min(height, width)
-    size = [max(multiple, math.floor(side * scale / multiple + 0.5) * multiple) for side in (height, width)]
-    if size == [height, width]:
+    size = fitted_size(*image.shape[-2:], multiple, short_side)
+    if size == tuple(image.shape[-2:]):
         return image
     resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)
-    return resized[0].clamp(0, 1)
+    return resized[0].clamp_(0, 1)  # in place: the resized image is new, and may be large
 
 
 def nearest_valid_n_patches(geometry: QuadtreeGeometry, n_patches: float) -> int:
-    """The reachable budget closest to ``n_patches`` (the smaller one on a tie)."""
-    return min(geometry.valid_n_patches(), key=lambda valid: (abs(valid - n_patches), valid))
+    """The reachable budget closest to ``n_patches`` (the smaller one on a tie). Computed, not searched: the
+    budgets are ``n_roots + 3k`` up to ``max_patches``, millions of them for a large image and small leaves."""
+    lowest, highest = geometry.n_roots, geometry.max_patches
+    target = Fraction(n_patches)  # exact, for an int or a float
+    if target <= lowest:
+        return lowest
+    if target >= highest:
+        return highest
+    below = lowest + (math.floor(target) - lowest) // 3 * 3
+    above = below + 3  # at most highest: highest - lowest is a multiple of 3
+    return below if target - below <= above - target else above
 
 
 def _center_square(photo: Tensor, side: int) -> Tensor:
@@ -143,17 +158,16 @@ def save_mosaic(photo: Tensor, mosaic: Mosaic, out: Path, stem: str, max_patch_s
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Runs the demo (see the module docstring). Returns what it printed, as a dict: ``photos`` (one entry per
-    photo: name, size, n_patches, leaves per size, files) and ``throughput`` (images/s of ``tokenize``,
-    ``reference`` and the ``pixel-blur`` scorer)."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixres.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
-    parser.add_argument("--n-patches", type=int, default=None,
+    parser.add_argument("--n-patches", type=POSITIVE, default=None,
                         help="leaves per photo, rounded to the nearest valid budget (default: about a third of "
                              "the most)")
-    parser.add_argument("--batch", type=int, default=64, help="batch size of the throughput test (default: 64)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions, after a warm-up (default: 5)")
+    parser.add_argument("--batch", type=Integer(1, 4096), default=64,
+                        help="batch size of the throughput test, at most 4096 (3.2 GB of 256 px photos) "
+                             "(default: 64)")
+    parser.add_argument("--repeats", type=POSITIVE, default=5, help="timed repetitions, after a warm-up (default: 5)")
     parser.add_argument("--feature-weights", type=Path, default=None,
                         help="state-dict file of torchvision's shufflenet_v2_x0_5 for the FeatureBased panel "
                              "(default: random weights)")
@@ -161,9 +175,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="torchvision classifier for the GradCAM panel (default: resnet18)")
     parser.add_argument("--gradcam-weights", type=Path, default=None,
                         help="its state-dict file (default: random weights)")
-    args = parser.parse_args(argv)
-    if args.batch < 1 or args.repeats < 1:
-        parser.error("--batch and --repeats must be at least 1")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the demo (see the module docstring). Returns what it printed, as a dict: ``photos`` (one entry per
+    photo: name, size, n_patches, leaves per size, files) and ``throughput`` (images/s of ``tokenize``,
+    ``reference`` and the ``pixel-blur`` scorer)."""
+    args = _parser().parse_args(argv)
 
     device = torch.device("cpu")
     scorer = PixelBlur(MIN_PATCH, MAX_PATCH)

@@ -24,10 +24,11 @@ from torch.utils.data import IterableDataset, Subset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
-from ._args import (HelpFormatter, add_amp_option, add_data_kwargs_option, add_device_option, add_model_options,
-                    add_workers_option, autocast, build_model, check_model_options, require_at_least, require_file)
+from ._args import (COUNT, POSITIVE, HelpFormatter, IntegerList, add_amp_option, add_data_kwargs_option,
+                    add_device_option, add_model_options, add_seed_option, add_workers_option, autocast, build_model,
+                    check_model_options, require_file)
 from ._timing import device_name, median_seconds
-from .data import (MAX_SEED, SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, report_unreadable,
+from .data import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, report_unreadable,
                    skip_unreadable_images)
 from .models import load_weights, read_state_dict
 from .pyramid import QuadtreeGeometry
@@ -63,19 +64,22 @@ def count_macs(fn: Callable[[], object]) -> int:
 
 def default_budgets(geometry: QuadtreeGeometry, count: int = 5) -> list[int]:
     """``count`` valid budgets evenly spread from the fewest leaves (the root grid) to the most (the full grid)."""
-    valid = geometry.valid_n_patches()
-    if len(valid) <= count:
-        return valid
-    return sorted({valid[round(i * (len(valid) - 1) / (count - 1))] for i in range(count)})
+    # The valid budgets are roots + 3k up to the full grid: the i-th is computed, never the (long) list.
+    total = (geometry.max_patches - geometry.n_roots) // 3 + 1
+    picks = range(total) if total <= count else {round(i * (total - 1) / (count - 1)) for i in range(count)}
+    return sorted(geometry.n_roots + 3 * pick for pick in picks)
 
 
-def parse_budgets(text: str, geometry: QuadtreeGeometry) -> list[int]:
-    """``"49,64,100"`` -> ``[49, 64, 100]``, each checked against the geometry: a ``ValueError`` names the nearest
-    valid budgets of an unreachable one."""
+_BUDGETS = IntegerList(1)  # the type of --budgets
+
+
+def parse_budgets(text: str | Sequence[int], geometry: QuadtreeGeometry) -> list[int]:
+    """``"49,64,100"`` (or the list that ``--budgets`` parses it to) -> ``[49, 64, 100]``, each checked against the
+    geometry: a ``ValueError`` names the nearest valid budgets of an unreachable one."""
     try:
-        budgets = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"budgets must be comma-separated integers such as 49,64,100, got {text!r}") from None
+        budgets = _BUDGETS(text) if isinstance(text, str) else list(text)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"budgets: {error}") from None
     if not budgets:
         raise ValueError("no budget given")
     for budget in budgets:
@@ -269,10 +273,10 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"a folder of class sub-folders (or of split folders), {SMALL_OBJECTS!r}, or a timm "
                            f"dataset name (torch/cifar10, read under $MIXRES_DATA)")
     data.add_argument("--split", default="val", help="the split to evaluate")
-    data.add_argument("--val-length", type=int, default=None, help="images of a generated split (small-objects)")
+    data.add_argument("--val-length", type=POSITIVE, default=None, help="images of a generated split (small-objects)")
     add_data_kwargs_option(data)
-    data.add_argument("--batch-size", type=int, default=64, help="batch size, also of the throughput timing")
-    data.add_argument("--limit", type=int, default=None,
+    data.add_argument("--batch-size", type=POSITIVE, default=64, help="batch size, also of the throughput timing")
+    data.add_argument("--limit", type=POSITIVE, default=None,
                       help="evaluate at most this many images, spread evenly over the dataset")
     data.add_argument("--skip-bad-images", action="store_true",
                       help="leave out image files that cannot be read (each file is read once first); the number "
@@ -280,16 +284,14 @@ def _parser() -> argparse.ArgumentParser:
                            "stops the run with its name")
     add_workers_option(data, "data-loading processes")
     run = parser.add_argument_group("run")
-    run.add_argument("--budgets", default=None,
+    run.add_argument("--budgets", type=_BUDGETS, default=None,
                      help="comma-separated leaf budgets, e.g. 49,64,100,145,196 (default: 5 valid ones from the "
                           "fewest to the most)")
     add_device_option(run)
     add_amp_option(run)
-    run.add_argument("--warmup", type=int, default=2, help="untimed forward calls before timing")
-    run.add_argument("--timed-batches", type=int, default=5, help="timed forward calls (the median is reported)")
-    run.add_argument("--seed", type=int, default=0,
-                     help="seed of random initialisations (random scorer weights) and of generated data, from 0 to "
-                          "2**63 - 1")
+    run.add_argument("--warmup", type=COUNT, default=2, help="untimed forward calls before timing")
+    run.add_argument("--timed-batches", type=POSITIVE, default=5, help="timed forward calls (the median is reported)")
+    add_seed_option(run, "seed of random initialisations (random scorer weights) and of generated data")
     run.add_argument("--output", type=Path, default=Path("out/eval"), help="folder for budgets.csv, .json, .png")
     return parser
 
@@ -301,10 +303,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     check_model_options(parser, args, quadformer_only=True)
     require_file(parser, args, "checkpoint")
-    require_at_least(parser, args, 1, ("batch_size", "limit", "timed_batches", "val_length"))
-    require_at_least(parser, args, 0, ("warmup", "workers"))
-    if not 0 <= args.seed <= MAX_SEED:
-        parser.error(f"--seed must be from 0 to 2**63 - 1 ({MAX_SEED}), got {args.seed}")
 
     device = args.device
     torch.manual_seed(args.seed)

@@ -51,11 +51,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ._args import (HelpFormatter, add_amp_option, add_data_kwargs_option, add_model_options, add_workers_option,
-                    autocast, build_model, check_model_options, require_at_least)
+from ._args import (POSITIVE, HelpFormatter, Real, add_amp_option, add_data_kwargs_option, add_model_options,
+                    add_seed_option, add_workers_option, autocast, build_model, check_model_options)
 from .checkpoints import explain_mismatch, read_torch_file
-from .data import (MAX_SEED, UnreadableImageError, build_dataset, build_loader, report_unreadable,
-                   skip_unreadable_images)
+from .data import UnreadableImageError, build_dataset, build_loader, report_unreadable, skip_unreadable_images
 
 __all__ = ["main", "parse_args", "warmup_cosine", "evaluate", "weights_digest", "read_checkpoint", "CHECKPOINT_KEYS"]
 
@@ -78,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--data", required=True, help="a folder, small-objects, or a timm dataset name")
     data.add_argument("--train-split", default="train")
     data.add_argument("--val-split", default="val")
-    data.add_argument("--train-length", type=int, default=None, help="generated training images (small-objects)")
-    data.add_argument("--val-length", type=int, default=None, help="generated validation images (small-objects)")
+    data.add_argument("--train-length", type=POSITIVE, default=None, help="generated training images (small-objects)")
+    data.add_argument("--val-length", type=POSITIVE, default=None, help="generated validation images (small-objects)")
     add_data_kwargs_option(data)
     data.add_argument("--skip-bad-images", action="store_true",
                       help="leave out image files that cannot be read (each file is read once before training, by "
@@ -91,16 +90,22 @@ def _parser() -> argparse.ArgumentParser:
     add_workers_option(data, "data-loading processes per training process")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=10)
-    training.add_argument("--batch-size", type=int, default=64, help="per process")
-    training.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, reached after the warmup")
-    training.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
-    training.add_argument("--weight-decay", type=float, default=0.05)
-    training.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, may be fractional")
-    training.add_argument("--grad-clip", type=float, default=None, help="clip the gradients' global norm to this")
+    training.add_argument("--epochs", type=POSITIVE, default=10)
+    training.add_argument("--batch-size", type=POSITIVE, default=64, help="per process")
+    # AdamW moves each weight by about lr a step: above 1 nothing can be learnt.
+    training.add_argument("--lr", type=Real(0, 1, inclusive=False), default=1e-4,
+                          help="peak learning rate, reached after the warmup")
+    training.add_argument("--min-lr", type=Real(0, 1), default=0.0,
+                          help="learning rate at the end of the cosine, at most --lr")
+    training.add_argument("--weight-decay", type=Real(0), default=0.05,
+                          help="AdamW's decoupled weight decay; times --lr below 1")
+    training.add_argument("--warmup-epochs", type=Real(0), default=1.0,
+                          help="linear warmup, may be fractional; at most --epochs")
+    training.add_argument("--grad-clip", type=Real(0, inclusive=False), default=None,
+                          help="clip the gradients' global norm to this")
     add_amp_option(training, note=" (CUDA only; it adds a gradient scaler)")
     training.add_argument("--compile", action="store_true", help="torch.compile the model")
-    training.add_argument("--seed", type=int, default=0, help="from 0 to 2**63 - 1")
+    add_seed_option(training)
     training.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                           help="under torchrun, each process takes the device of its LOCAL_RANK")
 
@@ -119,12 +124,14 @@ def parse_args(argv: Sequence[str] | None = None,
     parser = parser or _parser()
     args = parser.parse_args(argv)
     check_model_options(parser, args)
-    require_at_least(parser, args, 1, ("epochs", "batch_size", "train_length", "val_length"))
-    require_at_least(parser, args, 0, ("workers", "weight_decay", "warmup_epochs", "min_lr"))
-    if args.lr <= 0 or (args.grad_clip is not None and args.grad_clip <= 0):
-        parser.error("--lr and --grad-clip must be positive")
-    if not 0 <= args.seed <= MAX_SEED:
-        parser.error(f"--seed must be from 0 to 2**63 - 1 ({MAX_SEED}), got {args.seed}")
+    # Each option's own range is its type's; these relate two options.
+    if args.min_lr > args.lr:
+        parser.error(f"--min-lr {args.min_lr:g} must be at most --lr {args.lr:g}: the cosine goes down to it")
+    if args.weight_decay * args.lr >= 1:
+        parser.error(f"--weight-decay {args.weight_decay:g} times --lr {args.lr:g} must be below 1: AdamW scales "
+                     f"every weight by 1 - lr * weight_decay each step")
+    if args.warmup_epochs > args.epochs:
+        parser.error(f"--warmup-epochs {args.warmup_epochs:g} must be at most --epochs {args.epochs}")
     if args.amp == "fp16" and not args.device.startswith("cuda"):
         parser.error("--amp fp16 is for CUDA devices; use --amp bf16 on the CPU")
     if args.resume == "auto":

@@ -1,9 +1,13 @@
 """The mixres command, in-process on small generated images (and once as a subprocess): the files of ``mosaic``,
 the table of ``bench``, the list of ``budgets``, and each usage error's status and message."""
+import gc
 import json
 import re
+import struct
 import subprocess
 import sys
+import weakref
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +209,285 @@ def test_unwritable_output_folder(images, tmp_path, capsys, monkeypatch):
 def test_help_exits_zero(capsys):
     status, printed, _ = run(capsys, "mosaic", "--help")
     assert status == 0 and "--nearest" in printed and "multiple of --max" in printed
+
+
+# ----------------------------------------------------------------------------------------------- image modes
+# load_image against values computed here from the arrays written, in float64 and rounded once to float32 (which
+# equals float32's correctly rounded v / white: v / white is never within 2**-33 of a float32 midpoint).
+HEIGHT, WIDTH = 5, 7  # not square: a transposition shows
+
+
+def expected(values, white) -> torch.Tensor:
+    """``[H, W]`` or ``[H, W, 3]`` integers or floats -> ``[3, H, W]`` float32 of value / white."""
+    values = np.asarray(values, dtype=np.float64) / white
+    planes = values.transpose(2, 0, 1) if values.ndim == 3 else np.stack([values] * 3)
+    return torch.from_numpy(planes).float()
+
+
+def random_values(dtype, channels=None, seed=0):
+    shape = (HEIGHT, WIDTH) if channels is None else (HEIGHT, WIDTH, channels)
+    generator = np.random.default_rng(seed)
+    values = generator.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+    values.flat[:2] = [0, np.iinfo(dtype).max]  # black and white included
+    return values
+
+
+def png_16_bit_rgb(values) -> bytes:
+    """A 16-bit RGB PNG, which Pillow cannot write, from its chunks."""
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)  # filter 0 before each row
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", values.shape[1], values.shape[0], 16, 2, 0, 0, 0)  # 16 bits, RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def tiff_12_bit(values) -> bytes:
+    """An uncompressed 12-bit grey TIFF, which Pillow cannot write: samples packed most significant bit first, each
+    row padded to a byte."""
+    bits = "".join("".join(f"{int(v):012b}" for v in row).ljust(-(-12 * len(row) // 8) * 8, "0") for row in values)
+    data = int(bits, 2).to_bytes(len(bits) // 8, "big")
+    tags = [(256, 3, 1, values.shape[1]), (257, 3, 1, values.shape[0]), (258, 3, 1, 12), (259, 3, 1, 1),
+            (262, 3, 1, 1), (273, 4, 1, 8), (277, 3, 1, 1), (278, 3, 1, values.shape[0]), (279, 4, 1, len(data))]
+    directory = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *tag) for tag in tags) + b"\0" * 4
+    return b"II*\0" + struct.pack("<I", 8 + len(data)) + data + directory
+
+
+def mode_case(mode, folder: Path):
+    """(path of a file that Pillow opens in ``mode``, the tensor load_image must return)."""
+    palette = random_values(np.uint8, 3, seed=1).reshape(-1)[:768]
+    palette = np.concatenate([palette, np.arange(768 - len(palette)) % 256]).astype(np.uint8)
+    if mode == "1":
+        values = random_values(np.uint8) > 127
+        return save(Image.fromarray(values), folder / "bits.png"), expected(values, 1)
+    if mode in ("L", "RGB", "RGBA", "LA"):
+        values = random_values(np.uint8, {"L": None, "RGB": 3, "RGBA": 4, "LA": 2}[mode])
+        colour = values[..., 0] if mode == "LA" else values[..., :3] if mode == "RGBA" else values
+        return save(Image.fromarray(values, mode), folder / f"{mode}.png"), expected(colour, 255)
+    if mode in ("P", "PA"):
+        indices = random_values(np.uint8)
+        picture = Image.fromarray(indices, "P")
+        picture.putpalette(palette.tolist())
+        path = folder / ("palette.png" if mode == "P" else "palette_alpha.tif")
+        colours = palette.reshape(256, 3)[indices]
+        return save(picture if mode == "P" else picture.convert("PA"), path), expected(colours, 255)
+    if mode == "CMYK":
+        values = random_values(np.uint8, 4).astype(np.int64)
+        cyan_magenta_yellow, black = values[..., :3], values[..., 3:]
+        rgb = np.round((255 - cyan_magenta_yellow) * (255 - black) / 255)  # Pillow's conversion, no profile
+        return save(Image.fromarray(values.astype(np.uint8), "CMYK"), folder / "cmyk.tif"), expected(rgb, 255)
+    if mode in ("YCbCr", "LAB"):
+        picture = Image.fromarray(random_values(np.uint8, 3), mode)
+        # What Pillow converts them to: mixres's own part is to read that exactly.
+        return save(picture, folder / f"{mode}.tif"), expected(np.asarray(picture.convert("RGB")), 255)
+    if mode in ("I;16", "I;16B"):
+        values = random_values(np.uint16)
+        data = values.astype(">u2" if mode == "I;16B" else "<u2").tobytes()
+        file = {"I;16": "grey16.png", "I;16B": "grey16_big_endian.tif"}[mode]
+        return save(Image.frombytes(mode, (WIDTH, HEIGHT), data), folder / file), expected(values, 65535)
+    if mode == "I":  # a 16-bit PGM, which Pillow opens in mode I
+        values = random_values(np.uint16)
+        return save(Image.fromarray(values), folder / "grey16.pgm"), expected(values, 65535)
+    if mode == "F":
+        values = np.random.default_rng(2).random((HEIGHT, WIDTH), dtype=np.float32)
+        values.flat[:2] = [0, 1]
+        return save(Image.fromarray(values, "F"), folder / "float.tif"), expected(values, 1)
+    if mode == "12-bit":
+        values = random_values(np.uint16) >> 4
+        (folder / "grey12.tif").write_bytes(tiff_12_bit(values))
+        return folder / "grey12.tif", expected(values, 4095)
+    raise AssertionError(mode)
+
+
+def save(picture, path):
+    picture.save(path)
+    return path
+
+
+FILE_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "I;16", "I;16B", "I", "F", "12-bit"]
+
+
+@pytest.mark.parametrize("mode", FILE_MODES)
+def test_load_image_reads_each_mode_exactly(mode, tmp_path):
+    path, want = mode_case(mode, tmp_path)
+    with Image.open(path) as file:
+        assert file.mode == (mode if mode != "12-bit" else "I;16"), "the file does not test the mode it names"
+    image = cli.load_image(path)
+    assert image.shape == (3, HEIGHT, WIDTH) and image.dtype == torch.float32 and image.is_contiguous()
+    assert torch.equal(image, want)
+
+
+@pytest.mark.parametrize("mode", ["HSV", "I;16L", "I;16N", "RGBX", "RGBa", "La"])
+def test_load_image_reads_the_modes_of_no_common_file(mode, tmp_path, monkeypatch):
+    """Modes that no file format Pillow writes (without deprecation) opens in: handed over as if opened."""
+    if mode in ("I;16L", "I;16N"):
+        values = random_values(np.uint16)
+        picture, want = Image.frombytes(mode, (WIDTH, HEIGHT), values.astype("=u2").tobytes()), expected(values, 65535)
+    elif mode == "RGBX":
+        values = random_values(np.uint8, 4)
+        picture, want = Image.fromarray(values, "RGBX"), expected(values[..., :3], 255)
+    else:  # HSV, and premultiplied alpha: the colours Pillow converts them to
+        picture = Image.fromarray(random_values(np.uint8, 2 if mode == "La" else 3 if mode == "HSV" else 4), mode)
+        colours = picture.convert("LA").getchannel("L") if mode == "La" else picture.convert("RGB")
+        want = expected(np.asarray(colours), 255)
+    monkeypatch.setattr(cli.Image, "open", lambda path: picture)
+    assert torch.equal(cli.load_image(tmp_path / "any"), want)
+
+
+def test_16_bit_colour_is_read_as_8_bit_not_clipped(tmp_path):
+    values = random_values(np.uint16, 3)
+    (tmp_path / "rgb16.png").write_bytes(png_16_bit_rgb(values))
+    image = cli.load_image(tmp_path / "rgb16.png")
+    assert torch.equal(image * 255, (image * 255).round())  # 8-bit levels
+    assert (image - expected(values, 65535)).abs().max() <= 1 / 255
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.array([[0.5, 1.5], [-0.25, 0]]), "values from -0.25 to 1.5: float images are read as they are"),
+    (np.array([[0.5, np.nan], [0, 1]]), "holds NaN"),
+    (np.array([[0.5, np.inf], [0, 1]]), "values from 0 to inf"),
+    (np.array([[0, 255], [12, 200]]), "values from 0 to 255"),  # 8-bit values in a float image: not rescaled
+])
+def test_float_images_outside_0_1_are_refused_with_their_range(values, message, tmp_path):
+    Image.fromarray(values.astype(np.float32), "F").save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cli.load_image(tmp_path / "float.tif")
+
+
+def test_32_bit_integer_images_are_refused(tmp_path):
+    Image.fromarray(np.array([[0, 70000], [5, 2**31 - 1]], dtype=np.int32), "I").save(tmp_path / "int32.tif")
+    with pytest.raises(ValueError, match="32-bit integers .* no file states"):
+        cli.load_image(tmp_path / "int32.tif")
+
+
+def test_several_frames_give_the_first_with_a_warning(tmp_path):
+    frames = [Image.fromarray(random_values(np.uint8, seed=seed), "L").convert("P") for seed in (3, 4)]
+    frames[0].save(tmp_path / "animation.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match="2 frames .* only the first is read"):
+        image = cli.load_image(tmp_path / "animation.gif")
+    assert torch.equal(image, expected(np.asarray(frames[0].convert("RGB")), 255))
+
+
+def test_mosaic_of_a_16_bit_png_keeps_its_values(tmp_path, capsys):
+    """The reported bug: convert("RGB") clipped 16-bit values to 255, so the photo came out white."""
+    values = np.random.default_rng(5).integers(0, 20000, (64, 128), dtype=np.uint16)  # dark: at most 0.31
+    Image.fromarray(values).save(tmp_path / "dark16.png")
+    status, printed, errors = run(capsys, "mosaic", tmp_path / "dark16.png", "-o", tmp_path / "out")
+    assert status == 0 and errors == ""
+    with Image.open(tmp_path / "out" / "dark16.png") as figure:
+        left = np.asarray(figure)[:, :128]
+    photo = np.round(values / 65535 * 255)  # 64 x 128 fits: not resampled
+    border = np.zeros(photo.shape, bool)
+    for y, x, size in json.loads((tmp_path / "out" / "dark16.json").read_text())["leaves"]:
+        border[y:y + size, x:x + size] = True
+        border[y + 1:y + size - 1, x + 1:x + size - 1] = False
+    assert (left[~border] == photo[~border][:, None]).all() and photo.max() <= 80
+
+
+def test_mosaic_refuses_a_float_image_out_of_range_before_writing(tmp_path, capsys):
+    Image.fromarray(np.full((64, 64), 3.0, np.float32), "F").save(tmp_path / "bright.tif")
+    status, _, errors = run(capsys, "mosaic", tmp_path / "bright.tif", "-o", tmp_path / "out")
+    assert status == 2 and "bright.tif: a float image (Pillow mode F) with values from 3 to 3" in errors
+    assert not (tmp_path / "out").exists()
+
+
+def test_mosaic_shows_a_warning_once(tmp_path, capsys):
+    frames = [Image.fromarray(random_values(np.uint8, seed=seed), "L").resize((64, 64)) for seed in (3, 4)]
+    frames[0].save(tmp_path / "pages.tif", save_all=True, append_images=frames[1:])
+    status, _, errors = run(capsys, "mosaic", tmp_path / "pages.tif", "-o", tmp_path / "out")
+    assert status == 0 and errors == f"mixres mosaic: warning: {tmp_path / 'pages.tif'}: 2 frames (an animation or " \
+                                      f"pages): only the first is read\n"
+
+
+# ---------------------------------------------------------------------------------------------------- budgets
+def test_budgets_beyond_a_thousand_shows_the_ends(capsys):
+    status, printed, _ = run(capsys, "budgets", "--size", 4096, "--min", 1)  # --max 4: 1024**2 roots, 4096**2 leaves
+    assert status == 0
+    header, shown, hint = printed.splitlines()
+    assert header.endswith("n_patches = 1048576 + 3k (each split adds 3), 5242881 budgets:")
+    assert shown == "1048576 1048579 1048582 1048585 1048588 ... 16777204 16777207 16777210 16777213 16777216"
+    assert hint == "(--all lists every one)"
+
+
+def test_budgets_all_lists_every_one_in_lines_of_100(capsys):
+    status, printed, _ = run(capsys, "budgets", "--size", 512, "--min", 4, "--max", 16, "--all")
+    assert status == 0
+    header, *lines = printed.splitlines()
+    assert "1024 roots of 16 px, at most 16384 leaves of 4 px" in header and "5121 budgets:" in header
+    assert [int(n) for line in lines for n in line.split()] == list(range(1024, 16385, 3))
+    assert all(len(line) <= 100 for line in lines) and all(len(a) + 1 + len(b.split()[0]) > 100
+                                                            for a, b in zip(lines, lines[1:]))  # each line full
+
+
+def test_budgets_at_the_limits_of_the_sizes(capsys):
+    status, printed, _ = run(capsys, "budgets", "--size", 2**30, "--min", 1, "--max", 2**30)
+    assert status == 0
+    header, shown, _ = printed.splitlines()
+    assert f"1 roots of {2**30} px, at most {4**30} leaves of 1 px" in header
+    assert f"{(4**30 - 1) // 3 + 1} budgets" in header and shown.endswith(f" {4**30 - 3} {4**30}")
+
+
+def test_budgets_memory_does_not_grow_with_the_list():
+    """5 million budgets took 870 MB as a list and its text; printed as they are computed, they take nothing."""
+    child = ("import resource, sys\n"
+             "from mixres import cli\n"
+             "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "cli.main(['budgets', '--size', '64'])\n"
+             "before = peak()\n"
+             "assert cli.main(['budgets', '--size', '4096', '--min', '1']) == 0\n"
+             "assert cli.main(['budgets', '--size', '2048', '--min', '1', '--all']) == 0\n"
+             "print(peak() - before, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", child], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).parents[1], timeout=120)
+    assert done.returncode == 0, done.stderr
+    growth_kb = int(done.stderr.split()[-1])
+    # The 1.3 million budgets of --size 2048 --min 1 alone would take over 45 MB as Python ints in a list.
+    assert growth_kb < 20_000, f"peak RSS grew by {growth_kb} kB"
+
+
+# ----------------------------------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--size", 2**30, "--max", 2**30, "-n", 1], "a batch of 16 random 1073741824x1073741824 images needs "
+                                                            "about"),
+    (["bench", "--batch", 10**12, "--size", 64, "-n", 16], "a batch of 1000000000000 random 64x64 images needs about"),
+    (["mosaic", "{photo}", "--max", 2**30], "photo.jpg (128x128 px, resized to 1073741824x1073741824) needs about"),
+    (["mosaic", "{photo}", "--size", 2**20 * 64], "(128x128 px, resized to 67108864x67108864) needs about"),
+])
+def test_work_that_cannot_fit_in_memory_is_refused_before_it_starts(argv, message, images, tmp_path, capsys,
+                                                                    monkeypatch):
+    monkeypatch.setattr(cli, "load_image", lambda path: pytest.fail("an image was read"))
+    monkeypatch.setattr(cli.torch, "rand", lambda *args, **kwargs: pytest.fail("images were made"))
+    argv = [str(arg).format(photo=images[0]) for arg in argv] + ["-o" if argv[0] == "mosaic" else "--json",
+                                                                tmp_path / "out"]
+    status, _, errors = run(capsys, *argv)
+    assert status == 2 and message in errors and re.search(r"more than this machine's [\d,.]+ GiB: lower", errors)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mosaic_batch_larger_than_the_images_is_the_images(images, tmp_path, capsys):
+    status, printed, _ = run(capsys, "mosaic", *images, "--batch", 10**18, "-o", tmp_path / "out")
+    assert status == 0 and len(printed.splitlines()) == len(images)
+
+
+def test_mosaic_holds_one_batch_of_images_at_a_time(tmp_path, capsys, monkeypatch):
+    """Images are read again batch by batch, not all kept from the first reading: at each tokenize call, the only
+    images alive are the batch's."""
+    for index in range(5):
+        Image.fromarray(random_values(np.uint8, 3, seed=index)).resize((64, 64)).save(tmp_path / f"{index}.png")
+    alive, fitted = [], cli.fit_to_multiple
+    tokenize = cli.tokenize
+
+    def tracked_fit(*args, **kwargs):
+        image = fitted(*args, **kwargs)
+        alive.append(weakref.ref(image))
+        return image
+
+    def counting_tokenize(images, *args, **kwargs):
+        gc.collect()
+        assert sum(ref() is not None for ref in alive) <= len(images), "images of other batches are held"
+        return tokenize(images, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "fit_to_multiple", tracked_fit)
+    monkeypatch.setattr(cli, "tokenize", counting_tokenize)
+    status, printed, _ = run(capsys, "mosaic", *sorted(tmp_path.glob("*.png")), "--batch", 2, "-o", tmp_path / "out")
+    assert status == 0 and len(printed.splitlines()) == 5

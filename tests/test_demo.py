@@ -1,8 +1,11 @@
 """The demo, run in-process on a small batch: its files, and leaves that partition each photo."""
 import json
+from fractions import Fraction
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 pytest.importorskip("skimage")
@@ -50,3 +53,30 @@ def test_nearest_valid_n_patches():
     assert demo.nearest_valid_n_patches(geometry, 128) == 129
     assert demo.nearest_valid_n_patches(geometry, 1) == 24
     assert demo.nearest_valid_n_patches(geometry, 10_000) == 384
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 6), levels=st.integers(0, 3),
+       target=st.one_of(st.integers(-10, 3000), st.floats(-10, 3000, allow_nan=False)))
+def test_nearest_valid_n_patches_is_the_closest_of_the_list(rows, cols, levels, target):
+    geometry = QuadtreeGeometry(rows * 32, cols * 32, 32 >> levels, 32)
+    valid = range(geometry.n_roots, geometry.max_patches + 1, 3)  # the definition: roots + 3k up to the full grid
+    assert demo.nearest_valid_n_patches(geometry, target) == min(valid, key=lambda n: (abs(n - target), n))
+
+
+def test_nearest_valid_n_patches_of_a_huge_geometry_is_computed():
+    geometry = QuadtreeGeometry(2**30, 2**30, 1, 2**30)  # 4**30 leaves at most: a list of them would not fit
+    third = demo.nearest_valid_n_patches(geometry, geometry.max_patches / 3)
+    assert (third - 1) % 3 == 0 and abs(Fraction(third) - Fraction(geometry.max_patches / 3)) <= Fraction(3, 2)
+    assert demo.nearest_valid_n_patches(geometry, 1 + 3 * 12345678901234567) == 1 + 3 * 12345678901234567
+    assert demo.nearest_valid_n_patches(geometry, 2 + 3 * 12345678901234567) == 1 + 3 * 12345678901234567
+    assert demo.nearest_valid_n_patches(geometry, 10**30) == 4**30
+
+
+@pytest.mark.parametrize("size, multiple, short_side, fitted", [
+    ((100, 150), 64, None, (128, 128)), ((200, 96), 64, None, (192, 128)), ((10, 10), 64, None, (64, 64)),
+    ((100, 150), 32, 64, (64, 96)), ((1000, 1000), 64, None, (1024, 1024)),
+])
+def test_fitted_size_is_what_fit_to_multiple_gives(size, multiple, short_side, fitted):
+    assert demo.fitted_size(*size, multiple, short_side) == fitted
+    assert demo.fit_to_multiple(torch.rand(3, *size), multiple, short_side).shape[1:] == fitted

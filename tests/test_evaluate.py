@@ -200,7 +200,7 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_hint(tmp_path, monkeypatc
     (["--data", "torch"], "no such folder"),  # not a timm name without its slash: no folder of $MIXRES_DATA read
     (["--model-kwargs", "{depth: 1}"], "not JSON"),
     (["--pretrained-file", "missing.pth"], "no such file"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer from 1"),
 ])
 def test_bad_options_exit_with_a_clear_message(image_folder, tmp_path, capsys, options, message):
     argv = [*CLI_MODEL, "--data", str(image_folder), "--workers", "0", "--output", str(tmp_path), *options]
@@ -216,7 +216,7 @@ def test_a_seed_out_of_range_is_a_usage_error(image_folder, tmp_path, capsys, se
         evaluate.main([*CLI_MODEL, "--data", str(image_folder), "--output", str(tmp_path), "--seed", str(seed)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
-        f"error: --seed must be from 0 to 2**63 - 1 ({2**63 - 1}), got {seed}")
+        f"error: argument --seed: expected an integer from 0 to 2**63 - 1, got '{seed}'")
 
 
 def test_unreadable_images_stop_the_sweep_with_their_name_or_are_left_out(image_folder, tmp_path, capsys):

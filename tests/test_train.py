@@ -365,8 +365,9 @@ def test_a_quadformer_checkpoint_file_starts_a_quadformer_whole(tmp_path):
     (["--data", "{colours}", "--model", "no_such_model"], "unknown timm model 'no_such_model'"),
     (["--data", "{colours}", "--amp", "fp16", "--device", "cpu"], "fp16 is for CUDA"),
     (["--data", "{colours}", "--model-kwargs", "[1]"], "expected a JSON object"),
-    *[(["--data", "{colours}", "--seed", str(seed)], rf"--seed must be from 0 to 2\*\*63 - 1 \({2**63 - 1}\), "
-                                                     rf"got {seed}$") for seed in (-1, -2**63, 2**63, 2**64, 2**200)],
+    *[(["--data", "{colours}", "--seed", str(seed)],
+       rf"argument --seed: expected an integer from 0 to 2\*\*63 - 1, got '{str(seed)[:30]}")  # long values end in ...
+      for seed in (-1, -2**63, 2**63, 2**64, 2**200)],
     (["--data", "small-objects", "--skip-bad-images"], "--skip-bad-images: skipping unreadable images is for image "
                                                        "folders: this data has no image files"),
 ])

@@ -1,10 +1,13 @@
-"""Mosaic pictures: render_tokens against a per-leaf loop, draw_mosaic and save_mosaic_figure."""
+"""Mosaic pictures: render_tokens against a per-leaf loop, draw_mosaic and save_mosaic_figure (against the two
+panels drawn whole)."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 import mixres
+from mixres import viz
 from mixres.viz import draw_mosaic, render_tokens, save_mosaic_figure, save_mosaic_grid
 
 from helpers import random_mosaic
@@ -84,3 +87,27 @@ def test_save_mosaic_grid_lays_panels_in_rows(tmp_path):
         save_mosaic_grid(images[0], {}, tmp_path / "empty.png")
     with pytest.raises(ValueError, match="columns"):
         save_mosaic_grid(images[0], panels, tmp_path / "bad.png", columns=0)
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 3000])  # one band and chunk, or many (each leaf row, a few leaves)
+@pytest.mark.parametrize("channels, mode", [(3, "nearest"), (1, "bilinear")])
+def test_figure_is_the_drawn_photo_and_the_rendered_tokens(chunk, channels, mode, tmp_path, monkeypatch):
+    """The figure is painted in bands and chunks: it must be the two panels drawn whole."""
+    monkeypatch.setattr(viz, "_CHUNK_ELEMENTS", chunk)
+    images, mosaic = random_mosaic(channels=channels)
+    figure = np.asarray(save_mosaic_figure(images[2], mosaic, tmp_path / "figure.png", index=2, mode=mode, gap=5))
+    left = np.asarray(draw_mosaic(images[2], mosaic.boxes[2]))
+    rendered = (render_tokens(mosaic, mode)[2].clamp(0, 1) * 255).round().to(torch.uint8).expand(3, -1, -1)
+    assert np.array_equal(figure[:, :192], left)
+    assert (figure[:, 192:197] == 255).all()
+    assert np.array_equal(figure[:, 197:], rendered.permute(1, 2, 0).numpy())
+    with Image.open(tmp_path / "figure.png") as saved:
+        assert np.array_equal(np.asarray(saved), figure)
+
+
+def test_render_refuses_leaves_off_their_grid():
+    _, mosaic = random_mosaic()
+    boxes = mosaic.boxes.clone()
+    boxes[0, 0, 1] += 8  # a 16-64 px leaf moved by 8 px: no longer on a multiple of its size
+    with pytest.raises(ValueError, match="start on multiples of their size"):
+        render_tokens(mixres.Mosaic(mosaic.tokens, boxes, mosaic.centers, mosaic.min_patch_size, mosaic.image_size))
