@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from .image_files import EIGHT_BIT_MODES, load_image
+
 __all__ = ["build_dataset", "build_loader", "ShardSampler", "SMALL_OBJECTS", "MAX_SEED", "read_image",
            "UnreadableImageError", "skip_unreadable_images", "report_unreadable"]
 
@@ -37,24 +39,29 @@ class UnreadableImageError(OSError):
 
 
 def read_image(path: str | os.PathLike):
-    """The image file at ``path`` as an RGB ``PIL.Image``, read whole (as torchvision's ImageFolder reads it).
+    """The image file at ``path``, read whole: an 8-bit image as an RGB ``PIL.Image`` (as torchvision's ImageFolder
+    reads it), any other (16-bit grey, float...) as RGB float32 ``[3, H, W]`` in [0, 1] by
+    :func:`mixres.image_files.load_image`, whose values are exact where ``convert("RGB")`` would clip them. The
+    training and evaluation transforms take either.
 
     Raises:
-        UnreadableImageError: the file cannot be read: not an image Pillow knows, truncated, corrupt... The
-            message names the file and Pillow's reason.
+        UnreadableImageError: the file cannot be read: not an image Pillow knows, truncated, corrupt, of a mode or
+            values that :func:`~mixres.image_files.load_image` refuses... The message names the file and the reason.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with open(path, "rb") as file:
-            return Image.open(file).convert("RGB")  # convert reads the whole image
+        with open(path, "rb") as file, Image.open(file) as picture:
+            if picture.mode in EIGHT_BIT_MODES:
+                return picture.convert("RGB")  # convert reads the whole image
+        return load_image(path)
     except MemoryError:
         raise
     # Pillow's decoders report a bad file in many ways: OSError (truncated), SyntaxError (a broken PNG chunk),
     # ValueError, EOFError, zlib and struct errors, DecompressionBombError...
     except Exception as error:
         reason = "not an image file that Pillow can identify" if isinstance(error, UnidentifiedImageError) else \
-            str(error) or type(error).__name__
+            str(error).removeprefix(f"{path}: ") or type(error).__name__  # load_image's messages name the file
         raise UnreadableImageError(f"cannot read {path}: {reason}") from error
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import mixres
-from mixres import cli
+from mixres import cli, image_files
 
 from helpers import coverage
 
@@ -330,7 +330,7 @@ def test_load_image_reads_the_modes_of_no_common_file(mode, tmp_path, monkeypatc
         picture = Image.fromarray(random_values(np.uint8, 2 if mode == "La" else 3 if mode == "HSV" else 4), mode)
         colours = picture.convert("LA").getchannel("L") if mode == "La" else picture.convert("RGB")
         want = expected(np.asarray(colours), 255)
-    monkeypatch.setattr(cli.Image, "open", lambda path: picture)
+    monkeypatch.setattr(image_files.Image, "open", lambda path: picture)
     assert torch.equal(cli.load_image(tmp_path / "any"), want)
 
 

@@ -106,3 +106,32 @@ def test_the_processes_of_a_group_exchange_what_they_found(folder, tmp_path):
     finally:
         dist.destroy_process_group()
     assert len(kept) == 6 and problems == [f"cannot read {bad}: {BAD_FILES['not an image']}"]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_16_bit_and_float_images_keep_their_values(tmp_path, train):
+    """convert("RGB") would clip 16-bit grey to white (and truncate floats): such files are read by load_image.
+    Constant images stay constant through any resize and crop, so each item must be exactly its value, normalised
+    (training's colour jitter scales a constant, so there only constancy is checked)."""
+    values = {"a": 40000 / 65535, "b": 0.375}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(np.full((40, 48), 40000, dtype=np.uint16)).save(tmp_path / "a" / "0.png")  # mode I;16
+    Image.fromarray(np.full((40, 48), values["b"], dtype=np.float32)).save(tmp_path / "b" / "0.tif")  # mode F
+    assert Image.open(tmp_path / "a" / "0.png").mode.startswith("I")
+    dataset = build_dataset(tmp_path, "val", 32, *NORMALISATION, train=train)
+    for index, (name, value) in enumerate(values.items()):
+        image, label = dataset[index]
+        assert label == index and image.shape == (3, 32, 32)
+        if train:
+            assert image.max() - image.min() < 1e-6
+        else:
+            torch.testing.assert_close(image, torch.full_like(image, (value - 0.5) / 0.5), rtol=0, atol=1e-6)
+
+
+def test_a_float_image_outside_0_1_is_named(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((8, 8), 300.0, dtype=np.float32)).save(tmp_path / "a" / "hot.tif")
+    with pytest.raises(UnreadableImageError, match=r"cannot read .*hot\.tif: a float image \(Pillow mode F\) with "
+                                                    r"values from 300 to 300"):
+        read_image(tmp_path / "a" / "hot.tif")
