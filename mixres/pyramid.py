@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+MAX_IMAGE_SIDE = 2**31 - 1  # boxes are int32 (y, x, size)
+
 __all__ = ["QuadtreeGeometry", "valid_n_patches", "default_max_patch_size", "pack_pyramid", "saliency_to_pyramid"]
 
 
@@ -31,6 +33,10 @@ class QuadtreeGeometry:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("height", "width"):  # the C++ ops' limit (quadtree_layout.h)
+            if getattr(self, name) > MAX_IMAGE_SIDE:
+                raise ValueError(f"{name} must be at most {MAX_IMAGE_SIDE} (boxes hold int32 pixel coordinates), "
+                                 f"got {getattr(self, name)}")
         lo, hi = self.min_patch_size, self.max_patch_size
         if lo > hi:
             raise ValueError(f"min_patch_size {lo} must be at most max_patch_size {hi}")

@@ -69,7 +69,8 @@ __device__ __forceinline__ acc_t area_cell_any(const scalar_t* __restrict__ leaf
     for (int32_t x = x_begin; x < x_end; ++x) sum += static_cast<acc_t>(row[x]);
     total += sum;
   }
-  return total / static_cast<acc_t>((y_end - y_begin) * (x_end - x_begin));
+  // int64: the bin of a large leaf can hold more than 2^31 pixels.
+  return total / static_cast<acc_t>(static_cast<int64_t>(y_end - y_begin) * (x_end - x_begin));
 }
 
 // Bilinear mode, in the order of F.interpolate: blend along x within the two source rows, then along y.
@@ -258,7 +259,7 @@ extract_patches_backward_kernel(const scalar_t* __restrict__ grad_tokens, const 
     } else {
       const int32_t y_begin = area_begin(idx.i, box.size, patch), y_end = area_end(idx.i, box.size, patch);
       const int32_t x_begin = area_begin(idx.j, box.size, patch), x_end = area_end(idx.j, box.size, patch);
-      const acc_t share = g / static_cast<acc_t>((y_end - y_begin) * (x_end - x_begin));
+      const acc_t share = g / static_cast<acc_t>(static_cast<int64_t>(y_end - y_begin) * (x_end - x_begin));
       for (int32_t y = y_begin; y < y_end; ++y) {
         acc_t* row = leaf + y * width;
         for (int32_t x = x_begin; x < x_end; ++x) gpuAtomicAdd(row + x, share);
