@@ -20,6 +20,9 @@ __all__ = ["build_quadtree", "extract_patches", "leaf_centers", "pixel_blur_scor
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The C++ ops' limit on a token's side and on a pixel-blur patch's (op_checks.h).
 MAX_PATCH_SIDE = 1 << 15
+PIXEL_BLUR_NOT_DIFFERENTIABLE = (
+    "mixres.pixel_blur_scores is not differentiable (the scores only rank the quadtree's splits, which are "
+    "discrete): compute them from images.detach() or under torch.no_grad()")
 
 
 @functools.lru_cache(maxsize=64)
@@ -165,7 +168,8 @@ def pixel_blur_scores(images: Tensor, min_patch_size: int, max_patch_size: int) 
 
     For each s x s patch p of each splittable size s: ``MSE(p, up(down(p))) * s``, with an area downsample to
     ``min_patch_size`` and a bilinear upsample back (``align_corners=False``), each patch on its own. float32, or
-    float64 for float64 images. Not differentiable.
+    float64 for float64 images. Not differentiable: where the images require grad, a backward through the scores
+    raises ``NotImplementedError`` (as the C++ op's does) rather than dropping their gradient silently.
     """
     op = "mixres.pixel_blur_scores"
     _check_tensor("images", images, op)
@@ -178,7 +182,19 @@ def pixel_blur_scores(images: Tensor, min_patch_size: int, max_patch_size: int) 
     if isinstance(max_patch_size, int) and max_patch_size > MAX_PATCH_SIDE:
         raise ValueError(f"{op}: max_patch_size must be at most {MAX_PATCH_SIDE}, got {max_patch_size}")
     geometry = QuadtreeGeometry(images.shape[2], images.shape[3], min_patch_size, max_patch_size)
-    return _pixel_blur_scores(images, geometry)
+    return _PixelBlurScores.apply(images, geometry)
+
+
+class _PixelBlurScores(torch.autograd.Function):
+    """The scores, computed without autograd; a backward through them raises instead of returning nothing."""
+
+    @staticmethod
+    def forward(ctx, images: Tensor, geometry: QuadtreeGeometry) -> Tensor:
+        return _pixel_blur_scores(images, geometry)
+
+    @staticmethod
+    def backward(ctx, grad_scores: Tensor):
+        raise NotImplementedError(PIXEL_BLUR_NOT_DIFFERENTIABLE)
 
 
 @torch.no_grad()
