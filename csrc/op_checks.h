@@ -4,7 +4,10 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
+#include <algorithm>
+#include <initializer_list>
 #include <string>
 
 #include "quadtree_layout.h"
@@ -14,6 +17,16 @@ namespace mixres {
 // The side of a token, and of a pixel-blur patch: at most 2^15, so that the s * s pixels of a patch (and the
 // index of a token element within its plane) fit an int32.
 constexpr int64_t kMaxPatchSide = int64_t{1} << 15;
+
+// Whether a contiguous tensor of these sizes is addressable: its size in bytes, and so every stride and its element
+// count, fit an int64. (Whether it can be allocated is the allocator's to say.)
+inline bool addressable(std::initializer_list<int64_t> sizes, int64_t element_size) {
+  int64_t bytes = element_size;
+  for (const int64_t size : sizes) {
+    if (c10::mul_overflows(bytes, std::max<int64_t>(size, 1), &bytes)) return false;
+  }
+  return true;
+}
 
 inline bool is_float_image_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
@@ -46,6 +59,10 @@ inline void check_extract_args(const at::Tensor& images, const at::Tensor& boxes
   check_boxes(boxes, images.size(0), op);
   TORCH_CHECK_VALUE(patch_size > 0 && patch_size <= kMaxPatchSide, op, ": patch_size must be in [1, ",
                     kMaxPatchSide, "], got ", patch_size);
+  TORCH_CHECK_VALUE(addressable({images.size(0), boxes.size(1), images.size(1), patch_size, patch_size},
+                                images.element_size()),
+                    op, ": the tokens [B, N, C, p, p] = [", images.size(0), ", ", boxes.size(1), ", ", images.size(1),
+                    ", ", patch_size, ", ", patch_size, "] would take more than 2^63 bytes");
 }
 
 inline void check_extract_backward_args(const at::Tensor& grad_tokens, const at::Tensor& boxes, int64_t height,
@@ -63,6 +80,10 @@ inline void check_extract_backward_args(const at::Tensor& grad_tokens, const at:
                     " leaves but grad_tokens has ", grad_tokens.size(1));
   TORCH_CHECK_VALUE(height >= 0 && width >= 0, op, ": height and width must be non-negative, got ", height, "x",
                     width);
+  // The gradient accumulates in float32 or float64: at most 8 bytes an element.
+  TORCH_CHECK_VALUE(addressable({grad_tokens.size(0), grad_tokens.size(2), height, width}, 8), op,
+                    ": the image gradient [B, C, height, width] = [", grad_tokens.size(0), ", ", grad_tokens.size(2),
+                    ", ", height, ", ", width, "] would take more than 2^63 bytes: height and width are too large");
 }
 
 // Patch sizes, then the image size, so that each message names what is wrong: `images`, min_patch_size or
