@@ -178,3 +178,22 @@ cap_memory(48)
 tokens = reference.extract_patches(images, boxes, 1, "area")
 torch.testing.assert_close(tokens, images.mean().expand(1, 500, 1, 1, 1))
 """)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_leaf_of_the_token_size_is_copied_inf_and_nan_included(mode):
+    """A bilinear blend would multiply an Inf neighbour by its weight 0, turning its finite neighbours into NaN.
+    (F.interpolate keeps the neighbours but turns the Inf itself into NaN: the reference may do the same.)"""
+    images = torch.rand(1, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    images[0, 0, 3, 5], images[0, 1, 6, 6], images[0, 0, 0, 7] = float("inf"), float("-inf"), float("nan")
+    boxes = torch.tensor([[[0, 0, 8], [0, 8, 8], [8, 0, 8], [8, 8, 8]]], dtype=torch.int32)
+    leaves = torch.stack([images[0, :, y:y + 8, x:x + 8] for y, x, _ in boxes[0].tolist()])[None]
+    torch.testing.assert_close(torch.ops.mixres.extract_patches(images, boxes, 8, mode), leaves, rtol=0, atol=0,
+                               equal_nan=True)
+    tokens, finite = reference.extract_patches(images, boxes, 8, mode), leaves.isfinite()
+    assert torch.equal(tokens[finite], leaves[finite]) and not tokens[~finite].isfinite().any()
+    grad_tokens = torch.rand(1, 4, 2, 8, 8)
+    grad_tokens[0, 0, 0, 3, 4] = float("inf")
+    grad = torch.ops.mixres.extract_patches_backward(grad_tokens, boxes, 16, 16, mode)
+    expected = grad_tokens[0].unflatten(0, (2, 2)).permute(2, 0, 3, 1, 4).reshape(1, 2, 16, 16)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)

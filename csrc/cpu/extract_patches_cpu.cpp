@@ -132,7 +132,9 @@ void resize_leaf(const scalar_t* image, int64_t channels, int64_t height, int64_
   if (row_sum.size() < static_cast<size_t>(std::max(box.size, patch))) row_sum.resize(std::max(box.size, patch));
   for (int64_t c = 0; c < channels; ++c, token += token_stride) {
     const scalar_t* leaf = image + (c * height + box.y) * width + box.x;
-    if (mode == ResizeMode::kBilinear) {
+    // A leaf of the token's size is copied in either mode, as F.interpolate copies: blending would multiply a
+    // neighbour by its weight 0, which turns an Inf pixel next to the sample into NaN.
+    if (mode == ResizeMode::kBilinear && box.size != patch) {
       bilinear_leaf_channel(leaf, width, patch, plan, token);
       continue;
     }
@@ -154,7 +156,10 @@ void resize_leaf_backward(const scalar_t* grad_token, int64_t channels, int64_t 
   for (int64_t c = 0; c < channels; ++c) {
     acc_t* leaf = grad_image + (c * height + box.y) * width + box.x;
     for (int32_t i = 0; i < patch; ++i, grad_token += patch) {
-      if (mode == ResizeMode::kArea) {
+      if (mode == ResizeMode::kBilinear && box.size == patch) {  // a copy, as in the forward
+        acc_t* row = leaf + static_cast<int64_t>(i) * width;
+        for (int32_t j = 0; j < patch; ++j) row[j] += static_cast<acc_t>(grad_token[j]);
+      } else if (mode == ResizeMode::kArea) {
         const int64_t rows = plan.end[i] - plan.begin[i];  // int64: rows * cols can overflow an int32
         for (int32_t y = plan.begin[i]; y < plan.end[i]; ++y) {
           acc_t* row = leaf + y * width;
