@@ -166,7 +166,7 @@ def pack_pyramid(scores, geometry: QuadtreeGeometry, batch: int, device: torch.d
     dtype = torch.float64 if any(m.dtype == torch.float64 for m in maps) else torch.float32
     if not maps:
         return torch.zeros(batch, 0, dtype=dtype, device=device)
-    return torch.cat([m.reshape(batch, -1).to(dtype) for m in maps], dim=1)
+    return torch.cat([m.flatten(1).to(dtype) for m in maps], dim=1)
 
 
 def saliency_to_pyramid(saliency: Tensor, geometry: QuadtreeGeometry) -> list[Tensor]:
@@ -176,7 +176,15 @@ def saliency_to_pyramid(saliency: Tensor, geometry: QuadtreeGeometry) -> list[Te
     The map is first brought to the s_min grid ``[B, H/s_min, W/s_min]``: averaged over each cell when it is at
     least that fine and divides evenly, resampled bilinearly otherwise. It must have the image's aspect ratio.
     """
+    if not isinstance(saliency, Tensor):
+        raise TypeError(f"saliency must be a Tensor [B, h, w], got {type(saliency).__name__}")
+    if saliency.dim() != 3:
+        raise ValueError(f"saliency must have rank 3 [B, h, w], got rank {saliency.dim()} {list(saliency.shape)}")
+    if not saliency.is_floating_point():
+        raise TypeError(f"saliency must be floating point, got {saliency.dtype}")
     batch, h, w = saliency.shape
+    if h == 0 or w == 0:
+        raise ValueError(f"saliency map {h}x{w} is empty: it needs h, w >= 1")
     if h * geometry.width != w * geometry.height:
         raise ValueError(f"saliency map {h}x{w} does not have the image's aspect ratio "
                          f"{geometry.height}x{geometry.width}")
