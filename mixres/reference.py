@@ -8,6 +8,7 @@ resized with one ``F.interpolate`` per leaf size.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,9 @@ def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str) -
                          f"boxes on {boxes.device}")
     batch, n_leaves, _ = boxes.shape
     channels, height, width = images.shape[1:]
+    token_shape = [batch, n_leaves, channels, patch_size, patch_size]
+    if math.prod(max(size, 1) for size in token_shape) * images.element_size() >= 2**63:
+        raise ValueError(f"{op}: the tokens [B, N, C, p, p] = {token_shape} would take more than 2^63 bytes")
     _check_boxes_inside(boxes, height, width, op)
     boxes = boxes.long()
     tokens = images.new_zeros(batch, n_leaves, channels, patch_size, patch_size)

@@ -125,6 +125,10 @@ def _bad_extract_arguments():
          "images must be float16, bfloat16, float32 or float64"),
         ("images of rank 3", (images[0], boxes, 8, "area"), ValueError, r"images must be \[B, C, H, W\]"),
         ("mode", (images, boxes, 8, "nearest"), ValueError, "mode must be 'area' or 'bilinear'"),
+        # Expanded: 2^60 leaves of 2^20 channels cost no memory as inputs, but their tokens are not addressable.
+        ("tokens past 2^63 bytes", (torch.zeros(1).expand(2**20, 2**20, 1, 1),
+                                    torch.zeros(1, dtype=torch.int32).expand(2**20, 2**20, 3), 2**15, "area"),
+         ValueError, r"the tokens \[B, N, C, p, p\] = \[1048576, 1048576, 1048576, 32768, 32768\] would take"),
     ]
 
 
