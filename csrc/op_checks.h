@@ -4,12 +4,33 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
+#include <algorithm>
+#include <initializer_list>
 #include <string>
 
 #include "quadtree_layout.h"
 
 namespace mixres {
+
+// The side of a token, and of a pixel-blur patch: at most 2^15, so that the s * s pixels of a patch (and the
+// index of a token element within its plane) fit an int32.
+constexpr int64_t kMaxPatchSide = int64_t{1} << 15;
+
+// Whether a contiguous tensor of these sizes is addressable: its size in bytes, and so every stride and its element
+// count, fit an int64. (Whether it can be allocated is the allocator's to say.)
+inline bool addressable(std::initializer_list<int64_t> sizes, int64_t element_size) {
+  int64_t bytes = element_size;
+  for (const int64_t size : sizes) {
+    if (c10::mul_overflows(bytes, std::max<int64_t>(size, 1), &bytes)) return false;
+  }
+  return true;
+}
+
+inline bool is_float_image_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+}
 
 inline PyramidLayout check_quadtree_args(const at::Tensor& scores, int64_t height, int64_t width,
                                          int64_t min_patch_size, int64_t max_patch_size, int64_t n_patches) {
@@ -18,6 +39,8 @@ inline PyramidLayout check_quadtree_args(const at::Tensor& scores, int64_t heigh
   TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) == layout.n_scores(),
                     "mixres.build_quadtree: scores must be the packed pyramid [B, ", layout.n_scores(), "], got ",
                     scores.sizes());
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+                   "mixres.build_quadtree: scores must be float32 or float64, got ", scores.scalar_type());
   return layout;
 }
 
@@ -31,9 +54,15 @@ inline void check_boxes(const at::Tensor& boxes, int64_t batch, const char* op) 
 inline void check_extract_args(const at::Tensor& images, const at::Tensor& boxes, int64_t patch_size) {
   constexpr const char* op = "mixres.extract_patches";
   TORCH_CHECK_VALUE(images.dim() == 4, op, ": images must be [B, C, H, W], got ", images.sizes());
+  TORCH_CHECK_TYPE(is_float_image_dtype(images.scalar_type()), op,
+                   ": images must be float16, bfloat16, float32 or float64, got ", images.scalar_type());
   check_boxes(boxes, images.size(0), op);
-  TORCH_CHECK_VALUE(patch_size > 0 && patch_size <= (int64_t{1} << 15), op,
-                    ": patch_size must be positive and at most 32768, got ", patch_size);
+  TORCH_CHECK_VALUE(patch_size > 0 && patch_size <= kMaxPatchSide, op, ": patch_size must be in [1, ",
+                    kMaxPatchSide, "], got ", patch_size);
+  TORCH_CHECK_VALUE(addressable({images.size(0), boxes.size(1), images.size(1), patch_size, patch_size},
+                                images.element_size()),
+                    op, ": the tokens [B, N, C, p, p] = [", images.size(0), ", ", boxes.size(1), ", ", images.size(1),
+                    ", ", patch_size, ", ", patch_size, "] would take more than 2^63 bytes");
 }
 
 inline void check_extract_backward_args(const at::Tensor& grad_tokens, const at::Tensor& boxes, int64_t height,
@@ -41,25 +70,32 @@ inline void check_extract_backward_args(const at::Tensor& grad_tokens, const at:
   constexpr const char* op = "mixres.extract_patches_backward";
   TORCH_CHECK_VALUE(grad_tokens.dim() == 5 && grad_tokens.size(3) == grad_tokens.size(4), op,
                     ": grad_tokens must be [B, N, C, p, p], got ", grad_tokens.sizes());
+  TORCH_CHECK_TYPE(is_float_image_dtype(grad_tokens.scalar_type()), op,
+                   ": grad_tokens must be float16, bfloat16, float32 or float64, got ", grad_tokens.scalar_type());
+  // The forward's limit on p, which also keeps the kernels' int32 arithmetic on a token in range.
+  TORCH_CHECK_VALUE(grad_tokens.size(3) > 0 && grad_tokens.size(3) <= kMaxPatchSide, op,
+                    ": grad_tokens' patch side p must be in [1, ", kMaxPatchSide, "], got ", grad_tokens.sizes());
   check_boxes(boxes, grad_tokens.size(0), op);
   TORCH_CHECK_VALUE(boxes.size(1) == grad_tokens.size(1), op, ": boxes has ", boxes.size(1),
                     " leaves but grad_tokens has ", grad_tokens.size(1));
   TORCH_CHECK_VALUE(height >= 0 && width >= 0, op, ": height and width must be non-negative, got ", height, "x",
                     width);
+  // The gradient accumulates in float32 or float64: at most 8 bytes an element.
+  TORCH_CHECK_VALUE(addressable({grad_tokens.size(0), grad_tokens.size(2), height, width}, 8), op,
+                    ": the image gradient [B, C, height, width] = [", grad_tokens.size(0), ", ", grad_tokens.size(2),
+                    ", ", height, ", ", width, "] would take more than 2^63 bytes: height and width are too large");
 }
 
 // Patch sizes, then the image size, so that each message names what is wrong: `images`, min_patch_size or
 // max_patch_size.
 inline PyramidLayout check_pixel_blur_args(const at::Tensor& images, int64_t min_patch_size, int64_t max_patch_size) {
   constexpr const char* op = "mixres.pixel_blur_scores";
-  constexpr int64_t max_side = int64_t{1} << 15;  // s * s pixels of a patch fit an int32
   TORCH_CHECK_VALUE(images.dim() == 4, op, ": images must be [B, C, H, W], got ", images.sizes());
-  const auto dtype = images.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                   ": images must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(is_float_image_dtype(images.scalar_type()), op,
+                   ": images must be float16, bfloat16, float32 or float64, got ", images.scalar_type());
   TORCH_CHECK_VALUE(images.size(1) > 0, op, ": images must have at least one channel, got ", images.sizes());
-  TORCH_CHECK_VALUE(max_patch_size <= max_side, op, ": max_patch_size must be at most ", max_side, ", got ",
-                    max_patch_size);
+  TORCH_CHECK_VALUE(max_patch_size <= kMaxPatchSide, op, ": max_patch_size must be at most ", kMaxPatchSide,
+                    ", got ", max_patch_size);
   make_layout(max_patch_size, max_patch_size, min_patch_size, max_patch_size);  // one root: checks the sizes
   const int64_t height = images.size(2), width = images.size(3);
   TORCH_CHECK_VALUE(height > 0 && width > 0 && height % max_patch_size == 0 && width % max_patch_size == 0, op,

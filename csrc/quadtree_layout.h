@@ -13,6 +13,7 @@ namespace mixres {
 // The scores of one image are packed level after level, each map row-major, so that
 // one pointer and a few offsets address the whole pyramid on either device.
 constexpr int kMaxLevels = 16;
+constexpr int64_t kMaxImageSide = 2147483647;  // INT32_MAX
 
 struct PyramidLayout {
   int64_t height = 0;
@@ -43,6 +44,10 @@ inline PyramidLayout make_layout(int64_t height, int64_t width, int64_t min_size
   TORCH_CHECK_VALUE(height > 0 && width > 0 && height % max_size == 0 && width % max_size == 0,
                     "mixres: height and width must be positive multiples of max_patch_size ", max_size, ", got ",
                     height, "x", width);
+  // Boxes hold int32 pixel coordinates; with sides below 2^31, order keys y * width + x (and the CUDA kernel's
+  // key << 4) fit an int64, and so do the products rows * cols of every level.
+  TORCH_CHECK_VALUE(height <= kMaxImageSide && width <= kMaxImageSide, "mixres: height and width must be at most ",
+                    kMaxImageSide, " (boxes hold int32 pixel coordinates), got ", height, "x", width);
   PyramidLayout layout;
   layout.height = height;
   layout.width = width;

@@ -2,7 +2,15 @@
 the pure-PyTorch reference (:mod:`mixres.reference`) elsewhere, with a one-time warning.
 
 This module registers the fake (meta) kernels, which make the ops traceable by ``torch.compile(fullgraph=True)``,
-and the autograd formula of ``extract_patches``.
+and the autograd formulas:
+
+- ``extract_patches``: differentiable with respect to the images, to any order. Its backward,
+  ``extract_patches_backward``, is linear in the token gradient and the adjoint of ``extract_patches``, so its own
+  backward is ``extract_patches`` again (double backward, e.g. a gradient penalty, is exact).
+- ``pixel_blur_scores``: not differentiable. Where the images require grad, a backward through the scores raises
+  ``NotImplementedError``: their gradient exists, and dropping it silently would be wrong.
+- ``build_quadtree`` and ``leaf_centers``: the boxes are int32 and the centres come from them, so neither carries a
+  gradient; scores that require grad reach the boxes only through discrete choices.
 """
 from __future__ import annotations
 
@@ -47,7 +55,11 @@ def has_kernel(device: torch.device | str) -> bool:
     return torch.device(device).type in _KERNEL_DEVICES
 
 
-def _use_kernel(device: torch.device) -> bool:
+def _use_kernel(name: str, tensor: Tensor) -> bool:
+    """Whether the compiled kernel runs on ``tensor``'s device (else the reference, with a one-time warning)."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(tensor).__name__}")
+    device = tensor.device
     if has_kernel(device):
         return True
     if device.type not in _warned:
@@ -63,26 +75,30 @@ def build_quadtree(scores: Tensor, height: int, width: int, min_patch_size: int,
                    n_patches: int) -> Tensor:
     """Greedy quadtree. ``scores [B, P]`` packed pyramid (:func:`mixres.pyramid.pack_pyramid`) -> boxes
     ``[B, n_patches, 3]`` int32 (y, x, size), in raster order of the corners."""
-    impl = torch.ops.mixres.build_quadtree if _use_kernel(scores.device) else reference.build_quadtree
+    impl = torch.ops.mixres.build_quadtree if _use_kernel("scores", scores) else reference.build_quadtree
     return impl(scores, height, width, min_patch_size, max_patch_size, n_patches)
 
 
 def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str = "area") -> Tensor:
-    """``images [B, C, H, W]``, ``boxes [B, N, 3]`` int32 -> tokens ``[B, N, C, p, p]``; differentiable."""
-    impl = torch.ops.mixres.extract_patches if _use_kernel(images.device) else reference.extract_patches
+    """``images [B, C, H, W]``, ``boxes [B, N, 3]`` int32 -> tokens ``[B, N, C, p, p]``; differentiable with respect
+    to the images, to any order. Every box must be a square of side >= 1 inside the image (on CUDA a box outside
+    trips a device-side assert: checking on the host would need a synchronisation)."""
+    impl = torch.ops.mixres.extract_patches if _use_kernel("images", images) else reference.extract_patches
     return impl(images, boxes, patch_size, mode)
 
 
 def leaf_centers(boxes: Tensor, min_patch_size: int) -> Tensor:
-    """``boxes [B, N, 3]`` int32 -> centres ``[B, N, 2]`` float32 (y, x) in units of the s_min grid."""
-    impl = torch.ops.mixres.leaf_centers if _use_kernel(boxes.device) else reference.leaf_centers
+    """``boxes [B, N, 3]`` int32 -> centres ``[B, N, 2]`` float32 (y, x) in units of the s_min grid. Not
+    differentiable (the boxes are integers)."""
+    impl = torch.ops.mixres.leaf_centers if _use_kernel("boxes", boxes) else reference.leaf_centers
     return impl(boxes, min_patch_size)
 
 
 def pixel_blur_scores(images: Tensor, min_patch_size: int, max_patch_size: int) -> Tensor:
     """``images [B, C, H, W]`` -> the packed pixel-blur score pyramid ``[B, P]``, float32 (float64 for float64
-    images); see :class:`mixres.PixelBlur`. Not differentiable."""
-    impl = torch.ops.mixres.pixel_blur_scores if _use_kernel(images.device) else reference.pixel_blur_scores
+    images); see :class:`mixres.PixelBlur`. Not differentiable: a backward through the scores of images that require
+    grad raises ``NotImplementedError``."""
+    impl = torch.ops.mixres.pixel_blur_scores if _use_kernel("images", images) else reference.pixel_blur_scores
     return impl(images, min_patch_size, max_patch_size)
 
 
@@ -132,3 +148,24 @@ if _IMPORT_ERROR is None:
 
     torch.library.register_autograd("mixres::extract_patches", _extract_patches_backward,
                                     setup_context=_extract_patches_setup_context)
+
+    # extract_patches_backward(g) = A^T g for the linear map A = extract_patches: its gradient with respect to g is
+    # A applied to the incoming gradient. Without this, autograd's fallback would give grad_tokens no gradient.
+    def _extract_patches_backward_setup_context(ctx, inputs, output):
+        grad_tokens, boxes, _, _, mode = inputs
+        ctx.save_for_backward(boxes)
+        ctx.patch_size = grad_tokens.shape[-1]
+        ctx.mode = mode
+
+    def _extract_patches_backward_backward(ctx, grad_grad_images):
+        (boxes,) = ctx.saved_tensors
+        grad_grad_tokens = torch.ops.mixres.extract_patches(grad_grad_images, boxes, ctx.patch_size, ctx.mode)
+        return grad_grad_tokens, None, None, None, None
+
+    torch.library.register_autograd("mixres::extract_patches_backward", _extract_patches_backward_backward,
+                                    setup_context=_extract_patches_backward_setup_context)
+
+    def _pixel_blur_scores_backward(ctx, grad_scores):
+        raise NotImplementedError(reference.PIXEL_BLUR_NOT_DIFFERENTIABLE)
+
+    torch.library.register_autograd("mixres::pixel_blur_scores", _pixel_blur_scores_backward)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+MAX_IMAGE_SIDE = 2**31 - 1  # boxes are int32 (y, x, size)
+
 __all__ = ["QuadtreeGeometry", "valid_n_patches", "default_max_patch_size", "pack_pyramid", "saliency_to_pyramid",
            "check_int"]
 
@@ -59,6 +61,10 @@ class QuadtreeGeometry:
     def __post_init__(self):
         for name in ("height", "width", "min_patch_size", "max_patch_size"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), low=1))
+        for name in ("height", "width"):  # the C++ ops' limit (quadtree_layout.h)
+            if getattr(self, name) > MAX_IMAGE_SIDE:
+                raise ValueError(f"{name} must be at most {MAX_IMAGE_SIDE} (boxes hold int32 pixel coordinates), "
+                                 f"got {getattr(self, name)}")
         lo, hi = self.min_patch_size, self.max_patch_size
         if lo > hi:
             raise ValueError(f"min_patch_size {lo} must be at most max_patch_size {hi}")
@@ -189,7 +195,7 @@ def pack_pyramid(scores, geometry: QuadtreeGeometry, batch: int, device: torch.d
     dtype = torch.float64 if any(m.dtype == torch.float64 for m in maps) else torch.float32
     if not maps:
         return torch.zeros(batch, 0, dtype=dtype, device=device)
-    return torch.cat([m.reshape(batch, -1).to(dtype) for m in maps], dim=1)
+    return torch.cat([m.flatten(1).to(dtype) for m in maps], dim=1)
 
 
 def saliency_to_pyramid(saliency: Tensor, geometry: QuadtreeGeometry) -> list[Tensor]:
@@ -201,9 +207,17 @@ def saliency_to_pyramid(saliency: Tensor, geometry: QuadtreeGeometry) -> list[Te
     float16 and bfloat16 maps are summed in float32 (half precision would round the sums, and so the ranking);
     the maps come out float32, or float64 for a float64 map.
     """
+    if not isinstance(saliency, Tensor):
+        raise TypeError(f"saliency must be a Tensor [B, h, w], got {type(saliency).__name__}")
+    if saliency.dim() != 3:
+        raise ValueError(f"saliency must have rank 3 [B, h, w], got rank {saliency.dim()} {list(saliency.shape)}")
+    if not saliency.is_floating_point():
+        raise TypeError(f"saliency must be floating point, got {saliency.dtype}")
     if saliency.dtype in (torch.float16, torch.bfloat16):
         saliency = saliency.float()
     batch, h, w = saliency.shape
+    if h == 0 or w == 0:
+        raise ValueError(f"saliency map {h}x{w} is empty: it needs h, w >= 1")
     if h * geometry.width != w * geometry.height:
         raise ValueError(f"saliency map {h}x{w} does not have the image's aspect ratio "
                          f"{geometry.height}x{geometry.width}")

@@ -8,6 +8,7 @@ resized with one ``F.interpolate`` per leaf size.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,13 @@ from torch import Tensor
 from .pyramid import QuadtreeGeometry, pack_pyramid
 
 __all__ = ["build_quadtree", "extract_patches", "leaf_centers", "pixel_blur_scores"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The C++ ops' limit on a token's side and on a pixel-blur patch's (op_checks.h).
+MAX_PATCH_SIDE = 1 << 15
+PIXEL_BLUR_NOT_DIFFERENTIABLE = (
+    "mixres.pixel_blur_scores is not differentiable (the scores only rank the quadtree's splits, which are "
+    "discrete): compute them from images.detach() or under torch.no_grad()")
 
 
 @functools.lru_cache(maxsize=64)
@@ -49,13 +57,21 @@ def build_quadtree(scores: Tensor, height: int, width: int, min_patch_size: int,
     """Greedy quadtree from a packed score pyramid ``[B, P]``. Returns boxes ``[B, n_patches, 3]`` int32."""
     geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
     geometry.check_n_patches(n_patches)
+    _check_tensor("scores", scores, "mixres.build_quadtree")
     if scores.dim() != 2 or scores.shape[1] != geometry.n_scores:
         raise ValueError(f"scores must be the packed pyramid [B, {geometry.n_scores}], got {list(scores.shape)}")
+    if scores.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"mixres.build_quadtree: scores must be float32 or float64, got {scores.dtype}")
     if not torch.isfinite(scores).all():
         raise ValueError("mixres.build_quadtree: scores must be finite, found NaN or Inf")
+    batch, n_scores = scores.shape
+    # The output first, as the C++ op allocates it: a size that cannot be allocated fails here, and an empty batch
+    # returns before the cell table, which grows with the image (a leaf per min_patch_size cell), not the batch.
+    boxes = torch.empty(batch, n_patches, 3, dtype=torch.int32, device=scores.device)
+    if batch == 0:
+        return boxes
     cells, children, n_roots = (t.to(scores.device) if isinstance(t, Tensor) else t
                                 for t in _cell_table(geometry))
-    batch, n_scores = scores.shape
     rows = torch.arange(batch, device=scores.device)
     is_leaf = torch.zeros(batch, len(cells), dtype=torch.bool, device=scores.device)
     is_leaf[:, :n_roots] = True
@@ -68,36 +84,71 @@ def build_quadtree(scores: Tensor, height: int, width: int, min_patch_size: int,
         is_leaf[rows, pick] = False
         is_leaf[rows[:, None], children[pick]] = True
     order = torch.where(is_leaf, cells[:, 3], unset).argsort(dim=1)[:, :n_patches]
-    return cells[order][..., :3].to(torch.int32)
+    return boxes.copy_(cells[order][..., :3])
 
 
 def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str) -> Tensor:
     """Resizes each leaf ``boxes[b, n] = (y, x, size)`` of ``images [B, C, H, W]`` to ``patch_size``.
 
     Returns tokens ``[B, N, C, p, p]``: ``F.interpolate(mode="area")``, or ``mode="bilinear"`` with
-    ``align_corners=False``. Differentiable with respect to the images.
+    ``align_corners=False``. Differentiable with respect to the images (to any order). The arguments are checked
+    as the C++ op checks them, every box inside the image, before anything is allocated.
     """
+    op = "mixres.extract_patches"
     if mode not in ("area", "bilinear"):
         raise ValueError(f"mode must be 'area' or 'bilinear', got {mode!r}")
+    _check_tensor("images", images, op)
+    if images.dim() != 4:
+        raise ValueError(f"{op}: images must be [B, C, H, W], got {list(images.shape)}")
+    if images.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: images must be float16, bfloat16, float32 or float64, got {images.dtype}")
+    _check_boxes(boxes, images.shape[0], op)
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
+        raise TypeError(f"{op}: patch_size must be an int, got {patch_size!r}")
+    if not 0 < patch_size <= MAX_PATCH_SIDE:
+        raise ValueError(f"{op}: patch_size must be in [1, {MAX_PATCH_SIDE}], got {patch_size}")
+    if boxes.device != images.device:
+        raise ValueError(f"{op}: images and boxes must be on the same device, got images on {images.device} and "
+                         f"boxes on {boxes.device}")
     batch, n_leaves, _ = boxes.shape
-    channels = images.shape[1]
+    channels, height, width = images.shape[1:]
+    token_shape = [batch, n_leaves, channels, patch_size, patch_size]
+    if math.prod(max(size, 1) for size in token_shape) * images.element_size() >= 2**63:
+        raise ValueError(f"{op}: the tokens [B, N, C, p, p] = {token_shape} would take more than 2^63 bytes")
+    _check_boxes_inside(boxes, height, width, op)
     boxes = boxes.long()
     tokens = images.new_zeros(batch, n_leaves, channels, patch_size, patch_size)
+    if tokens.numel() == 0:
+        return tokens
+    # The leaves of a mosaic are disjoint, so the crops of one size hold at most the images' pixels, in one piece.
+    # Other boxes may overlap: crop at most that many pixels at a time, so memory stays proportional to the images
+    # and the tokens however many leaves share pixels.
+    crop_budget = max(images.numel(), 1 << 20)
+    channel = torch.arange(channels, device=images.device)[None, :, None, None]
+    where_b, where_n, resized = [], [], []
     for size in boxes[..., 2].unique().tolist():
         b, n = (boxes[..., 2] == size).nonzero(as_tuple=True)
         offsets = torch.arange(size, device=images.device)
-        ys = (boxes[b, n, 0][:, None] + offsets)[:, None, :, None]
-        xs = (boxes[b, n, 1][:, None] + offsets)[:, None, None, :]
-        channel = torch.arange(channels, device=images.device)[None, :, None, None]
-        crops = images[b[:, None, None, None], channel, ys, xs]  # [M, C, size, size]
-        resized = F.interpolate(crops, size=(patch_size, patch_size), mode=mode,
-                                align_corners=False if mode == "bilinear" else None)
-        tokens = tokens.index_put((b, n), resized)
-    return tokens
+        per_chunk = max(1, crop_budget // (channels * size * size))
+        for start in range(0, len(b), per_chunk):
+            cb, cn = b[start:start + per_chunk], n[start:start + per_chunk]
+            ys = (boxes[cb, cn, 0][:, None] + offsets)[:, None, :, None]
+            xs = (boxes[cb, cn, 1][:, None] + offsets)[:, None, None, :]
+            crops = images[cb[:, None, None, None], channel, ys, xs]  # [M, C, size, size]
+            resized.append(F.interpolate(crops, size=(patch_size, patch_size), mode=mode,
+                                         align_corners=False if mode == "bilinear" else None))
+            where_b.append(cb)
+            where_n.append(cn)
+    return tokens.index_put((torch.cat(where_b), torch.cat(where_n)), torch.cat(resized))
 
 
 def leaf_centers(boxes: Tensor, min_patch_size: int) -> Tensor:
     """Leaf centres ``[B, N, 2]`` float32, (y, x) in units of the s_min grid: ``(corner + size/2) / s_min - 0.5``."""
+    _check_boxes(boxes, None, "mixres.leaf_centers")
+    if isinstance(min_patch_size, bool) or not isinstance(min_patch_size, int):
+        raise TypeError(f"mixres.leaf_centers: min_patch_size must be an int, got {min_patch_size!r}")
+    if min_patch_size <= 0:
+        raise ValueError(f"mixres.leaf_centers: min_patch_size must be positive, got {min_patch_size}")
     corner = boxes[..., :2].float()
     size = boxes[..., 2:].float()
     return (corner + size * 0.5) / float(min_patch_size) - 0.5
@@ -116,22 +167,44 @@ def _as_patches(images: Tensor, size: int) -> Tensor:
             .permute(0, 3, 1, 2))
 
 
-@torch.no_grad()
 def pixel_blur_scores(images: Tensor, min_patch_size: int, max_patch_size: int) -> Tensor:
     """The pixel-blur score pyramid of ``images [B, C, H, W]``, packed ``[B, P]`` (see :class:`mixres.PixelBlur`).
 
     For each s x s patch p of each splittable size s: ``MSE(p, up(down(p))) * s``, with an area downsample to
     ``min_patch_size`` and a bilinear upsample back (``align_corners=False``), each patch on its own. float32, or
-    float64 for float64 images. Not differentiable.
+    float64 for float64 images. Not differentiable: where the images require grad, a backward through the scores
+    raises ``NotImplementedError`` (as the C++ op's does) rather than dropping their gradient silently.
     """
+    op = "mixres.pixel_blur_scores"
+    _check_tensor("images", images, op)
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got {list(images.shape)}")
-    if images.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if images.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"images must be float16, bfloat16, float32 or float64, got {images.dtype}")
     if images.shape[1] == 0:
         raise ValueError(f"images must have at least one channel, got {list(images.shape)}")
-    batch, _, height, width = images.shape
-    geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
+    if isinstance(max_patch_size, int) and max_patch_size > MAX_PATCH_SIDE:
+        raise ValueError(f"{op}: max_patch_size must be at most {MAX_PATCH_SIDE}, got {max_patch_size}")
+    geometry = QuadtreeGeometry(images.shape[2], images.shape[3], min_patch_size, max_patch_size)
+    return _PixelBlurScores.apply(images, geometry)
+
+
+class _PixelBlurScores(torch.autograd.Function):
+    """The scores, computed without autograd; a backward through them raises instead of returning nothing."""
+
+    @staticmethod
+    def forward(ctx, images: Tensor, geometry: QuadtreeGeometry) -> Tensor:
+        return _pixel_blur_scores(images, geometry)
+
+    @staticmethod
+    def backward(ctx, grad_scores: Tensor):
+        raise NotImplementedError(PIXEL_BLUR_NOT_DIFFERENTIABLE)
+
+
+@torch.no_grad()
+def _pixel_blur_scores(images: Tensor, geometry: QuadtreeGeometry) -> Tensor:
+    batch = images.shape[0]
+    min_patch_size = geometry.min_patch_size
     if images.dtype in (torch.float16, torch.bfloat16):
         # Squared errors of near-equal values underflow and round badly in half precision.
         images = images.float()
@@ -145,6 +218,32 @@ def pixel_blur_scores(images: Tensor, min_patch_size: int, max_patch_size: int) 
         mse = blurred.sub_(patches).square_().mean(dim=(1, 2, 3))  # in place: these are image-sized
         maps.append(mse.reshape(batch, *geometry.grid(size)) * size)
     return pack_pyramid(maps, geometry, batch, images.device)
+
+
+def _check_tensor(name: str, value, op: str) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
+
+
+def _check_boxes(boxes: Tensor, batch: int | None, op: str) -> None:
+    """``boxes [B, N, 3]`` int32, B = ``batch`` unless None: the C++ ops' check_boxes, with their messages."""
+    _check_tensor("boxes", boxes, op)
+    if boxes.dim() != 3 or (batch is not None and boxes.shape[0] != batch) or boxes.shape[2] != 3:
+        expected = "B" if batch is None else f"B={batch}"
+        raise ValueError(f"{op}: boxes must be [{expected}, N, 3], got {list(boxes.shape)}")
+    if boxes.dtype != torch.int32:
+        raise TypeError(f"{op}: boxes must be int32, got {boxes.dtype}")
+
+
+def _check_boxes_inside(boxes: Tensor, height: int, width: int, op: str) -> None:
+    """Every box a square of positive side inside the image (in int64: y + size may overflow an int32)."""
+    y, x, size = boxes.long().unbind(-1)
+    outside = (size < 1) | (y < 0) | (x < 0) | (y + size > height) | (x + size > width)
+    if outside.any():
+        b, n = outside.nonzero()[0].tolist()
+        y, x, size = boxes[b, n].tolist()
+        raise ValueError(f"{op}: boxes[{b}, {n}] (y={y}, x={x}, size={size}) is not inside the {height}x{width} "
+                         f"image: need size >= 1, 0 <= y <= {height} - size and 0 <= x <= {width} - size")
 
 
 def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int | None = None,

@@ -1,4 +1,9 @@
 """Inputs shared by the tests: random score pyramids, with and without ties, and an independent resize oracle."""
+import os
+import signal
+import subprocess
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -66,3 +71,39 @@ def per_patch_pyramid(images, min_patch_size, max_patch_size, score):
         pyramid.append(scores)
         size //= 2
     return pyramid
+
+
+# Defines cap_memory(headroom_mb) in a script run by run_script: from then on, the process may map at most
+# headroom_mb more megabytes (RLIMIT_AS). A larger allocation raises a RuntimeError ("can't allocate memory")
+# instead of exhausting the machine.
+_CAP_MEMORY = """
+import resource as _resource
+
+
+def cap_memory(headroom_mb):
+    with open("/proc/self/status") as status:
+        in_use = next(int(line.split()[1]) for line in status if line.startswith("VmSize:")) * 1024
+    _resource.setrlimit(_resource.RLIMIT_AS, (in_use + (headroom_mb << 20), _resource.RLIM_INFINITY))
+"""
+
+
+def run_script(script: str, timeout: float = 120) -> None:
+    """Runs ``script`` in a fresh Python process (the worktree's mixres and tests/ importable; ``cap_memory`` defined)
+    and fails the test, with its output, unless it exits with status 0: a crash (a signal such as SIGSEGV), a hang
+    (past ``timeout`` seconds) or an exception. So a crash fails the test instead of killing pytest.
+
+    glibc's malloc is given a fixed mmap threshold, so that large blocks go back to the system when freed and a
+    memory cap measures what the code holds, not the allocator's caching."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(tests), tests, os.environ.get("PYTHONPATH", "")]))
+    try:
+        result = subprocess.run([sys.executable, "-c", _CAP_MEMORY + script], capture_output=True, text=True,
+                                timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as error:
+        raise AssertionError(f"the script hung (no exit after {timeout} s); its output:\n{error.stdout}\n"
+                             f"{error.stderr}") from None
+    if result.returncode != 0:
+        how = (f"was killed by signal {signal.Signals(-result.returncode).name}" if result.returncode < 0
+               else f"exited with status {result.returncode}")
+        raise AssertionError(f"the script {how}; its output:\n{result.stdout}\n{result.stderr}")

@@ -10,7 +10,7 @@ import mixres
 from mixres import reference
 from mixres.pyramid import QuadtreeGeometry, pack_pyramid
 
-from helpers import random_pyramid
+from helpers import random_pyramid, run_script
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -551,3 +551,57 @@ def test_quadformer_on_cuda_matches_the_cpu_and_needs_no_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(logits.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------ issue 12: hostile input, double backward
+def test_host_checks_of_types_sizes_and_int32_sides():
+    images = random_images(1, 3, 64, 64)
+    boxes = mosaic_boxes(64, 64, 1)
+    with pytest.raises(TypeError, match="images must be float16, bfloat16, float32 or float64"):
+        ops.extract_patches(images.to(torch.int32), boxes, 16, "area")
+    with pytest.raises(ValueError, match=r"patch side p must be in \[1, 32768\]"):
+        ops.extract_patches_backward(torch.zeros(1, boxes.shape[1], 3, 0, 0, device=DEVICE), boxes, 64, 64, "area")
+    with pytest.raises(ValueError, match="would take more than 2"):
+        ops.extract_patches_backward(torch.zeros(1, 0, 3, 4, 4, device=DEVICE), boxes[:, :0], 2**40, 2**40, "area")
+    with pytest.raises(TypeError, match="scores must be float32 or float64"):
+        ops.build_quadtree(torch.zeros(1, 5, device=DEVICE, dtype=torch.float16), 64, 64, 16, 64, 4)
+    with pytest.raises(ValueError, match="at most 2147483647"):
+        ops.build_quadtree(torch.zeros(1, 0, device=DEVICE), 2**31, 2**31, 2**31, 2**31, 1)
+
+
+def test_overflowing_boxes_never_touch_memory_outside_the_image():
+    """On CUDA the boxes are checked on the device, in int64 (y + size overflowed int32 on the CPU). A failed check
+    trips a device-side assert, which ends the process's CUDA context: in a subprocess. Where asserts are compiled
+    out, the forward writes NaN tokens and the backward skips the leaf."""
+    run_script("""
+import torch, mixres
+images = torch.rand(1, 3, 64, 64, device="cuda")
+boxes = torch.tensor([[[2**31 - 8, 0, 16]]], dtype=torch.int32, device="cuda")
+try:
+    tokens = torch.ops.mixres.extract_patches(images, boxes, 16, "area")
+    grad = torch.ops.mixres.extract_patches_backward(torch.ones(1, 1, 3, 16, 16, device="cuda"), boxes, 64, 64,
+                                                     "area")
+    torch.cuda.synchronize()
+except RuntimeError as error:
+    assert "device-side assert" in str(error) or "CUDA error" in str(error), error
+else:
+    assert tokens.isnan().all() and (grad == 0).all()
+""")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_penalty_through_tokenize_matches_the_cpu(mode):
+    geometry = QuadtreeGeometry(64, 96, 16, 32)
+    images = random_images(2, 3, 64, 96, seed=4, dtype=torch.float64).cpu()
+    pyramid = random_pyramid(geometry, 2, seed=4, dtype=torch.float64)
+    penalties = []
+    for device in ("cpu", "cuda"):
+        x = images.to(device).requires_grad_()
+        tokens = mixres.tokenize(x, [m.to(device) for m in pyramid], n_patches=15, min_patch_size=16,
+                                 max_patch_size=32, patch_size=12, mode=mode).tokens
+        (grad,) = torch.autograd.grad(tokens.tanh().sum(), x, create_graph=True)
+        (penalty,) = torch.autograd.grad(grad.square().sum(), x)
+        penalties.append(penalty.cpu())
+    assert penalties[0].abs().sum() > 0
+    # Atomics add in any order on CUDA: equal to rounding.
+    torch.testing.assert_close(penalties[1], penalties[0], rtol=1e-10, atol=1e-12)

@@ -5,7 +5,7 @@ import torch
 import mixres
 from mixres import reference
 
-from helpers import interpolate_each_leaf, random_mosaic
+from helpers import interpolate_each_leaf, random_mosaic, run_script
 
 MODES = ["area", "bilinear"]
 
@@ -103,3 +103,101 @@ def test_leaf_centers():
     assert torch.equal(reference.leaf_centers(boxes, 16), expected)
     _, random_boxes = random_boxes_and_images()
     assert torch.equal(torch.ops.mixres.leaf_centers(random_boxes, 8), reference.leaf_centers(random_boxes, 8))
+
+
+def _bad_extract_arguments():
+    images, boxes = torch.rand(2, 3, 64, 64), torch.tensor([[[0, 0, 32]], [[32, 32, 32]]], dtype=torch.int32)
+    return [
+        ("box y + size past the image", (images, torch.tensor([[[40, 0, 32]], [[0, 0, 8]]], dtype=torch.int32), 8,
+                                         "area"), ValueError, r"boxes\[0, 0\] \(y=40, x=0, size=32\) is not inside "
+                                                              r"the 64x64 image: need size >= 1, 0 <= y <= 64 - size"),
+        ("negative x in the second image", (images, torch.tensor([[[0, 0, 8]], [[0, -1, 8]]], dtype=torch.int32), 8,
+                                            "bilinear"), ValueError, r"boxes\[1, 0\] \(y=0, x=-1, size=8\)"),
+        ("empty box", (images, boxes * torch.tensor([1, 1, 0], dtype=torch.int32), 8, "area"), ValueError,
+         r"boxes\[0, 0\] \(y=0, x=0, size=0\) is not inside"),
+        ("int64 boxes", (images, boxes.long(), 8, "area"), TypeError, "boxes must be int32"),
+        ("boxes of 4 numbers", (images, torch.zeros(2, 1, 4, dtype=torch.int32), 8, "area"), ValueError,
+         r"boxes must be \[B=2, N, 3\], got \[2, 1, 4\]"),
+        ("boxes of another batch", (images, boxes[:1], 8, "area"), ValueError, r"boxes must be \[B=2, N, 3\]"),
+        ("patch_size 0", (images, boxes, 0, "area"), ValueError, r"patch_size must be in \[1, 32768\], got 0"),
+        ("patch_size 32769", (images, boxes, 32769, "area"), ValueError, r"patch_size must be in \[1, 32768\]"),
+        ("integer images", (images.to(torch.int32), boxes, 8, "area"), TypeError,
+         "images must be float16, bfloat16, float32 or float64"),
+        ("images of rank 3", (images[0], boxes, 8, "area"), ValueError, r"images must be \[B, C, H, W\]"),
+        ("mode", (images, boxes, 8, "nearest"), ValueError, "mode must be 'area' or 'bilinear'"),
+        # Expanded: 2^60 leaves of 2^20 channels cost no memory as inputs, but their tokens are not addressable.
+        ("tokens past 2^63 bytes", (torch.zeros(1).expand(2**20, 2**20, 1, 1),
+                                    torch.zeros(1, dtype=torch.int32).expand(2**20, 2**20, 3), 2**15, "area"),
+         ValueError, r"the tokens \[B, N, C, p, p\] = \[1048576, 1048576, 1048576, 32768, 32768\] would take"),
+    ]
+
+
+@pytest.mark.parametrize("extract", [torch.ops.mixres.extract_patches, reference.extract_patches],
+                         ids=["cpp", "reference"])
+@pytest.mark.parametrize("what, args, error, pattern", _bad_extract_arguments(),
+                         ids=[case[0] for case in _bad_extract_arguments()])
+def test_cpp_and_reference_reject_bad_arguments_alike(extract, what, args, error, pattern):
+    # The reference checks before it allocates anything: its crops grow with the boxes' sizes.
+    with pytest.raises(error, match=pattern):
+        extract(*args)
+
+
+def test_backward_checks_its_token_gradient():
+    boxes = torch.tensor([[[0, 0, 32]]], dtype=torch.int32)
+    backward = torch.ops.mixres.extract_patches_backward
+    # An expanded tensor: p = 32769 costs no memory, and the check comes before any copy.
+    with pytest.raises(ValueError, match=r"patch side p must be in \[1, 32768\]"):
+        backward(torch.zeros(1).expand(1, 1, 1, 32769, 32769), boxes, 64, 64, "area")
+    with pytest.raises(ValueError, match=r"patch side p must be in \[1, 32768\]"):
+        backward(torch.zeros(1, 1, 3, 0, 0), boxes, 64, 64, "area")
+    with pytest.raises(TypeError, match="grad_tokens must be float16, bfloat16, float32 or float64"):
+        backward(torch.zeros(1, 1, 3, 8, 8, dtype=torch.int64), boxes, 64, 64, "area")
+    with pytest.raises(ValueError, match=r"boxes\[0, 0\] \(y=0, x=0, size=32\) is not inside the 16x64 image"):
+        backward(torch.zeros(1, 1, 3, 8, 8), boxes, 16, 64, "area")
+
+
+@pytest.mark.parametrize("leaf_centers", [torch.ops.mixres.leaf_centers, reference.leaf_centers],
+                         ids=["cpp", "reference"])
+def test_leaf_centers_checks_its_arguments(leaf_centers):
+    boxes = torch.tensor([[[0, 0, 16]]], dtype=torch.int32)
+    with pytest.raises(TypeError, match="boxes must be int32"):
+        leaf_centers(boxes.long(), 16)
+    with pytest.raises(ValueError, match=r"boxes must be \[B, N, 3\], got \[1, 3\]"):
+        leaf_centers(boxes[0], 16)
+    with pytest.raises(ValueError, match="min_patch_size must be positive, got 0"):
+        leaf_centers(boxes, 0)
+    extremes = torch.tensor([[[2**31 - 1, -2**31, 2**31 - 1], [-7, 3, -2]]], dtype=torch.int32)
+    assert torch.equal(leaf_centers(extremes, 2**40), torch.ops.mixres.leaf_centers(extremes, 2**40))
+
+
+def test_reference_memory_stays_proportional_with_overlapping_boxes():
+    """500 boxes over the whole 256 KB image: cropped at once, they would take 128 MB; in pieces, a few MB."""
+    run_script("""
+import torch
+from mixres import reference
+images = torch.rand(1, 1, 256, 256)
+boxes = torch.tensor([[[0, 0, 256]] * 500], dtype=torch.int32)
+reference.extract_patches(images, boxes[:, :40], 1, "area")  # warm-up: threads, their malloc arenas, pools
+cap_memory(48)
+tokens = reference.extract_patches(images, boxes, 1, "area")
+torch.testing.assert_close(tokens, images.mean().expand(1, 500, 1, 1, 1))
+""")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_leaf_of_the_token_size_is_copied_inf_and_nan_included(mode):
+    """A bilinear blend would multiply an Inf neighbour by its weight 0, turning its finite neighbours into NaN.
+    (F.interpolate keeps the neighbours but turns the Inf itself into NaN: the reference may do the same.)"""
+    images = torch.rand(1, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    images[0, 0, 3, 5], images[0, 1, 6, 6], images[0, 0, 0, 7] = float("inf"), float("-inf"), float("nan")
+    boxes = torch.tensor([[[0, 0, 8], [0, 8, 8], [8, 0, 8], [8, 8, 8]]], dtype=torch.int32)
+    leaves = torch.stack([images[0, :, y:y + 8, x:x + 8] for y, x, _ in boxes[0].tolist()])[None]
+    torch.testing.assert_close(torch.ops.mixres.extract_patches(images, boxes, 8, mode), leaves, rtol=0, atol=0,
+                               equal_nan=True)
+    tokens, finite = reference.extract_patches(images, boxes, 8, mode), leaves.isfinite()
+    assert torch.equal(tokens[finite], leaves[finite]) and not tokens[~finite].isfinite().any()
+    grad_tokens = torch.rand(1, 4, 2, 8, 8)
+    grad_tokens[0, 0, 0, 3, 4] = float("inf")
+    grad = torch.ops.mixres.extract_patches_backward(grad_tokens, boxes, 16, 16, mode)
+    expected = grad_tokens[0].unflatten(0, (2, 2)).permute(2, 0, 3, 1, 4).reshape(1, 2, 16, 16)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)

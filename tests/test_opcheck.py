@@ -27,6 +27,9 @@ def test_extract_patches(mode, dtype):
     torch.library.opcheck(torch.ops.mixres.extract_patches.default, (images, boxes, 16, mode))
     grad = torch.rand(2, boxes.shape[1], 3, 16, 16, dtype=dtype)
     torch.library.opcheck(torch.ops.mixres.extract_patches_backward.default, (grad, boxes, 128, 192, mode))
+    # A double backward differentiates extract_patches_backward in grad_tokens: its own autograd formula.
+    torch.library.opcheck(torch.ops.mixres.extract_patches_backward.default,
+                          (grad.requires_grad_(), boxes, 128, 192, mode))
 
 
 def test_leaf_centers():

@@ -6,7 +6,7 @@ import mixres
 from mixres import reference
 from mixres.pyramid import QuadtreeGeometry, pack_pyramid
 
-from helpers import random_pyramid
+from helpers import random_pyramid, run_script
 
 # (height, width, min_patch_size, max_patch_size): square, non-square, one level, four levels.
 GEOMETRIES = [(256, 256, 16, 64), (224, 224, 16, 32), (128, 320, 16, 64), (64, 64, 8, 64), (96, 64, 32, 32)]
@@ -82,3 +82,39 @@ def test_negative_scores_and_large_batch_are_fine():
     pyramid = [-1e30 * m.abs() - 5 for m in random_pyramid(geometry, batch=300, seed=7)]
     cpp, ref = build_both(geometry, pyramid, n_patches=100)
     torch.testing.assert_close(cpp, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("build", [torch.ops.mixres.build_quadtree, reference.build_quadtree], ids=["cpp", "reference"])
+def test_image_sides_must_fit_the_int32_boxes(build):
+    # A side of 2^31 px would wrap the boxes' int32 coordinates and sizes: (0, 0, -2^31) was returned.
+    with pytest.raises(ValueError, match="height must be at most 2147483647|at most 2147483647 .boxes hold int32"):
+        build(torch.zeros(1, 0), 2**31, 2**31, 2**31, 2**31, 1)
+    with pytest.raises(ValueError, match="at most 2147483647"):
+        build(torch.zeros(1, 0), 64, 2**40, 64, 64, 2**34)
+    with pytest.raises(ValueError, match="height must be at most 2147483647"):
+        QuadtreeGeometry(2**31, 64, 16, 64)
+
+
+@pytest.mark.parametrize("build", [torch.ops.mixres.build_quadtree, reference.build_quadtree], ids=["cpp", "reference"])
+def test_scores_must_be_float32_or_float64(build):
+    for dtype in (torch.float16, torch.bfloat16, torch.int32, torch.bool):
+        with pytest.raises(TypeError, match="scores must be float32 or float64"):
+            build(torch.zeros(2, 5, dtype=dtype), 64, 64, 16, 64, 4)
+
+
+def test_huge_valid_geometries_allocate_nothing_they_do_not_return():
+    """The reference's cell table grows with the image (a cell per min_patch_size square): it must not be built
+    for an empty batch, nor before a budget too large to allocate fails. In a capped subprocess, since a regression
+    would exhaust the machine's memory."""
+    run_script("""
+import pytest, torch
+from mixres import reference
+for build in (torch.ops.mixres.build_quadtree, reference.build_quadtree):
+    build(torch.zeros(1, 5), 64, 64, 16, 64, 4)  # warm-up
+    cap_memory(256)
+    empty = build(torch.zeros(0, 0), 2**30, 2**30, 2**15, 2**15, 2**30)
+    assert empty.shape == (0, 2**30, 3) and empty.dtype == torch.int32
+    # 2^60 leaves of 1 px: a valid budget whose boxes cannot be allocated, a RuntimeError from the allocator.
+    with pytest.raises(RuntimeError, match="overflow|allocate"):
+        build(torch.zeros(1, 0), 2**30, 2**30, 1, 1, 2**60)
+""")

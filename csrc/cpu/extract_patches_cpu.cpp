@@ -27,14 +27,18 @@ void warm_cache(const void* data, int64_t bytes) {
   asm volatile("" : : "r"(sink));  // keeps the loads
 }
 
-// On the CPU the boxes can be read for free: reject any box outside the image before reading through it.
+// On the CPU the boxes can be read for free: reject any box outside the image before reading through it. In int64:
+// y + size of int32 boxes can overflow an int32.
 void check_boxes_inside(const at::Tensor& boxes, int64_t height, int64_t width, const char* op) {
   const auto contiguous = boxes.contiguous();
   const int32_t* b = contiguous.const_data_ptr<int32_t>();
+  const int64_t n_leaves = boxes.size(1);
   for (int64_t i = 0; i < contiguous.numel() / 3; ++i, b += 3) {
-    TORCH_CHECK_VALUE(b[2] > 0 && b[0] >= 0 && b[1] >= 0 && b[0] + b[2] <= height && b[1] + b[2] <= width,
-                      op, ": box ", i, " (y=", b[0], ", x=", b[1], ", size=", b[2], ") is not inside the ",
-                      height, "x", width, " image");
+    const int64_t y = b[0], x = b[1], size = b[2];
+    TORCH_CHECK_VALUE(size > 0 && y >= 0 && x >= 0 && y + size <= height && x + size <= width, op, ": boxes[",
+                      i / n_leaves, ", ", i % n_leaves, "] (y=", y, ", x=", x, ", size=", size,
+                      ") is not inside the ", height, "x", width, " image: need size >= 1, 0 <= y <= ", height,
+                      " - size and 0 <= x <= ", width, " - size");
   }
 }
 
@@ -95,7 +99,7 @@ void area_leaf_channel_any(const scalar_t* leaf, int64_t width, int32_t patch, c
         row_sum[j] += sum;
       }
     }
-    const int32_t rows = plan.end[i] - plan.begin[i];
+    const int64_t rows = plan.end[i] - plan.begin[i];  // an int32 rows * cols can overflow for a large leaf
     for (int32_t j = 0; j < patch; ++j) {
       token[j] = static_cast<scalar_t>(row_sum[j] / static_cast<acc_t>(rows * (plan.end[j] - plan.begin[j])));
     }
@@ -128,7 +132,9 @@ void resize_leaf(const scalar_t* image, int64_t channels, int64_t height, int64_
   if (row_sum.size() < static_cast<size_t>(std::max(box.size, patch))) row_sum.resize(std::max(box.size, patch));
   for (int64_t c = 0; c < channels; ++c, token += token_stride) {
     const scalar_t* leaf = image + (c * height + box.y) * width + box.x;
-    if (mode == ResizeMode::kBilinear) {
+    // A leaf of the token's size is copied in either mode, as F.interpolate copies: blending would multiply a
+    // neighbour by its weight 0, which turns an Inf pixel next to the sample into NaN.
+    if (mode == ResizeMode::kBilinear && box.size != patch) {
       bilinear_leaf_channel(leaf, width, patch, plan, token);
       continue;
     }
@@ -150,8 +156,11 @@ void resize_leaf_backward(const scalar_t* grad_token, int64_t channels, int64_t 
   for (int64_t c = 0; c < channels; ++c) {
     acc_t* leaf = grad_image + (c * height + box.y) * width + box.x;
     for (int32_t i = 0; i < patch; ++i, grad_token += patch) {
-      if (mode == ResizeMode::kArea) {
-        const int32_t rows = plan.end[i] - plan.begin[i];
+      if (mode == ResizeMode::kBilinear && box.size == patch) {  // a copy, as in the forward
+        acc_t* row = leaf + static_cast<int64_t>(i) * width;
+        for (int32_t j = 0; j < patch; ++j) row[j] += static_cast<acc_t>(grad_token[j]);
+      } else if (mode == ResizeMode::kArea) {
+        const int64_t rows = plan.end[i] - plan.begin[i];  // int64: rows * cols can overflow an int32
         for (int32_t y = plan.begin[i]; y < plan.end[i]; ++y) {
           acc_t* row = leaf + y * width;
           for (int32_t j = 0; j < patch; ++j) {

@@ -64,9 +64,10 @@ void build_one(const scalar_t* scores, const PyramidLayout& layout, int64_t n_sp
     std::push_heap(heap.begin(), heap.end(), lower_priority<scalar_t>);
   };
 
+  // Coordinates are below height and width, which make_layout caps at INT32_MAX: they fit the int32 boxes.
   for (int64_t r = 0; r < layout.rows(0); ++r) {
     for (int64_t c = 0; c < layout.cols(0); ++c) {
-      add(r * layout.max_size, c * layout.max_size, 0);
+      add(static_cast<int32_t>(r * layout.max_size), static_cast<int32_t>(c * layout.max_size), 0);
     }
   }
   for (int64_t step = 0; step < n_splits; ++step) {

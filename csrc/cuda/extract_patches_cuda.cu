@@ -69,7 +69,8 @@ __device__ __forceinline__ acc_t area_cell_any(const scalar_t* __restrict__ leaf
     for (int32_t x = x_begin; x < x_end; ++x) sum += static_cast<acc_t>(row[x]);
     total += sum;
   }
-  return total / static_cast<acc_t>((y_end - y_begin) * (x_end - x_begin));
+  // int64: the bin of a large leaf can hold more than 2^31 pixels.
+  return total / static_cast<acc_t>(static_cast<int64_t>(y_end - y_begin) * (x_end - x_begin));
 }
 
 // Bilinear mode, in the order of F.interpolate: blend along x within the two source rows, then along y.
@@ -121,7 +122,10 @@ __device__ __forceinline__ T* leaf_origin(T* plane_origin, const Box& box, const
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t token_value(const scalar_t* __restrict__ leaf, int64_t width, int32_t i, int32_t j,
                                              int32_t size, int32_t patch, ResizeMode mode) {
-  if (mode == ResizeMode::kBilinear) return bilinear_cell<scalar_t, acc_t>(leaf, width, i, j, size, patch);
+  // A leaf of the token's size is copied in either mode, as F.interpolate copies (see the CPU kernel).
+  if (mode == ResizeMode::kBilinear && size != patch) {
+    return bilinear_cell<scalar_t, acc_t>(leaf, width, i, j, size, patch);
+  }
   const int32_t factor = size % patch == 0 ? size / patch : 0;
   const scalar_t* cell = leaf + static_cast<int64_t>(i) * factor * width + j * factor;
   switch (factor) {
@@ -246,7 +250,9 @@ extract_patches_backward_kernel(const scalar_t* __restrict__ grad_tokens, const 
     acc_t* leaf = leaf_origin(grad_images, box, idx, n_leaves, channels, height, width);
     if (leaf == nullptr) continue;
     const acc_t g = static_cast<acc_t>(grad_tokens[o]);
-    if (mode == ResizeMode::kBilinear) {
+    if (mode == ResizeMode::kBilinear && box.size == patch) {  // a copy, as in the forward
+      gpuAtomicAdd(leaf + static_cast<int64_t>(idx.i) * width + idx.j, g);
+    } else if (mode == ResizeMode::kBilinear) {
       const BilinearTap<acc_t> ty = bilinear_tap<acc_t>(idx.i, box.size, patch);
       const BilinearTap<acc_t> tx = bilinear_tap<acc_t>(idx.j, box.size, patch);
       acc_t* lo = leaf + ty.lo * width;
@@ -258,7 +264,7 @@ extract_patches_backward_kernel(const scalar_t* __restrict__ grad_tokens, const 
     } else {
       const int32_t y_begin = area_begin(idx.i, box.size, patch), y_end = area_end(idx.i, box.size, patch);
       const int32_t x_begin = area_begin(idx.j, box.size, patch), x_end = area_end(idx.j, box.size, patch);
-      const acc_t share = g / static_cast<acc_t>((y_end - y_begin) * (x_end - x_begin));
+      const acc_t share = g / static_cast<acc_t>(static_cast<int64_t>(y_end - y_begin) * (x_end - x_begin));
       for (int32_t y = y_begin; y < y_end; ++y) {
         acc_t* row = leaf + y * width;
         for (int32_t x = x_begin; x < x_end; ++x) gpuAtomicAdd(row + x, share);

@@ -1,0 +1,25 @@
+"""pack_pyramid and saliency_to_pyramid at their edges (found by tests/test_fuzz_ops.py)."""
+import pytest
+import torch
+
+import mixres
+
+
+def test_pack_pyramid_packs_an_empty_batch():
+    geometry = mixres.QuadtreeGeometry(64, 128, 16, 64)
+    pyramid = [torch.zeros(0, 1, 2), torch.zeros(0, 2, 4, dtype=torch.float64)]
+    packed = mixres.pack_pyramid(pyramid, geometry, 0, torch.device("cpu"))
+    assert packed.shape == (0, 10) and packed.dtype == torch.float64
+
+
+@pytest.mark.parametrize("saliency, error, pattern", [
+    ([[[0.0]]], TypeError, "saliency must be a Tensor"),
+    (torch.rand(8, 8), ValueError, r"saliency must have rank 3 \[B, h, w\], got rank 2"),
+    (torch.rand(1, 1, 8, 8), ValueError, "saliency must have rank 3"),
+    (torch.ones(1, 8, 8, dtype=torch.int64), TypeError, "saliency must be floating point, got torch.int64"),
+    (torch.rand(1, 0, 0), ValueError, "saliency map 0x0 is empty"),
+    (torch.rand(1, 8, 9), ValueError, "does not have the image's aspect ratio"),
+], ids=["list", "rank 2", "rank 4", "int64", "empty", "aspect"])
+def test_saliency_to_pyramid_checks_its_map(saliency, error, pattern):
+    with pytest.raises(error, match=pattern):
+        mixres.saliency_to_pyramid(saliency, mixres.QuadtreeGeometry(64, 64, 16, 64))
