@@ -247,11 +247,12 @@ def _check_boxes_inside(boxes: Tensor, height: int, width: int, op: str) -> None
 
 
 def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int | None = None,
-             max_patch_size: int | None = None, patch_size: int | None = None, mode: str = "area"):
+             max_patch_size: int | None = None, patch_size: int | None = None, mode: str = "area",
+             nan_policy: str = "raise"):
     """:func:`mixres.tokenize` computed with the functions of this module only."""
     import sys
 
     from .mosaic import _tokenize
 
     return _tokenize(sys.modules[__name__], images, scores, n_patches, min_patch_size, max_patch_size, patch_size,
-                     mode)
+                     mode, nan_policy)

@@ -2,7 +2,6 @@
 tokenize's nan_policy, half-precision inputs on every path, channel counts the model or scorer does not take, and
 sizes, counts and seeds at the limits of their types. Each gives a correct result or a clear error."""
 import copy
-import inspect
 import math
 import time
 import warnings
@@ -17,7 +16,6 @@ from torch import nn
 
 import mixres
 from mixres.models import Quadformer, UniformGrid, grid_for_budget
-from mixres.mosaic import _tokenize
 from mixres.scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Precomputed, Random, Uniform
 
 from helpers import random_pyramid
@@ -27,15 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 
-def reference_tokenize(*args, **kwargs):
-    """mixres.reference.tokenize, with every argument of mixres.tokenize (nan_policy too): the same _tokenize on
-    the reference backend."""
-    bound = inspect.signature(mixres.tokenize).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return _tokenize(mixres.reference, *bound.arguments.values())
-
-
-TOKENIZERS = {"cpp": mixres.tokenize, "reference": reference_tokenize}
+TOKENIZERS = {"cpp": mixres.tokenize, "reference": mixres.reference.tokenize}
 
 
 def tiny_cnn(channels=3, seed=0):
