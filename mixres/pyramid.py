@@ -61,10 +61,6 @@ class QuadtreeGeometry:
     def __post_init__(self):
         for name in ("height", "width", "min_patch_size", "max_patch_size"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), low=1))
-        for name in ("height", "width"):  # the C++ ops' limit (quadtree_layout.h)
-            if getattr(self, name) > MAX_IMAGE_SIDE:
-                raise ValueError(f"{name} must be at most {MAX_IMAGE_SIDE} (boxes hold int32 pixel coordinates), "
-                                 f"got {getattr(self, name)}")
         lo, hi = self.min_patch_size, self.max_patch_size
         if lo > hi:
             raise ValueError(f"min_patch_size {lo} must be at most max_patch_size {hi}")
@@ -79,6 +75,12 @@ class QuadtreeGeometry:
                 hint = f"; or max_patch_size={fits[0]}" if fits else ""
                 raise ValueError(f"image {name} {value} is not a multiple of max_patch_size {hi}: resize or crop "
                                  f"it to {down or up} or {up}{hint}")
+        # The C++ ops' limit (quadtree_layout.h), after the checks that relate the sizes (more telling when they fail),
+        # patch sizes first: a scorer's geometry is one max_patch_size root.
+        for name in ("min_patch_size", "max_patch_size", "height", "width"):
+            if getattr(self, name) > MAX_IMAGE_SIDE:
+                raise ValueError(f"{name} must be at most {MAX_IMAGE_SIDE} (boxes hold int32 pixel coordinates), "
+                                 f"got {getattr(self, name)}")
 
     @property
     def sizes(self) -> list[int]:

@@ -643,6 +643,8 @@ LIMITS = [
     ("n_patches -2**63", make_sizes(n_patches=-2 ** 63), ValueError, r"unreachable.*nearest valid: 4"),
     ("scorer sizes float", lambda: PixelBlur(16.0, 64), TypeError, r"min_patch_size must be a positive int"),
     ("scorer sizes 2**62", lambda: Entropy(16, 2 ** 62 + 16), ValueError, r"must be a power of two"),
+    ("scorer sizes 2**40", lambda: Entropy(16, 2 ** 40), ValueError,
+     r"max_patch_size must be at most 2147483647 \(boxes hold int32"),
     ("zero height", lambda: mixres.tokenize(torch.rand(1, 3, 0, 128), torch.rand(1, 0, 128)), ValueError,
      r"images have no pixels \(H x W = 0 x 128\)"),
     ("zero width to a scorer", lambda: Entropy()(torch.rand(1, 3, 64, 0)), ValueError, r"images have no pixels"),
