@@ -8,7 +8,6 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 

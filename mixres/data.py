@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from .image_files import EIGHT_BIT_MODES, load_image
 
 __all__ = ["build_dataset", "build_loader", "ShardSampler", "SMALL_OBJECTS", "MAX_SEED", "read_image",
-           "UnreadableImageError", "skip_unreadable_images", "report_unreadable"]
+           "UnreadableImageError", "release_loader", "skip_unreadable_images", "report_unreadable"]
 
 SMALL_OBJECTS = "small-objects"
 # The largest seed: the training order seeds torch's generator with seed + epoch, and generated data its validation
@@ -36,6 +37,17 @@ class UnreadableImageError(OSError):
         text = str(self).strip()
         marker = f"{type(self).__name__}: "
         return text.rsplit(marker, 1)[-1] if "Original Traceback" in text and marker in text else text
+
+
+def release_loader(error: BaseException) -> None:
+    """Frees the DataLoader iterator that ``error`` (raised while iterating, e.g. an :class:`UnreadableImageError`
+    from a worker) keeps alive through the frames of its traceback, so that its workers exit now.
+
+    Those frames hold the error itself too: a reference cycle, which the garbage collector breaks later, and then it
+    may finalise the workers' queues before the iterator, whose shutdown then waits 5 s for each worker that never
+    hears it (measured: 10 s with 2 workers). Clearing the frames' variables frees the iterator at once, in order.
+    """
+    traceback.clear_frames(error.__traceback__)
 
 
 def read_image(path: str | os.PathLike):

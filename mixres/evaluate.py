@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils.data import IterableDataset, Subset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
@@ -28,8 +29,8 @@ from ._args import (COUNT, POSITIVE, HelpFormatter, IntegerList, add_amp_option,
                     add_device_option, add_model_options, add_seed_option, add_workers_option, autocast, build_model,
                     check_model_options, require_file)
 from ._timing import device_name, median_seconds
-from .data import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, report_unreadable,
-                   skip_unreadable_images)
+from .data import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, release_loader,
+                   report_unreadable, skip_unreadable_images)
 from .models import load_weights, read_state_dict
 from .pyramid import QuadtreeGeometry
 
@@ -351,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         rows = evaluate_budgets(model, loader, budgets, device, limit=args.limit, amp=args.amp, warmup=args.warmup,
                                 timed_batches=args.timed_batches)
     except UnreadableImageError as error:
+        release_loader(error)
         parser.error(f"--data: {error.brief} (--skip-bad-images leaves unreadable files out)")
     config = {key: str(value) if isinstance(value, (Path, torch.device)) else value
               for key, value in vars(args).items()}

@@ -54,7 +54,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from ._args import (POSITIVE, HelpFormatter, Real, add_amp_option, add_data_kwargs_option, add_model_options,
                     add_seed_option, add_workers_option, autocast, build_model, check_model_options)
 from .checkpoints import explain_mismatch, read_torch_file
-from .data import UnreadableImageError, build_dataset, build_loader, report_unreadable, skip_unreadable_images
+from .data import (UnreadableImageError, build_dataset, build_loader, release_loader, report_unreadable,
+                   skip_unreadable_images)
 
 __all__ = ["main", "parse_args", "warmup_cosine", "evaluate", "weights_digest", "read_checkpoint", "CHECKPOINT_KEYS"]
 
@@ -425,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 print(report_unreadable(bad_val, sizes[1], "validation images"), flush=True)
         return _train(args, model, train_set, val_set, device, rank, world, checkpoint, skipped)
     except UnreadableImageError as error:
+        release_loader(error)
         parser.error(f"--data: {error.brief} (--skip-bad-images leaves unreadable files out)")
     finally:
         if world > 1:

@@ -1,6 +1,7 @@
 """mixres.data: an image file that cannot be read names itself and the reason, read in the main process or in
 DataLoader workers, and skip_unreadable_images leaves such files out, on one process and through a process group."""
 import io
+import multiprocessing
 import shutil
 
 import numpy as np
@@ -10,7 +11,8 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Subset
 
-from mixres.data import UnreadableImageError, build_dataset, build_loader, read_image, skip_unreadable_images
+from mixres.data import (UnreadableImageError, build_dataset, build_loader, read_image, release_loader,
+                         skip_unreadable_images)
 
 NORMALISATION = ((0.5,) * 3, (0.5,) * 3)
 
@@ -74,6 +76,8 @@ def test_an_unreadable_file_is_named_with_its_reason_and_can_be_skipped(folder, 
         list(build_loader(dataset, 4, train=False, workers=workers))
     assert error.value.brief.startswith(message), error.value.brief  # from a worker too, which adds its traceback
     assert isinstance(error.value, OSError)
+    release_loader(error.value)  # the loader's iterator is freed, and its workers have exited
+    assert not multiprocessing.active_children()
 
     kept, problems = skip_unreadable_images(dataset, workers)
     assert [problem[:len(message)] for problem in problems] == [message]
