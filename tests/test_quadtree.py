@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import mixres
 from mixres import reference
 from mixres.pyramid import QuadtreeGeometry, pack_pyramid
 

@@ -9,7 +9,6 @@ the tests run. (A randomly initialised ShuffleNet does favour the subject too, b
 depending on the seed: that says nothing about the scorer.)
 """
 import pytest
-import torch
 
 import mixres
 from mixres.scorers import Entropy, PixelBlur, Random, Uniform

@@ -1,5 +1,4 @@
 """mixres.tokenize: outputs, score forms, the reference fallback and every bad-input case."""
-import warnings
 
 import pytest
 import torch
