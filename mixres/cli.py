@@ -398,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
         "mosaic", formatter_class=HelpFormatter, help="draw the mosaics of image files",
         description="For each image (any format Pillow reads, as RGB: 8-bit values / 255, 16-bit grey / 65535, "
                     "float as it is within [0, 1], alpha dropped; others refused): resize it so that both sides are "
-                    "multiples of --max, tokenize it, and write OUT/<name>.png (its leaf borders on the photo, then the mosaic "
-                    "rendered from its tokens) and OUT/<name>.json (image, source_size, height, width, the patch "
+                    "multiples of --max, tokenize it, and write OUT/<name>.png (its leaf borders on the photo, then "
+                    "the mosaic rendered from its tokens) and OUT/<name>.json (image, source_size, height, width, the patch "
                     "sizes, n_patches, scorer, mode, leaves [[y, x, size], ...], leaves_per_size). Images of one "
                     "size are tokenized together; every image is checked before anything is written.")
     mosaic.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
