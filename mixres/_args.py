@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .data import MAX_SEED
+from .pyramid import MAX_IMAGE_SIDE
 from .scorers import SCORERS
 
 __all__ = ["HelpFormatter", "add_model_options", "check_model_options", "build_model", "add_device_option",
@@ -32,8 +33,8 @@ COMMAND_LINE_SCORERS = tuple(name for name in SCORERS if name not in ("gradcam",
 
 # The largest count an option takes: torch's tensors and Python's len() index with signed 64-bit integers.
 INDEX_MAX = 2 ** 63 - 1
-# The largest image side or patch size: the tokenizer's boxes (y, x, size) are int32.
-SIDE_MAX = 2 ** 31 - 1
+# The largest image side or patch size: the tokenizer's (its boxes (y, x, size) are int32).
+SIDE_MAX = MAX_IMAGE_SIDE
 # The largest seed: mixres.data's, which leaves room for the seeds derived from it (seed + epoch, seed + 1).
 SEED_MAX = MAX_SEED
 

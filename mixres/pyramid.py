@@ -18,7 +18,7 @@ from torch import Tensor
 MAX_IMAGE_SIDE = 2**31 - 1  # boxes are int32 (y, x, size)
 
 __all__ = ["QuadtreeGeometry", "valid_n_patches", "default_max_patch_size", "pack_pyramid", "saliency_to_pyramid",
-           "check_int"]
+           "check_int", "MAX_IMAGE_SIDE"]
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None, valid: str | None = None) -> int:
