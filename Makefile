@@ -27,9 +27,9 @@ test: $(BUILT)
 demo: $(BUILT)
 	$(PY) -m mixres.demo --out out/demo
 
+# Writes benchmarks/results/<date>-<device>/ (JSON, log, environment), to be committed with RESULTS.md.
 bench: $(BUILT)
-	mkdir -p out
-	$(PY) -m pytest benchmarks --benchmark-json=out/benchmark.json
+	PYTHON=$(PY) benchmarks/bench.sh
 
 clean:
 	rm -rf build $(VENV) mixres/_C*.so out .pytest_cache .hypothesis .benchmarks

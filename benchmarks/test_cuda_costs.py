@@ -1,16 +1,17 @@
 """What the tokenizer costs on a GPU next to what surrounds it (skipped without CUDA).
 
-    pytest benchmarks/test_cuda_costs.py --benchmark-json=out/cuda_costs.json
+    benchmarks/bench.sh -k cuda     (or pytest benchmarks/test_cuda_costs.py)
 
 At B=256 (MIXRES_BENCH_BATCH), N=100, 16 px tokens, RGB, ``mode="area"``, random score pyramids:
-- tokenize time as a share of a bf16 ViT-B/16 forward over the same tokens (timm, random weights), with the
-  tokenizer called eagerly from Python (what a training loop pays) and replayed from a CUDA graph (the kernels
-  alone);
+- tokenize time as a share of the bf16 ViT-B/16 forward that reads the same mosaic (a timm Quadformer with random
+  weights: leaf embedding, resampled position table, blocks, head). Both sides are timed with the same two clocks:
+  host wall time of an eager call that waits for the GPU (what a training loop pays), and the device time between
+  CUDA events around it. The tokenizer is also replayed from a CUDA graph (its kernels without Python and launch
+  overhead), against the ViT's device time;
 - the resize kernel's achieved bandwidth against a device-to-device copy measured in the same run;
 - the quadtree and centre kernels' own times.
 
-Device times are medians of CUDA-event intervals; the eager tokenize is timed on the host with a synchronisation,
-as pytest-benchmark does. Images are 200 MB per batch at 256 px float32, far beyond the L2 cache.
+Medians throughout. Images are 200 MB per batch at 256 px float32, far beyond the L2 cache.
 """
 import os
 import statistics
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import mixres
+from mixres._timing import median_seconds
 
 from conftest import CONFIGS, inputs, report
 
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICE = torch.device("cuda")
 BATCH = int(os.environ.get("MIXRES_BENCH_BATCH", "256"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_vit_ms: dict[str, float] = {}
+_vit_ms: dict[str, dict[str, float]] = {}
 
 
 def device_ms(fn, reps: int = 30, warmup: int = 3) -> float:
@@ -56,34 +58,47 @@ def graphed(fn):
     return graph.replay
 
 
-def vit_b16():
-    timm = pytest.importorskip("timm")
-    return timm.create_model("vit_base_patch16_224", pretrained=False).to(DEVICE, torch.bfloat16).eval()
+def wall_ms(fn, reps: int = 30, warmup: int = 3) -> float:
+    """Median host wall time of one ``fn()`` that waits for the GPU to finish it."""
+    return 1e3 * median_seconds(fn, DEVICE, repeats=reps, warmup=warmup)
 
 
-def vit_forward(model, tokens):
-    """ViT-B/16 over ``tokens [B, N, 3, 16, 16]``: the patch embedding applied to each token, then the encoder.
+def vit_b16(size: int, min_size: int, max_size: int, n_patches: int):
+    """The bf16 ViT-B/16 that reads a mosaic of ``n_patches`` leaves: timm's, as a Quadformer, random weights."""
+    pytest.importorskip("timm")
+    from mixres.models import create_quadformer
 
-    Position embeddings are the first N+1 of the model's table: a stand-in with the right cost until the Quadformer
-    models (issue 5) embed the leaves' positions."""
-    batch, n = tokens.shape[:2]
-    x = model.patch_embed.proj(tokens.flatten(0, 1)).reshape(batch, n, -1)
-    x = torch.cat([model.cls_token.expand(batch, -1, -1), x], dim=1) + model.pos_embed[:, : n + 1]
-    return model.forward_head(model.norm(model.blocks(x)))
+    model = create_quadformer("vit_base_patch16_224", img_size=size, n_patches=n_patches, min_patch_size=min_size,
+                              max_patch_size=max_size, pos_embed="resample", scorer="uniform")
+    return model.to(DEVICE, torch.bfloat16).eval()
+
+
+def vit_costs(config: str) -> dict[str, float]:
+    """The ViT forward's wall and device times (ms) for ``config``, measured once per run."""
+    if config not in _vit_ms:
+        size, min_size, max_size, n_patches = CONFIGS[config]
+        images, pyramid = inputs(BATCH, size, min_size, max_size, DEVICE, torch.bfloat16)
+        mosaic = mixres.tokenize(images, pyramid, n_patches, min_size, max_size)
+        model = vit_b16(size, min_size, max_size, n_patches)
+        with torch.inference_mode():
+            _vit_ms[config] = {"wall_ms": wall_ms(lambda: model(mosaic), reps=20),
+                               "device_ms": device_ms(lambda: model(mosaic), reps=20)}
+    return _vit_ms[config]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_vit_b16_forward(benchmark, config):
     size, min_size, max_size, n_patches = CONFIGS[config]
     images, pyramid = inputs(BATCH, size, min_size, max_size, DEVICE, torch.bfloat16)
-    tokens = mixres.tokenize(images, pyramid, n_patches, min_size, max_size).tokens
-    model = vit_b16()
+    mosaic = mixres.tokenize(images, pyramid, n_patches, min_size, max_size)
+    model = vit_b16(size, min_size, max_size, n_patches)
     with torch.inference_mode():
-        ms = device_ms(lambda: vit_forward(model, tokens), reps=20)
-        benchmark.pedantic(lambda: (vit_forward(model, tokens), torch.cuda.synchronize()), rounds=5, iterations=1)
-    _vit_ms[config] = ms
-    benchmark.extra_info.update(device_ms=ms, batch=BATCH, n_patches=n_patches)
-    report(f"{config} B={BATCH}: bf16 ViT-B/16 forward over {n_patches} tokens: {ms:.2f} ms")
+        benchmark.pedantic(lambda: (model(mosaic), torch.cuda.synchronize()), warmup_rounds=2, rounds=5,
+                           iterations=1)
+    costs = vit_costs(config)
+    benchmark.extra_info.update(costs, batch=BATCH, n_patches=n_patches)
+    report(f"{config} B={BATCH}: bf16 ViT-B/16 forward over {n_patches} tokens: {costs['wall_ms']:.2f} ms wall, "
+           f"{costs['device_ms']:.2f} ms device")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -95,15 +110,18 @@ def test_tokenize_share_of_vit(benchmark, config, dtype):
     def tokenize():
         return mixres.tokenize(images, pyramid, n_patches, min_size, max_size)
 
-    graph_ms = device_ms(graphed(tokenize), reps=50)
     benchmark.pedantic(lambda: (tokenize(), torch.cuda.synchronize()), warmup_rounds=3, rounds=30, iterations=1)
-    eager_ms = benchmark.stats.stats.median * 1e3
-    benchmark.extra_info.update(graph_ms=graph_ms, eager_ms=eager_ms, batch=BATCH)
-    vit_ms = _vit_ms.get(config)
-    share = "" if vit_ms is None else \
-        f" = {100 * eager_ms / vit_ms:.1f}% (eager) and {100 * graph_ms / vit_ms:.1f}% (graph) of the ViT forward"
-    report(f"{config} B={BATCH} {dtype} images: tokenize {eager_ms:.3f} ms eager, {graph_ms:.3f} ms as a CUDA graph"
-           f"{share}")
+    times = {"wall_ms": wall_ms(tokenize), "device_ms": device_ms(tokenize),
+             "graph_device_ms": device_ms(graphed(tokenize), reps=50)}
+    vit = vit_costs(config)
+    shares = {"wall_share": times["wall_ms"] / vit["wall_ms"], "device_share": times["device_ms"] / vit["device_ms"],
+              "graph_share": times["graph_device_ms"] / vit["device_ms"]}
+    benchmark.extra_info.update(times, **shares, vit_wall_ms=vit["wall_ms"], vit_device_ms=vit["device_ms"],
+                                batch=BATCH)
+    report(f"{config} B={BATCH} {dtype} images: tokenize {times['wall_ms']:.3f} ms wall = "
+           f"{100 * shares['wall_share']:.1f}% of the ViT's wall time; {times['device_ms']:.3f} ms device = "
+           f"{100 * shares['device_share']:.1f}%; as a CUDA graph {times['graph_device_ms']:.3f} ms = "
+           f"{100 * shares['graph_share']:.1f}% of the ViT's device time")
 
 
 @pytest.mark.parametrize("config", CONFIGS)

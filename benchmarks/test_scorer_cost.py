@@ -1,6 +1,6 @@
 """What each scorer costs next to the tokenizer it feeds, same run, same device.
 
-    pytest benchmarks/test_scorer_cost.py --benchmark-json=out/scorer_cost.json
+    benchmarks/bench.sh -k scorer     (or pytest benchmarks/test_scorer_cost.py)
 
 256 px RGB images, 16-64 px patches, N=100, B = MIXRES_BENCH_BATCH (default 256 on cuda, 16 on cpu). Networks
 have random weights (their cost does not depend on the weights): FeatureBased on ShuffleNetV2 x0.5, GradCAM on a
@@ -70,6 +70,12 @@ def test_scorer(benchmark, name):
     scorer = SCORERS[name]()
     benchmark.group = f"scorers B={BATCH} {DEVICE.type}"
     ms = timed(benchmark, lambda: scorer(images), rounds=10)
-    benchmark.extra_info.update(batch=BATCH, device=str(DEVICE))
+    benchmark.extra_info.update(batch=BATCH, device=str(DEVICE), median_ms=ms)
     ratio = f" = {ms / _tokenize_ms[0]:.2f}x tokenize" if _tokenize_ms else ""
-    report(f"scorers, {SIZE} px B={BATCH} {DEVICE.type}: {name} {ms:.3f} ms{ratio}")
+    bandwidth = ""
+    if name not in ("Uniform", "Random"):
+        # A scorer that reads pixels reads every one at least once: the images' bytes over the time is the least
+        # bandwidth it achieved, to set against the device's copy bandwidth (test_cuda_costs.py measures it).
+        benchmark.extra_info["images_read_gb_s"] = images.nbytes / ms / 1e6
+        bandwidth = f"; images read at {images.nbytes / ms / 1e6:,.1f} GB/s"
+    report(f"scorers, {SIZE} px B={BATCH} {DEVICE.type}: {name} {ms:.3f} ms{ratio}{bandwidth}")

@@ -1,6 +1,6 @@
 """Throughput of mixres.tokenize (C++/CUDA ops) vs mixres.reference.tokenize (plain PyTorch), same run, same device.
 
-    pytest benchmarks --benchmark-json=out/benchmark.json
+    benchmarks/bench.sh     (or pytest benchmarks; bench.sh keeps the JSON and the log in benchmarks/results/)
 
 Environment: MIXRES_BENCH_DEVICE (default: cuda if available, else cpu), MIXRES_BENCH_BATCH (default 256 on
 cuda, 64 on cpu).
