@@ -172,10 +172,11 @@ def test_autocast_runs_the_backbone_in_low_precision(dtype, tolerance):
     images = make_images(height=128, width=128)
     scorer = random_scorer(autocast_dtype=dtype)
     convolved = []
-    for module in scorer.backbone.modules():
-        if isinstance(module, nn.Conv2d):
-            module.register_forward_hook(lambda module, inputs, output: convolved.append(output.dtype))
+    handles = [module.register_forward_hook(lambda module, inputs, output: convolved.append(output.dtype))
+               for module in scorer.backbone.modules() if isinstance(module, nn.Conv2d)]
     got = scorer(images)
+    for handle in handles:
+        handle.remove()  # before the oracle copies the backbone
     assert convolved and set(convolved) == {dtype}
     want = per_patch_feature_scores(scorer.backbone, images, 16, 64, autocast_dtype=dtype)
     full = random_scorer()(images)  # same seed, same weights
