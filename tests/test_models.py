@@ -4,6 +4,7 @@ torch.compile, checkpoints through timm, and the errors."""
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -224,12 +225,20 @@ def test_checkpoint_path_takes_a_plain_vit_or_a_quadformer_checkpoint(tmp_path, 
         assert torch.equal(again.state_dict()[name], value), name
 
 
-def test_a_plain_checkpoint_of_another_grid_is_resampled_on_load():
+@pytest.mark.parametrize("img_size, n_patches", [(128, 64), ((64, 128), 32)])  # 4x4 to 8x8, and to 4x8
+def test_a_plain_checkpoint_of_another_grid_is_resampled_on_load(img_size, n_patches):
     source = small_vit(img_size=64)
-    model = Quadformer(small_vit(seed=2, img_size=128), n_patches=64, scorer="uniform")
+    model = Quadformer(small_vit(seed=2, img_size=img_size), n_patches=n_patches, scorer="uniform")
     model.load_state_dict(source.state_dict())
-    assert model.vit.pos_embed.shape == (1, 1 + 64, 32)
-    torch.testing.assert_close(model.vit.pos_embed[:, 0], source.pos_embed[:, 0])
+    rows, cols = model.vit.patch_embed.grid_size
+    # timm's own pretrained loading resamples bicubically with antialias=True, whose kernel (a = -0.5, PIL's)
+    # differs from plain bicubic's (a = -0.75) even when upsampling: plain bicubic would be 0.09 away here.
+    grid = source.pos_embed[:, 1:].detach().unflatten(1, (4, 4)).permute(0, 3, 1, 2)
+    resampled = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False, antialias=True)
+    want = torch.cat([source.pos_embed[:, :1].detach(), resampled.flatten(2).transpose(1, 2)], dim=1)
+    assert model.vit.pos_embed.shape == (1, 1 + rows * cols, 32)
+    torch.testing.assert_close(model.vit.pos_embed.detach(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(model.vit.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
 
 
 # ------------------------------------------------------------------------------------------------------- errors

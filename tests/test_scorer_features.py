@@ -45,17 +45,23 @@ class TinyNet(nn.Module):
         return [first, self.conv2(first)]
 
 
-def per_patch_feature_scores(backbone, images, min_patch_size, max_patch_size, normalize=True):
+def per_patch_feature_scores(backbone, images, min_patch_size, max_patch_size, normalize=True, autocast_dtype=None):
     """The oracle: DESIGN.md's definition in float64, one blurred image through the backbone at a time, one
     candidate patch at a time: the mean of the importance map over the patch's cells where the map is at least as
-    fine as the patch, else the map's bilinear sample at the patch's centre."""
-    backbone = copy.deepcopy(backbone).double().eval()
+    fine as the patch, else the map's bilinear sample at the patch's centre. With ``autocast_dtype``, the backbone
+    alone runs in float32 under ``torch.autocast`` (which leaves float64 alone), on the float64 input rounded to
+    float32, and its features are widened back."""
+    backbone = copy.deepcopy(backbone).eval()
+    backbone = backbone.double() if autocast_dtype is None else backbone.float()
     images = images.double()
     batch, _, height, width = images.shape
 
     def features(image):
-        output = backbone((image - MEAN) / STD if normalize else image)
-        return output[-1] if isinstance(output, (list, tuple)) else output
+        image = (image - MEAN) / STD if normalize else image
+        with torch.autocast(image.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            output = backbone(image if autocast_dtype is None else image.float())
+        output = output[-1] if isinstance(output, (list, tuple)) else output
+        return output.double()
 
     def bilinear_sample(grid, y, x):  # align_corners=False coordinates, clamped at the border as F.interpolate does
         y, x = min(max(y, 0.0), grid.shape[0] - 1), min(max(x, 0.0), grid.shape[1] - 1)
@@ -152,13 +158,34 @@ def test_deterministic_and_without_gradients():
     assert not any(m.requires_grad for m in first)
 
 
-def test_autocast_bfloat16_close_to_float32():
+@pytest.mark.parametrize("dtype, tolerance", [
+    # Measured, as a fraction of each level's largest score, on an AVX2 CPU with 1 and 2 threads, also with
+    # ATEN_CPU_CAPABILITY=default and ONEDNN_MAX_CPU_ISA=SSE41: the scorer is 4.8e-4 and 1.5e-4 (bfloat16), 2e-5
+    # to 1.3e-4 (float16) from the oracle that runs the backbone under autocast, where a low-precision rounding
+    # that goes the other way, for a one-ulp different input or another summation order, moves a feature by an
+    # ulp; the float32 scorer is 1.0e-2 and 1.4e-2 (bfloat16), 2.5e-3 and 3.3e-3 (float16) from that oracle, and
+    # 4e-7 from the float64 one. The tolerances sit 4x above the first and 5x below the second.
+    (torch.bfloat16, 2e-3),
+    (torch.float16, 5e-4),
+])
+def test_autocast_runs_the_backbone_in_low_precision(dtype, tolerance):
     images = make_images(height=128, width=128)
-    full = random_scorer()(images)
-    half = random_scorer(autocast_dtype=torch.bfloat16)(images)  # same seed, same weights
-    for h, f in zip(half, full, strict=True):
-        assert h.dtype == torch.float32
-        torch.testing.assert_close(h, f, rtol=0.1, atol=0.1 * f.abs().max().item())  # measured: 2% of the max
+    scorer = random_scorer(autocast_dtype=dtype)
+    convolved = []
+    handles = [module.register_forward_hook(lambda module, inputs, output: convolved.append(output.dtype))
+               for module in scorer.backbone.modules() if isinstance(module, nn.Conv2d)]
+    got = scorer(images)
+    for handle in handles:
+        handle.remove()  # before the oracle copies the backbone
+    assert convolved and set(convolved) == {dtype}
+    want = per_patch_feature_scores(scorer.backbone, images, 16, 64, autocast_dtype=dtype)
+    full = random_scorer()(images)  # same seed, same weights
+    for g, w, f in zip(got, want, full, strict=True):
+        assert g.dtype == torch.float32
+        largest = w.abs().max().item()
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=tolerance * largest)
+        # The tolerance tells autocast from float32: a scorer that ignored autocast_dtype would fail.
+        assert (f.double() - w).abs().max() > 4 * tolerance * largest
 
 
 def test_tokenize_calls_it_and_reads_its_sizes():
