@@ -16,6 +16,8 @@ import timm
 import torch
 from PIL import Image
 
+from helpers import HANG_TIMEOUT
+
 README = (Path(__file__).parents[1] / "README.md").read_text()
 
 
@@ -121,7 +123,7 @@ def test_small_objects_script_runs(tmp_path):
     environment = {**os.environ, "PYTHON": sys.executable, "BUDGETS": "25", "TRAIN": "64", "VAL": "32",
                    "EPOCHS": "1", "BATCH": "16", "WORKERS": "0", "DEVICE": "cpu"}
     result = subprocess.run(["bash", str(script), str(tmp_path)], env=environment, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=HANG_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = (tmp_path / "summary.md").read_text().splitlines()[2:]
     assert [row.split("|")[1:3] for row in rows] == [[" quadformer ", " 25 "], [" uniform ", " 25 (5x5 grid) "]]

@@ -23,6 +23,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from mixres import train
 from mixres.data import MAX_SEED, ShardSampler, build_dataset, build_loader
 
+from helpers import HANG_TIMEOUT
+
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 VIT = dict(depth=1, embed_dim=32, num_heads=2)
@@ -234,7 +236,7 @@ def test_ddp_on_two_processes_keeps_replicas_identical_and_matches_one_process(c
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "mixres.train", *per_process, "--output", str(tmp_path / "ddp")]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "identical on all 2 processes" in done.stdout  # every process's weights hashed alike
     assert "Grad strides do not match" not in done.stderr  # DDP's buckets fit every gradient
@@ -292,7 +294,7 @@ def test_resuming_on_two_processes_continues_the_schedule_of_a_run_on_one(colour
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                "mixres.train", *TINY, "--epochs", "2", "--data", str(colours), "--output", str(tmp_path),
                "--resume", "auto"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert done.returncode == 0, done.stdout + done.stderr
     # Two processes of 8 images: 2 steps per epoch, 4 in all, 1 of warmup; the resumed epoch is steps 2 and 3 (the
     # checkpoint's step count, 5, is past this run's end: lr 0 throughout).
