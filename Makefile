@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 BUILT := $(VENV)/.mixres-built
 SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-random demo bench clean
 install: $(BUILT)
 
 $(PY):
@@ -23,6 +23,11 @@ $(BUILT): $(PY) $(SOURCES)
 
 test: $(BUILT)
 	$(PY) -m pytest tests -q
+
+# make test draws the same examples on every run (tests/hypothesis_seed.py). This runs the tests that draw examples
+# from a new seed, printed at the end; MIXRES_HYPOTHESIS_SEED=<seed> make test-random replays it.
+test-random: $(BUILT)
+	MIXRES_HYPOTHESIS_SEED=$${MIXRES_HYPOTHESIS_SEED:-random} $(PY) -m pytest tests -q -m hypothesis
 
 demo: $(BUILT)
 	$(PY) -m mixres.demo --out out/demo

@@ -10,6 +10,10 @@ import torch.nn.functional as F
 import mixres
 from mixres.pyramid import QuadtreeGeometry
 
+# The tests' subprocesses time out only so that a hang fails instead of blocking the suite: the slowest takes about a
+# minute on an idle 2-core machine, and several times that on a loaded one. MIXRES_TEST_TIMEOUT (seconds) overrides.
+HANG_TIMEOUT = float(os.environ.get("MIXRES_TEST_TIMEOUT", 900))
+
 
 def random_pyramid(geometry: QuadtreeGeometry, batch: int, seed: int = 0, ties: bool = False,
                    dtype=torch.float32, device="cpu") -> list[torch.Tensor]:
@@ -87,7 +91,7 @@ def cap_memory(headroom_mb):
 """
 
 
-def run_script(script: str, timeout: float = 120) -> None:
+def run_script(script: str, timeout: float = HANG_TIMEOUT) -> None:
     """Runs ``script`` in a fresh Python process (the worktree's mixres and tests/ importable; ``cap_memory`` defined)
     and fails the test, with its output, unless it exits with status 0: a crash (a signal such as SIGSEGV), a hang
     (past ``timeout`` seconds) or an exception. So a crash fails the test instead of killing pytest.

@@ -18,7 +18,7 @@ from PIL import Image
 import mixres
 from mixres import cli, image_files
 
-from helpers import coverage
+from helpers import HANG_TIMEOUT, coverage
 
 # name: (Pillow mode, height, width, size after the default resize to multiples of 64)
 IMAGES = {
@@ -124,7 +124,8 @@ def test_budgets_lists_valid_n_patches(capsys):
 
 def test_budgets_as_a_subprocess():
     done = subprocess.run([sys.executable, "-m", "mixres", "budgets", "--size", "256", "--width", "384", "--min", "16",
-                           "--max", "64"], capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+                           "--max", "64"], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                          timeout=HANG_TIMEOUT)
     assert done.returncode == 0, done.stderr
     header, *lines = done.stdout.splitlines()
     assert "24 roots of 64 px, at most 384 leaves of 16 px" in header
@@ -438,7 +439,7 @@ def test_budgets_memory_does_not_grow_with_the_list():
              "assert cli.main(['budgets', '--size', '2048', '--min', '1', '--all']) == 0\n"
              "print(peak() - before, file=sys.stderr)\n")
     done = subprocess.run([sys.executable, "-c", child], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          cwd=Path(__file__).parents[1], timeout=120)
+                          cwd=Path(__file__).parents[1], timeout=HANG_TIMEOUT)
     assert done.returncode == 0, done.stderr
     growth_kb = int(done.stderr.split()[-1])
     # The 1.3 million budgets of --size 2048 --min 1 alone would take over 45 MB as Python ints in a list.

@@ -20,6 +20,8 @@ from mixres.models import Quadformer, UniformGrid, grid_for_budget
 from mixres.pyramid import QuadtreeGeometry
 from mixres.scorers import FeatureBased
 
+from helpers import HANG_TIMEOUT
+
 CONFIG = dict(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=5)
 # The same ViT for the command line: timm's vit_tiny at 64 px, 32 wide, one block.
 CLI_MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--num-classes", "5",
@@ -248,6 +250,6 @@ def test_unreadable_images_stop_the_sweep_with_their_name_or_are_left_out(image_
 
 def test_the_command_exits_non_zero(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mixres.evaluate", *CLI_MODEL, "--data", str(tmp_path / "none"),
-                             "--output", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                             "--output", str(tmp_path)], capture_output=True, text=True, timeout=HANG_TIMEOUT,
                             cwd=Path(__file__).parents[1])
     assert result.returncode == 2 and "no such folder" in result.stderr

@@ -12,22 +12,23 @@ on purpose, so an error where a result is due fails too, and so does a result wh
 
 Each fuzzer runs in a subprocess (helpers.run_script) with a timeout and a cap on the memory it may map, so that a
 segfault, a hang or a runaway allocation fails its test instead of killing pytest or the machine. The examples are
-derandomized: a failure reproduces by running the test again, and hypothesis prints the falsifying example (and a
-blob for @reproduce_failure). MIXRES_FUZZ_EXAMPLES=n runs n examples per fuzzer; MIXRES_FUZZ_SEED=s draws
-different examples from seed s instead of the derandomized ones.
+derandomized, as in the whole suite (tests/hypothesis_seed.py; MIXRES_HYPOTHESIS_SEED draws others, and the
+subprocesses draw from the same seed): a failure reproduces by running the test again, and hypothesis prints the
+falsifying example (and a blob for @reproduce_failure). MIXRES_FUZZ_EXAMPLES=n runs n examples per fuzzer.
 """
 import math
 import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mixres
 from mixres import reference
 
 from helpers import interpolate_each_leaf, run_script
+from hypothesis_seed import seeded
 
 EXAMPLES = int(os.environ.get("MIXRES_FUZZ_EXAMPLES", "60"))
 INT32_MAX = 2**31 - 1
@@ -43,13 +44,9 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2**-10, t
 
 
 def fuzz_settings(function):
-    function = settings(max_examples=EXAMPLES, derandomize="MIXRES_FUZZ_SEED" not in os.environ, deadline=None,
-                        database=None, print_blob=True,
-                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                               HealthCheck.filter_too_much])(function)
-    if "MIXRES_FUZZ_SEED" in os.environ:
-        function = seed(int(os.environ["MIXRES_FUZZ_SEED"]))(function)
-    return function
+    # Run by a script, not by pytest: conftest.py does not see them, so they take the suite's seed here.
+    return seeded(settings(max_examples=EXAMPLES, suppress_health_check=[
+        HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])(function))
 
 
 # ------------------------------------------------------------------------------------------------------- inputs
@@ -762,6 +759,7 @@ FUZZERS = ["fuzz_extract_patches", "fuzz_extract_patches_backward", "fuzz_build_
            "fuzz_pixel_blur_scores", "fuzz_tokenize", "fuzz_grid", "fuzz_pack_pyramid", "fuzz_saliency_to_pyramid"]
 
 
+@pytest.mark.hypothesis  # in a subprocess: the marker selects it with the tests that draw examples in-process
 @pytest.mark.parametrize("threads", [None, 1], ids=["threads-default", "threads-1"])
 @pytest.mark.parametrize("fuzzers", [FUZZERS[:2], FUZZERS[2:5], FUZZERS[5:]],
                          ids=["extract_patches", "quadtree-centers-blur", "tokenize-grid-pyramid"])
@@ -773,7 +771,7 @@ import torch
 import test_fuzz_ops
 cap_memory(2048)  # a runaway allocation raises instead of exhausting the machine
 {calls}
-""", timeout=300)
+""")
 
 
 def test_segfault_regression():
