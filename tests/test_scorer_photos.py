@@ -6,7 +6,7 @@ same statistic must not separate the sky from the rest for them.
 
 FeatureBased and GradCAM are not here: their claim rests on pretrained weights, which cannot be downloaded where
 the tests run. (A randomly initialised ShuffleNet does favour the subject too, but by a ratio from 1.4 to 1.9
-depending on the seed: that says nothing about the scorer.)
+depending on the seed, over torch seeds 0-4: that says nothing about the scorer.)
 """
 import re
 from pathlib import Path
