@@ -13,14 +13,15 @@ texture is faint), and gives it 16 px leaves, which a Quadformer sees at full re
     >>> images, labels = train.tensors()              # the whole split: [10000, 3, 256, 256], [10000]
     >>> box = train.box(0)                            # (y0, x0, y1, x1) of the digit's ink, in pixels
 
-Measured with the defaults, on 512 val items:
+Measured with the defaults, on the first 512 val items, by ``benchmarks/small_objects_legibility.py`` (its output:
+``benchmarks/results/small_objects_legibility.md``):
 
 - PixelBlur(16, 64) puts the digit's centre in a 16 px leaf in 94% of the images at n_patches=40, 98% at 64 and
-  100% at 100 (tests/test_datasets.py checks 64). Entropy(16, 64), whose grey-level histogram barely changes for
-  a few stroke pixels, in 51%, 70% and 82%.
-- How legible the digit is at each resolution: a small CNN trained on 3,000 crops of 32 px centred on the digit
-  (so, told where it is), downsampled by area averaging, reads 95% of the val digits at full resolution, 89% at
-  half resolution and 43% at a quarter. Half resolution loses little when the digit's place is known: the
+  100% at 100 (tests/test_datasets.py checks 64, on 64 items). Entropy(16, 64), whose grey-level histogram barely
+  changes for a few stroke pixels, in 51%, 70% and 82%.
+- How legible the digit is at each resolution: a small CNN trained on 3,000 crops of 32 px around the digit (so,
+  told where it is), downsampled by area averaging, reads 99.6% of the val digits at full resolution, 99.0% at
+  half resolution and 57% at a quarter. Half resolution loses almost nothing when the digit's place is known: the
   differences between a Quadformer and a uniform grid should show at budgets below 64 tokens.
 
 Everything is generated on the fly, deterministically, from data that ships with the installed packages: no
@@ -75,7 +76,8 @@ class SmallObjects(torch.utils.data.Dataset):
         background_contrast: ``(lo, hi)``, the range of the texture's standard deviation (in [0, 1] grey levels),
             before tinting, 0 <= lo <= hi <= 0.25. The default is tuned so that PixelBlur finds the digit (see
             the module's docstring) while the texture stays visible; at (0.04, 0.08) PixelBlur spends its
-            splits on the texture: 47% of the digits' centres in a 16 px leaf at n_patches=64, not 98%.
+            splits on the texture: 52% of the digits' centres in a 16 px leaf at n_patches=64, not 98%
+            (``benchmarks/small_objects_legibility.py``).
         max_rotation: the largest rotation of the digit, in degrees, in [0, 45].
 
     Items are ``(image [3, image_size, image_size] float32 in [0, 1], label int)``; ``box(i)`` tells where the digit
@@ -232,8 +234,7 @@ class SmallObjects(torch.utils.data.Dataset):
         """The image ``[3, H, W]`` float32 of an item from its parameters, written into ``out`` if given.
 
         In numpy, single-threaded: each operation is too small for torch's thread pool to pay off, and its
-        threads spin and stall when the cores are busy (a DataLoader's other workers): measured 20 items/s with
-        torch's 2 threads on 2 busy cores, against about 1,500 in numpy."""
+        threads spin and stall when the cores are busy (a DataLoader's other workers)."""
         image = self._background(params, out)
         y0, x0, y1, x1 = box
         under = image[:, y0:y1, x0:x1]

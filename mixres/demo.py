@@ -6,9 +6,10 @@
 For each photo (astronaut, chelsea, coffee, rocket) it writes ``<out>/<name>.png`` (the photo with its leaf borders,
 then the mosaic rendered from the tokens) and ``<out>/<name>.json`` (the leaves). It writes ``<out>/scorers.png``,
 the rocket's mosaic from each scorer side by side; FeatureBased and GradCAM use random weights unless given local
-weight files. Then it prints the images/s of ``mixres.tokenize`` (the C++ ops) against ``mixres.reference.tokenize``
-(plain PyTorch) and of the scorer. Needs scikit-image (``pip install mixres[demo]``); everything runs on the CPU,
-offline.
+weight files. It prints each scorer's leaves per size on the rocket, and how many of them lie in its top half (the
+sky) with their mean side against that of the others. Then it prints the images/s of ``mixres.tokenize`` (the C++
+ops) against ``mixres.reference.tokenize`` (plain PyTorch) and of the scorer. Needs scikit-image (``pip install
+mixres[demo]``); everything runs on the CPU, offline.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Random, Scorer, 
 from .viz import save_mosaic_figure, save_mosaic_grid
 
 __all__ = ["main", "load_photo", "fit_to_multiple", "fitted_size", "nearest_valid_n_patches", "leaves_per_size",
-           "save_mosaic", "compare_scorers"]
+           "top_half_leaves", "save_mosaic", "compare_scorers"]
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 MIN_PATCH, MAX_PATCH = 16, 64
@@ -98,13 +99,13 @@ def _gradcam_classifier(name: str, weights: Path | None) -> torch.nn.Module:
 
 
 def compare_scorers(photo: Tensor, n_patches: int, path: Path, feature_weights: Path | None = None,
-                    gradcam_model: str = "resnet18", gradcam_weights: Path | None = None) -> dict[str, dict[int, int]]:
+                    gradcam_model: str = "resnet18", gradcam_weights: Path | None = None) -> dict[str, Tensor]:
     """Writes ``path``: the mosaic of ``photo [3, H, W]`` from each scorer, side by side, at ``n_patches`` leaves
     of 16-64 px. FeatureBased (ShuffleNetV2 x0.5) and GradCAM (torchvision ``gradcam_model``) take their weights
     from local state-dict files; without one they are randomly initialised, and their captions say so.
 
     Returns:
-        caption -> {leaf side: count}.
+        caption -> the scorer's leaves ``[n_patches, 3]`` (y, x, side).
     """
     random_note = " (random weights)"
     with warnings.catch_warnings():
@@ -122,13 +123,23 @@ def compare_scorers(photo: Tensor, n_patches: int, path: Path, feature_weights: 
     }
     boxes = {caption: tokenize(photo[None], scorer, n_patches).boxes[0] for caption, scorer in scorers.items()}
     save_mosaic_grid(photo, boxes, path, columns=3)
-    return {caption: leaves_per_size(leaves) for caption, leaves in boxes.items()}
+    return boxes
 
 
 def leaves_per_size(boxes: Tensor) -> dict[int, int]:
     """``[N, 3]`` boxes -> {leaf side: count}, largest side first."""
     sizes, counts = boxes[:, 2].unique(return_counts=True)
     return {int(s): int(c) for s, c in sorted(zip(sizes, counts), key=lambda sc: -sc[0])}
+
+
+def top_half_leaves(boxes: Tensor, height: int) -> dict[str, float]:
+    """How a mosaic shares its leaves between the top and the bottom half of an image of ``height`` rows (the
+    rocket's sky and the rest): ``{"top_leaves": the number of leaves whose centre is in the top half,
+    "top_mean_side": their mean side in px, "bottom_mean_side": the others' mean side}`` (NaN for an empty half)."""
+    y, side = boxes[:, 0].double(), boxes[:, 2].double()
+    top = 2 * y + side < height  # the centre y + side / 2 above height / 2, in integers
+    return {"top_leaves": int(top.sum()), "top_mean_side": side[top].mean().item(),
+            "bottom_mean_side": side[~top].mean().item()}
 
 
 def save_mosaic(photo: Tensor, mosaic: Mosaic, out: Path, stem: str, max_patch_size: int, index: int = 0,
@@ -180,8 +191,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the demo (see the module docstring). Returns what it printed, as a dict: ``photos`` (one entry per
-    photo: name, size, n_patches, leaves per size, files) and ``throughput`` (images/s of ``tokenize``,
-    ``reference`` and the ``pixel-blur`` scorer)."""
+    photo: name, size, n_patches, leaves per size, files), ``scorers`` (each scorer's leaves per size on the
+    rocket), ``top_half`` (each scorer's :func:`top_half_leaves` on the rocket) and ``throughput`` (images/s of
+    ``tokenize``, ``reference`` and the ``pixel-blur`` scorer)."""
     args = _parser().parse_args(argv)
 
     device = torch.device("cpu")
@@ -209,11 +221,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     n_patches = nearest_valid_n_patches(QuadtreeGeometry(*rocket.shape[-2:], MIN_PATCH, MAX_PATCH),
                                         args.n_patches if args.n_patches is not None else 128)
     comparison = args.out / "scorers.png"
-    report["scorers"] = compare_scorers(rocket, n_patches, comparison, args.feature_weights, args.gradcam_model,
-                                        args.gradcam_weights)
+    leaves = compare_scorers(rocket, n_patches, comparison, args.feature_weights, args.gradcam_model,
+                             args.gradcam_weights)
+    report["scorers"] = {caption: leaves_per_size(boxes) for caption, boxes in leaves.items()}
+    # README.md quotes PixelBlur's and Entropy's at the default n_patches (tests/test_scorer_photos.py checks it).
+    report["top_half"] = {caption: top_half_leaves(boxes, rocket.shape[-2]) for caption, boxes in leaves.items()}
     print(f"Each scorer's mosaic of the rocket, n_patches={n_patches}: {comparison}")
+    print("  leaves per size; in the top half (the sky): leaves, their mean side, the mean side below")
     for caption, per_size in report["scorers"].items():
-        print(f"  {caption:<40} " + ", ".join(f"{s} px: {c}" for s, c in per_size.items()))
+        top = report["top_half"][caption]
+        print(f"  {caption:<40} " + ", ".join(f"{s} px: {c}" for s, c in per_size.items())
+              + f"; sky: {top['top_leaves']}, {top['top_mean_side']:.1f} px vs {top['bottom_mean_side']:.1f} px")
 
     side = 256
     squares = [_center_square(photos[name], side) for name in PHOTOS]

@@ -126,7 +126,8 @@ def digit_leaves(images, boxes, scorer, n_patches):
 # fraction of digits centred in a 16 px leaf, and the mean leaf side elsewhere / over the digit's box:
 #   PixelBlur: 1.00 (64 of 64), ratio 2.06;   Entropy: 0.69, ratio 2.27;   Random(seed=0): 0.09, ratio 1.11.
 # Over 512 items: PixelBlur 0.98, Entropy 0.70. (At n_patches=40 and 100, on these 64: PixelBlur 0.92 and 1.00,
-# Entropy 0.41 and 0.92.) Random(seed=0) draws one pyramid for every image of a shape: one random mosaic.
+# Entropy 0.41 and 0.92.) benchmarks/small_objects_legibility.py measures them (with --val-items 64, on these 64).
+# Random(seed=0) draws one pyramid for every image of a shape: one random mosaic.
 # 16 splits could as well make the uniform 32 px grid (every root split once), with no 16 px leaf: a 16 px leaf on
 # the digit means the scorer ranked the digit's 32 px patch above whole roots of texture.
 def test_pixel_blur_gives_the_digit_16px_leaves(val64):

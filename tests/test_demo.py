@@ -43,6 +43,12 @@ def test_demo_writes_figures_and_leaves(tmp_path, capsys):
     assert len(report["scorers"]) == 6 and any("random weights" in caption for caption in report["scorers"])
     rocket_budget = sum(report["scorers"]["PixelBlur"].values())
     assert all(sum(per_size.values()) == rocket_budget for per_size in report["scorers"].values())
+    # The sky statistic that README.md quotes (tests/test_scorer_photos.py checks the figures), for every scorer.
+    assert report["top_half"].keys() == report["scorers"].keys()
+    for caption, top in report["top_half"].items():
+        assert 0 < top["top_leaves"] < rocket_budget and 16 <= top["top_mean_side"] <= 64
+        assert f"sky: {top['top_leaves']}, {top['top_mean_side']:.1f} px vs {top['bottom_mean_side']:.1f} px" \
+            in printed, caption
 
     rates = report["throughput"]
     assert all(rates[key] > 0 for key in ("tokenize", "reference", "pixel-blur"))
@@ -80,3 +86,10 @@ def test_nearest_valid_n_patches_of_a_huge_geometry_is_computed():
 def test_fitted_size_is_what_fit_to_multiple_gives(size, multiple, short_side, fitted):
     assert demo.fitted_size(*size, multiple, short_side) == fitted
     assert demo.fit_to_multiple(torch.rand(3, *size), multiple, short_side).shape[1:] == fitted
+
+
+def test_top_half_leaves_counts_the_leaves_centred_above_the_middle():
+    # 128 rows: two 64 px leaves, then 16 and 32 px leaves whose centres fall at rows 56, 120 and exactly 64.
+    boxes = torch.tensor([[0, 0, 64], [64, 0, 64], [48, 64, 16], [112, 64, 16], [48, 96, 32]], dtype=torch.int32)
+    assert demo.top_half_leaves(boxes, 128) == {"top_leaves": 2, "top_mean_side": 40.0,
+                                                "bottom_mean_side": (64 + 16 + 32) / 3}
