@@ -246,7 +246,8 @@ def test_mixres_command_examples_run(substitutes, capsys):
 
 
 def test_small_objects_script_runs(tmp_path):
-    """benchmarks/small_objects.sh end to end, made small: both methods train at one budget, then the sweep."""
+    """benchmarks/small_objects.sh end to end, made small: both methods train at one budget, then the full-resolution
+    control, then the sweep."""
     pytest.importorskip("skimage")
     pytest.importorskip("matplotlib")
     script = Path(__file__).parents[1] / "benchmarks" / "small_objects.sh"
@@ -256,7 +257,10 @@ def test_small_objects_script_runs(tmp_path):
                             timeout=HANG_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = (tmp_path / "summary.md").read_text().splitlines()[2:]
-    assert [row.split("|")[1:3] for row in rows] == [[" quadformer ", " 25 "], [" uniform ", " 25 (5x5 grid) "]]
+    assert [row.split("|")[1:3] for row in rows] == [[" quadformer ", " 25 "], [" uniform ", " 25 (5x5 grid) "],
+                                                     [" uniform, control ", " 256 (16x16 grid) "]]
+    for run in ("quadformer-25", "uniform-25", "control-256"):
+        assert len((tmp_path / run / "log.jsonl").read_text().splitlines()) == 1  # one row per epoch
     sweep = (tmp_path / "sweep" / "budgets.csv").read_text().splitlines()
     assert len(sweep) == 1 + 2 * 6  # a header, then both methods at the script's 6 budgets
     assert (tmp_path / "sweep" / "budgets.png").stat().st_size > 0
