@@ -5,7 +5,8 @@ import torch
 import mixres
 from mixres import reference
 
-from helpers import interpolate_each_leaf, random_mosaic, run_script
+from helpers import random_mosaic, run_script
+from oracles import interpolate_each_leaf
 
 MODES = ["area", "bilinear"]
 

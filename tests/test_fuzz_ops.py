@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 import mixres
 from mixres import reference
 
-from helpers import interpolate_each_leaf, run_script
+from helpers import run_script
+from oracles import interpolate_each_leaf
 
 EXAMPLES = int(os.environ.get("MIXRES_FUZZ_EXAMPLES", "60"))
 INT32_MAX = 2**31 - 1
