@@ -3,7 +3,6 @@ against the independent per-patch oracle (oracles.pixel_blur_pyramid) and the op
 checks and opcheck."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mixres
 from mixres import reference
