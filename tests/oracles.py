@@ -180,20 +180,28 @@ def pixel_blur_pyramid(images: torch.Tensor, min_patch_size: int, max_patch_size
 
 @dataclass
 class Mosaic:
-    tokens: torch.Tensor  # [B, N, C, p, p] float64, differentiable with respect to the images
+    tokens: torch.Tensor  # [B, N, C, p, p], differentiable with respect to the images (see tokenize for the dtype)
     boxes: torch.Tensor  # [B, N, 3] int32
     centers: torch.Tensor  # [B, N, 2] float64, exact
+
+
+def resize_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which F.interpolate defines a kernel's tokens: the images' own for float32 and float64 (the
+    bilinear weights are computed in it: float64 ones would differ from float32's by up to 2^-24 of the leaf's
+    side); float64 for half precision, which the kernels resize in float32 and round once."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float64
 
 
 def tokenize(images: torch.Tensor, scores, n_patches: int, min_patch_size: int = 16, max_patch_size: int = 64,
              patch_size: int | None = None, mode: str = "area") -> Mosaic:
     """DESIGN.md's tokenize from the oracles above: ``scores`` a pyramid (list or dict) or a dense saliency map
-    [B, h, w]; tokens resized in float64 from the images' values."""
+    [B, h, w]; tokens resized in :func:`resize_dtype` of the images'."""
     batch, _, height, width = images.shape
     if isinstance(scores, torch.Tensor):
         scores = saliency_pyramid(scores, height, width, min_patch_size, max_patch_size)
     boxes = quadtree(scores, height, width, min_patch_size, max_patch_size, n_patches, batch)
-    tokens = interpolate_each_leaf(images.double(), boxes.to(images.device), patch_size or min_patch_size, mode)
+    tokens = interpolate_each_leaf(images.to(resize_dtype(images.dtype)), boxes.to(images.device),
+                                   patch_size or min_patch_size, mode)
     return Mosaic(tokens, boxes, leaf_centers(boxes, min_patch_size))
 
 
@@ -203,5 +211,5 @@ def assert_matches(mosaic, expected: Mosaic):
     assert torch.equal(mosaic.boxes.cpu(), expected.boxes)
     assert_centers_close(mosaic.centers.cpu(), expected.centers)
     tolerance = TOLERANCE[mosaic.tokens.dtype]
-    torch.testing.assert_close(mosaic.tokens.cpu().double(), expected.tokens.detach().cpu(), rtol=tolerance,
-                               atol=tolerance)
+    torch.testing.assert_close(mosaic.tokens.cpu().double(), expected.tokens.detach().cpu().double(),
+                               rtol=tolerance, atol=tolerance)
