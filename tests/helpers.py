@@ -34,6 +34,16 @@ def random_mosaic(batch=3, channels=3, height=128, width=192, n_patches=60, seed
     return images, mixres.tokenize(images, random_pyramid(geometry, batch, seed), n_patches, **tokenize_kwargs)
 
 
+def random_boxes(batch: int, n_leaves: int, height: int, width: int, sizes: list[int], seed: int = 0) -> torch.Tensor:
+    """Arbitrary boxes [B, N, 3] int32 inside a height x width image: they overlap, and their sides (drawn from
+    ``sizes``) need not be multiples of a token side."""
+    generator = torch.Generator().manual_seed(seed)
+    size = torch.tensor(sizes)[torch.randint(0, len(sizes), (batch, n_leaves), generator=generator)]
+    y = (torch.rand(batch, n_leaves, generator=generator) * (height - size + 1)).long()
+    x = (torch.rand(batch, n_leaves, generator=generator) * (width - size + 1)).long()
+    return torch.stack([y, x, size], dim=-1).to(torch.int32)
+
+
 def coverage(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """How many leaves cover each pixel, [B, H, W]: all ones for a mosaic."""
     count = torch.zeros(boxes.shape[0], height, width, dtype=torch.int32)
