@@ -5,7 +5,7 @@ Nothing here imports mixres: a bug in the package (its checks, its pyramid helpe
 its kernels or their shared headers) cannot pass a test by being on both sides of the comparison. Each oracle is
 the slow, obvious reading of the contract, image by image and leaf by leaf, on whatever device its inputs are on.
 """
-import functools
+import contextlib
 import heapq
 from dataclasses import dataclass
 
@@ -18,19 +18,17 @@ import torch.nn.functional as F
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 
 
-def one_thread(oracle):
-    """Runs ``oracle`` on one intra-op thread: its thousands of tiny ops gain nothing from more, and on a busy
-    machine each parallel region can wait milliseconds for its threads (tens of times slower in all)."""
-    @functools.wraps(oracle)
-    def run(*args, **kwargs):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return oracle(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-
-    return run
+@contextlib.contextmanager
+def one_thread():
+    """Runs an oracle (as a context manager or a decorator) on one intra-op thread: its thousands of tiny ops, and
+    their backward, gain nothing from more, and on a busy machine each parallel region can wait milliseconds for
+    its threads (tens of times slower in all)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def patch_sizes(min_patch_size: int, max_patch_size: int) -> list[int]:
@@ -103,7 +101,7 @@ def quadtree(pyramid, height: int, width: int, min_patch_size: int, max_patch_si
     return torch.tensor(boxes, dtype=torch.int32).reshape(batch, n_patches, 3)
 
 
-@one_thread
+@one_thread()
 def interpolate_each_leaf(images: torch.Tensor, boxes: torch.Tensor, patch_size: int, mode: str) -> torch.Tensor:
     """tokens [B, N, C, p, p] by one F.interpolate per leaf: the definition of extract_patches, as slowly as it gets.
     Differentiable with respect to the images, to any order, by F.interpolate's own autograd."""
@@ -151,7 +149,7 @@ def saliency_pyramid(saliency: torch.Tensor, height: int, width: int, min_patch_
     return pyramid
 
 
-@one_thread
+@one_thread()
 def per_patch_pyramid(images: torch.Tensor, min_patch_size: int, max_patch_size: int, score) -> list[torch.Tensor]:
     """A score pyramid the slow, obvious way: for each splittable size s, coarse to fine, every s x s patch crop
     ``images[b, ..., rows, cols]`` cut out one by one, and ``score(crops, s)`` of all of them (one number per crop)

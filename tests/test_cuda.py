@@ -73,6 +73,7 @@ def oracle_tokens(images, boxes, patch_size, mode):
     return oracles.interpolate_each_leaf(images, boxes.cpu(), patch_size, mode)
 
 
+@oracles.one_thread()
 def oracle_gradient(grad_tokens, boxes, height, width, mode):
     """The images' gradient for ``grad_tokens`` by autograd through the per-leaf oracle on the CPU (the adjoint of
     a linear map: the images' values do not matter), in oracles.resize_dtype of the gradient's."""

@@ -48,6 +48,7 @@ def test_any_channel_count_and_strided_images(channels):
     torch.testing.assert_close(tokens, interpolate_each_leaf(images, boxes, 16, "area"))
 
 
+@oracles.one_thread()
 def oracle_gradient(images, boxes, patch_size, mode, grad_tokens):
     """The images' gradient of sum(tokens * grad_tokens) by autograd through the per-leaf oracle, in the images'
     dtype (see oracles.resize_dtype)."""
