@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# How far a kernel's tokens (pixels in [0, 1]) may be from the float64 oracle's: the kernels accumulate in float32
-# (float64 for float64) and round once, so in half precision the final rounding (at most the unit roundoff, 2^-11
-# or 2^-8) dominates; in float32, the rounding of sums of up to a few thousand pixels.
+# How far a kernel's tokens (pixels in [0, 1]) may be from the oracle's, F.interpolate in resize_dtype(dtype): the
+# kernels accumulate in float32 (float64 for float64) and round once, so in half precision the final rounding (at
+# most the unit roundoff, 2^-11 or 2^-8) dominates; in float32, the rounding of sums of up to a few thousand pixels.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 
 
@@ -123,8 +123,9 @@ def leaf_centers(boxes: torch.Tensor, min_patch_size: int) -> torch.Tensor:
 
 
 def assert_centers_close(centers: torch.Tensor, expected: torch.Tensor):
-    """float32 centres against the exact ones: two roundings, a division and a subtraction of 0.5, each within half
-    an ulp of float32 (2^-24 relative), so 2^-22 bounds the error relative to the value or to 0.5."""
+    """float32 centres against the exact ones. The kernels round twice (the division by s_min, then the subtraction
+    of 0.5), each time by at most half a float32 ulp (2^-24 relative) of a value at most |centre| + 0.5: 2^-22
+    relative plus 2^-22 absolute bounds the error."""
     assert centers.dtype == torch.float32
     torch.testing.assert_close(centers.double(), expected, rtol=2**-22, atol=2**-22)
 

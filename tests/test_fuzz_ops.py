@@ -38,7 +38,7 @@ MAX_PATCH_SIDE = 1 << 15
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 NOT_FLOATS = [torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64]
 LAYOUTS = ["contiguous", "channels_last", "transposed", "strided", "expanded", "offset"]
-# Tolerance of a result in each dtype against a float64 oracle on the same (rounded) inputs, all in [0, 1).
+# Tolerance of a result in each dtype against an oracle on the same (rounded) inputs, all in [0, 1): see there.
 TOLERANCE = oracles.TOLERANCE
 
 
