@@ -1,11 +1,11 @@
-"""Inputs shared by the tests: random score pyramids, with and without ties, and an independent resize oracle."""
+"""Inputs shared by the tests: random score pyramids, with and without ties, and mosaics; subprocess runs.
+The oracles are in oracles.py."""
 import os
 import signal
 import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import mixres
 from mixres.pyramid import QuadtreeGeometry
@@ -38,17 +38,14 @@ def random_mosaic(batch=3, channels=3, height=128, width=192, n_patches=60, seed
     return images, mixres.tokenize(images, random_pyramid(geometry, batch, seed), n_patches, **tokenize_kwargs)
 
 
-def interpolate_each_leaf(images: torch.Tensor, boxes: torch.Tensor, patch_size: int, mode: str) -> torch.Tensor:
-    """tokens [B, N, C, p, p] by one F.interpolate per leaf: the definition of extract_patches, as slowly as it gets."""
-    batch, n_leaves, _ = boxes.shape
-    out = images.new_empty(batch, n_leaves, images.shape[1], patch_size, patch_size)
-    for b in range(batch):
-        for n in range(n_leaves):
-            y, x, s = boxes[b, n].tolist()
-            crop = images[b:b + 1, :, y:y + s, x:x + s]
-            out[b, n] = F.interpolate(crop, size=(patch_size, patch_size), mode=mode,
-                                      align_corners=False if mode == "bilinear" else None)[0]
-    return out
+def random_boxes(batch: int, n_leaves: int, height: int, width: int, sizes: list[int], seed: int = 0) -> torch.Tensor:
+    """Arbitrary boxes [B, N, 3] int32 inside a height x width image: they overlap, and their sides (drawn from
+    ``sizes``) need not be multiples of a token side."""
+    generator = torch.Generator().manual_seed(seed)
+    size = torch.tensor(sizes)[torch.randint(0, len(sizes), (batch, n_leaves), generator=generator)]
+    y = (torch.rand(batch, n_leaves, generator=generator) * (height - size + 1)).long()
+    x = (torch.rand(batch, n_leaves, generator=generator) * (width - size + 1)).long()
+    return torch.stack([y, x, size], dim=-1).to(torch.int32)
 
 
 def coverage(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -58,23 +55,6 @@ def coverage(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
         for y, x, s in boxes[b].tolist():
             count[b, y:y + s, x:x + s] += 1
     return count
-
-
-def per_patch_pyramid(images, min_patch_size, max_patch_size, score):
-    """A score pyramid computed the slow, obvious way: ``score(crop, size)`` for every s x s patch crop
-    ``images[b, ..., rows, cols]`` of every splittable size s, coarse to fine, as float64 maps ``[B, H/s, W/s]``."""
-    batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
-    pyramid, size = [], max_patch_size
-    while size > min_patch_size:
-        scores = torch.empty(batch, height // size, width // size, dtype=torch.float64)
-        for b in range(batch):
-            for row in range(height // size):
-                for col in range(width // size):
-                    crop = images[b, ..., row * size:(row + 1) * size, col * size:(col + 1) * size]
-                    scores[b, row, col] = score(crop, size)
-        pyramid.append(scores)
-        size //= 2
-    return pyramid
 
 
 # Defines cap_memory(headroom_mb) in a script run by run_script: from then on, the process may map at most

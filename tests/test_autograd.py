@@ -6,6 +6,7 @@ import torch
 import mixres
 from mixres import reference
 
+import oracles
 from helpers import random_pyramid
 
 MODES = ["area", "bilinear"]
@@ -54,26 +55,29 @@ def test_extract_patches_backward_is_the_adjoint_of_extract_patches(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("patch_size", [16, 12])
-def test_gradient_penalty_through_tokenize_matches_the_reference(mode, patch_size):
-    """A gradient penalty (the double backward of a WGAN-GP or an input-gradient regulariser): the C++ path must
-    give what the reference gives through F.interpolate's own autograd, an independent implementation."""
+def test_gradient_penalty_through_tokenize_matches_the_oracle(mode, patch_size):
+    """A gradient penalty (the double backward of a WGAN-GP or an input-gradient regulariser): the C++ path and
+    the reference must give what the oracle gives through F.interpolate's own autograd, leaf by leaf."""
     geometry = mixres.QuadtreeGeometry(64, 96, 16, 32)
     generator = torch.Generator().manual_seed(5)
     images = torch.rand(2, 3, 64, 96, dtype=torch.float64, generator=generator)
     pyramid = random_pyramid(geometry, batch=2, seed=5, dtype=torch.float64)
     dim = 15 * 3 * patch_size * patch_size
     weights = torch.randn(2, dim, dtype=torch.float64, generator=generator) / dim**0.5  # tanh far from saturation
-    penalties = []
-    for tokenize in (mixres.tokenize, reference.tokenize):
+
+    def penalty(tokenize):
         x = images.clone().requires_grad_()
-        tokens = tokenize(x, pyramid, n_patches=15, min_patch_size=16, max_patch_size=32, patch_size=patch_size,
+        tokens = tokenize(x, pyramid, 15, min_patch_size=16, max_patch_size=32, patch_size=patch_size,
                           mode=mode).tokens
         output = (tokens.flatten(1) @ weights.T).tanh().sum()  # non-linear in the tokens: a non-zero Hessian
         (grad,) = torch.autograd.grad(output, x, create_graph=True)
         (penalty,) = torch.autograd.grad(grad.square().sum(), x)
-        penalties.append(penalty)
-    assert penalties[1].abs().sum() > 0
-    torch.testing.assert_close(penalties[0], penalties[1], rtol=1e-10, atol=1e-12)
+        return penalty
+
+    expected = penalty(oracles.tokenize)
+    assert expected.abs().sum() > 0
+    for tokenize in (mixres.tokenize, reference.tokenize):
+        torch.testing.assert_close(penalty(tokenize), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_grid_ops_gradgradcheck():
@@ -114,7 +118,7 @@ def test_integer_outputs_carry_no_gradient_and_tokens_still_do():
     images, _ = tiny_mosaic()
     geometry = mixres.QuadtreeGeometry(16, 16, 4, 8)
     for backend in (mixres.ops, reference):
-        scores = mixres.pack_pyramid(random_pyramid(geometry, 1), geometry, 1, images.device).requires_grad_()
+        scores = oracles.pack(random_pyramid(geometry, 1), 1).requires_grad_()
         boxes = backend.build_quadtree(scores, 16, 16, 4, 8, 7)
         centers = backend.leaf_centers(boxes, 4)
         assert boxes.dtype == torch.int32 and not boxes.requires_grad and not centers.requires_grad

@@ -1,16 +1,21 @@
-"""The CUDA kernels against the CPU kernels and the pure-PyTorch reference; no host sync, CUDA graphs, torch.compile.
+"""The CUDA kernels against the independent oracles (tests/oracles.py, on the CPU), the CPU kernels and the
+pure-PyTorch reference; no host sync, CUDA graphs, torch.compile.
 
-Boxes and centres must be identical on every device; area tokens too (same arithmetic, same summation order);
-bilinear tokens, the gradients (atomics) and the pixel-blur scores (block reductions) agree to rounding.
+The CPU kernels share csrc/*.h with the CUDA ones, so they are never the only oracle. Boxes and centres must be
+identical on every device; area tokens too (same arithmetic, same summation order); bilinear tokens, the gradients
+(atomics) and the pixel-blur scores (block reductions) agree to rounding.
 """
+import types
+
 import pytest
 import torch
 
 import mixres
 from mixres import reference
-from mixres.pyramid import QuadtreeGeometry, pack_pyramid
+from mixres.pyramid import QuadtreeGeometry
 
-from helpers import random_pyramid, run_script
+import oracles
+from helpers import random_boxes, random_pyramid, run_script
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -32,8 +37,22 @@ def budgets(geometry: QuadtreeGeometry) -> list[int]:
     return sorted({valid[0], valid[len(valid) // 2], valid[-1]})
 
 
+def random_scores(geometry: QuadtreeGeometry, batch: int, seed: int = 0, ties: bool = False, dtype=torch.float32):
+    """A random pyramid on the CPU (the oracles' input) and its packing by the oracle, on the device (the ops')."""
+    pyramid = random_pyramid(geometry, batch, seed, ties, dtype)
+    return pyramid, oracles.pack(pyramid, batch).to(DEVICE)
+
+
 def packed_scores(geometry: QuadtreeGeometry, batch: int, seed: int = 0, ties: bool = False, dtype=torch.float32):
-    return pack_pyramid(random_pyramid(geometry, batch, seed, ties, dtype, device=DEVICE), geometry, batch, DEVICE)
+    return random_scores(geometry, batch, seed, ties, dtype)[1]
+
+
+def oracle_rows(batch: int) -> torch.Tensor:
+    """The images of a batch that the slow per-image oracles check: all of up to 64, else the first and last 32
+    (the first and last blocks of a kernel's grid; the CPU kernel checks the others)."""
+    if batch <= 64:
+        return torch.arange(batch)
+    return torch.cat([torch.arange(32), torch.arange(batch - 32, batch)])
 
 
 def random_images(batch, channels, height, width, seed=0, dtype=torch.float32):
@@ -48,13 +67,22 @@ def mosaic_boxes(height, width, batch, seed=0, min_patch_size=16, max_patch_size
     return ops.build_quadtree(scores, height, width, min_patch_size, max_patch_size, n_patches)
 
 
-def random_boxes(batch, n_leaves, height, width, sizes, seed=0):
-    """Arbitrary boxes inside the image: they overlap, and their sides need not be multiples of the token side."""
-    generator = torch.Generator().manual_seed(seed)
-    size = torch.tensor(sizes)[torch.randint(0, len(sizes), (batch, n_leaves), generator=generator)]
-    y = (torch.rand(batch, n_leaves, generator=generator) * (height - size + 1)).long()
-    x = (torch.rand(batch, n_leaves, generator=generator) * (width - size + 1)).long()
-    return torch.stack([y, x, size], dim=-1).to(DEVICE, torch.int32)
+def oracle_tokens(images, boxes, patch_size, mode):
+    """Tokens by F.interpolate leaf by leaf on the CPU, in oracles.resize_dtype of the images'."""
+    images = images.cpu().to(oracles.resize_dtype(images.dtype))
+    return oracles.interpolate_each_leaf(images, boxes.cpu(), patch_size, mode)
+
+
+@oracles.one_thread()
+def oracle_gradient(grad_tokens, boxes, height, width, mode):
+    """The images' gradient for ``grad_tokens`` by autograd through the per-leaf oracle on the CPU (the adjoint of
+    a linear map: the images' values do not matter), in oracles.resize_dtype of the gradient's."""
+    batch, _, channels, patch_size, _ = grad_tokens.shape
+    dtype = oracles.resize_dtype(grad_tokens.dtype)
+    images = torch.zeros(batch, channels, height, width, dtype=dtype, requires_grad=True)
+    tokens = oracles.interpolate_each_leaf(images, boxes.cpu(), patch_size, mode)
+    (grad,) = torch.autograd.grad(tokens, images, grad_tokens.cpu().to(dtype))
+    return grad
 
 
 # ---------------------------------------------------------------------------------------------------- quadtree
@@ -63,14 +91,17 @@ def random_boxes(batch, n_leaves, height, width, sizes, seed=0):
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
 @pytest.mark.parametrize("batch", [1, 7, 64, 512])
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
-def test_build_quadtree_matches_cpu_and_reference(geometry, batch, ties):
+def test_build_quadtree_matches_the_oracle_cpu_and_reference(geometry, batch, ties):
     height, width, lo, hi = geometry
     geo = QuadtreeGeometry(height, width, lo, hi)
-    scores = packed_scores(geo, batch, seed=batch, ties=ties)
+    pyramid, scores = random_scores(geo, batch, seed=batch, ties=ties)
+    rows = oracle_rows(batch)
     for n_patches in budgets(geo):
         boxes = ops.build_quadtree(scores, height, width, lo, hi, n_patches)
         assert boxes.device == scores.device and boxes.dtype == torch.int32
         assert boxes.shape == (batch, n_patches, 3)
+        expected = oracles.quadtree([m[rows] for m in pyramid], height, width, lo, hi, n_patches, batch=len(rows))
+        assert torch.equal(boxes.cpu()[rows], expected)
         assert torch.equal(boxes.cpu(), ops.build_quadtree(scores.cpu(), height, width, lo, hi, n_patches))
         assert torch.equal(boxes, reference.build_quadtree(scores, height, width, lo, hi, n_patches))
 
@@ -86,6 +117,9 @@ def test_build_quadtree_float64_and_uniform(ties):
     for n_patches in budgets(geo):
         for s in (scores, uniform):
             boxes = ops.build_quadtree(s, height, width, lo, hi, n_patches)
+            expected = oracles.quadtree(oracles.unpack(s.cpu(), height, width, lo, hi), height, width, lo, hi,
+                                        n_patches)
+            assert torch.equal(boxes.cpu(), expected)
             assert torch.equal(boxes.cpu(), ops.build_quadtree(s.cpu(), height, width, lo, hi, n_patches))
     # Uniform scores at the largest budget give the plain ViT grid in raster order.
     boxes = ops.build_quadtree(uniform, height, width, lo, hi, geo.max_patches)[0].cpu()
@@ -95,14 +129,16 @@ def test_build_quadtree_float64_and_uniform(ties):
 
 
 # The candidates of a large tree no longer fit the default 48 KiB of shared memory: the kernel opts in to more,
-# stops staging the pyramid, or runs on a global-memory workspace. All must agree with the CPU.
+# stops staging the pyramid, or runs on a global-memory workspace. All must agree with the oracle and the CPU.
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("lo, n_patches", [(16, 4096), (4, 256 + 3 * 5000), (4, 65536)],
                          ids=["opt-in", "unstaged", "workspace"])
-def test_build_quadtree_large_trees(lo, n_patches):
+def test_build_quadtree_large_trees(lo, n_patches, ties):
     height = width = 1024
     geo = QuadtreeGeometry(height, width, lo, 64)
-    scores = packed_scores(geo, 2, seed=1, ties=True)
+    pyramid, scores = random_scores(geo, 2, seed=1, ties=ties)
     boxes = ops.build_quadtree(scores, height, width, lo, 64, n_patches)
+    assert torch.equal(boxes.cpu(), oracles.quadtree(pyramid, height, width, lo, 64, n_patches))
     assert torch.equal(boxes.cpu(), ops.build_quadtree(scores.cpu(), height, width, lo, 64, n_patches))
 
 
@@ -124,11 +160,14 @@ def test_build_quadtree_rejects_bad_inputs_on_the_host():
 @pytest.mark.parametrize("height, width", [(128, 192), (256, 448)])
 @pytest.mark.parametrize("batch", [1, 7, 64])
 @pytest.mark.parametrize("patch_size", [16, 8, 24])  # F = 1, 2, 4; down-sampling by 2/3 and 4/3; up-sampling
-def test_extract_patches_matches_cpu_and_reference(mode, height, width, batch, patch_size):
+def test_extract_patches_matches_the_oracle_cpu_and_reference(mode, height, width, batch, patch_size):
     images = random_images(batch, 3, height, width, seed=batch)
     boxes = mosaic_boxes(height, width, batch, seed=batch)
     tokens = ops.extract_patches(images, boxes, patch_size, mode)
     assert tokens.shape == (batch, boxes.shape[1], 3, patch_size, patch_size)
+    tolerance = oracles.TOLERANCE[torch.float32]
+    torch.testing.assert_close(tokens.cpu(), oracle_tokens(images, boxes, patch_size, mode), rtol=tolerance,
+                               atol=tolerance)
     on_cpu = ops.extract_patches(images.cpu(), boxes.cpu(), patch_size, mode)
     if mode == "area":  # sums in the CPU kernel's order: identical
         assert torch.equal(tokens.cpu(), on_cpu)
@@ -147,6 +186,8 @@ def test_extract_patches_dtypes(mode, dtype):
     expected = ops.extract_patches(images, boxes, 16, mode)  # float32
     tokens = ops.extract_patches(images.to(dtype), boxes, 16, mode)
     assert tokens.dtype == dtype
+    torch.testing.assert_close(tokens.cpu().double(), oracle_tokens(images.to(dtype), boxes, 16, mode),
+                               rtol=oracles.TOLERANCE[dtype], atol=oracles.TOLERANCE[dtype])
     tol = LOW_PRECISION_TOL.get(dtype, 1e-6)
     torch.testing.assert_close(tokens.float(), expected, rtol=tol, atol=tol)
     on_cpu = ops.extract_patches(images.to(dtype).cpu(), boxes.cpu(), 16, mode)
@@ -159,11 +200,14 @@ def test_extract_patches_dtypes(mode, dtype):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("patch_size", [8, 16])
 def test_extract_patches_arbitrary_boxes(mode, patch_size):
-    """Overlapping boxes of sides that are not multiples of the token side, smaller than it, or 8x larger."""
+    """Overlapping boxes of sides that are not multiples of the token side, smaller than it, or 12x larger."""
     height, width = 96, 160
     images = random_images(3, 2, height, width, seed=4)
-    boxes = random_boxes(3, 50, height, width, sizes=[5, 8, 16, 24, 32, 40, 64, 96], seed=4)
+    boxes = random_boxes(3, 50, height, width, sizes=[5, 8, 13, 16, 24, 31, 32, 40, 64, 96], seed=4).to(DEVICE)
     tokens = ops.extract_patches(images, boxes, patch_size, mode)
+    tolerance = oracles.TOLERANCE[torch.float32]
+    torch.testing.assert_close(tokens.cpu(), oracle_tokens(images, boxes, patch_size, mode), rtol=tolerance,
+                               atol=tolerance)
     on_cpu = ops.extract_patches(images.cpu(), boxes.cpu(), patch_size, mode)
     if mode == "area":
         assert torch.equal(tokens.cpu(), on_cpu)
@@ -180,8 +224,10 @@ def test_extract_patches_without_vector_loads(mode, dtype):
     """Images whose rows or start vector loads cannot read take the scalar kernel, with the same tokens."""
     height, width = 64, 130  # rows of 130 elements: not a whole number of 4-element vectors
     images = random_images(2, 3, height, width, seed=11, dtype=dtype)
-    boxes = random_boxes(2, 30, height, width, sizes=[8, 16, 32, 64], seed=11)
+    boxes = random_boxes(2, 30, height, width, sizes=[8, 16, 32, 64], seed=11).to(DEVICE)
     tokens = ops.extract_patches(images, boxes, 16, mode).cpu()
+    torch.testing.assert_close(tokens.double(), oracle_tokens(images, boxes, 16, mode).double(),
+                               rtol=oracles.TOLERANCE[dtype], atol=oracles.TOLERANCE[dtype])
     expected = ops.extract_patches(images.cpu(), boxes.cpu(), 16, mode)
     if mode == "area":
         assert torch.equal(tokens, expected)
@@ -198,10 +244,10 @@ def test_extract_patches_without_vector_loads(mode, dtype):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("overlapping", [False, True], ids=["mosaic", "overlapping"])
-def test_extract_patches_backward_matches_cpu(mode, dtype, overlapping):
+def test_extract_patches_backward_matches_the_oracle_and_cpu(mode, dtype, overlapping):
     height, width, patch_size = 128, 192, 12
     if overlapping:
-        boxes = random_boxes(3, 40, height, width, sizes=[4, 12, 16, 24, 48, 64], seed=7)
+        boxes = random_boxes(3, 40, height, width, sizes=[4, 12, 16, 24, 48, 64], seed=7).to(DEVICE)
     else:
         boxes = mosaic_boxes(height, width, 3, seed=7)
     generator = torch.Generator().manual_seed(8)
@@ -209,8 +255,12 @@ def test_extract_patches_backward_matches_cpu(mode, dtype, overlapping):
     grad_images = ops.extract_patches_backward(grad, boxes, height, width, mode)
     assert grad_images.dtype == dtype and grad_images.shape == (3, 2, height, width)
     expected = ops.extract_patches_backward(grad.cpu(), boxes.cpu(), height, width, mode)
+    # float32 sums of the contributions of every token that reads a pixel (magnitudes adding up to a few tens):
+    # a few float32 ulps of them. Half precision: the float32 sum, rounded once to the dtype.
     tol = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12), torch.float16: (2e-3, 1e-4),
            torch.bfloat16: (1.6e-2, 1e-4)}[dtype]
+    torch.testing.assert_close(grad_images.cpu().double(), oracle_gradient(grad, boxes, height, width, mode).double(),
+                               rtol=tol[0], atol=tol[1])
     torch.testing.assert_close(grad_images.cpu(), expected, rtol=tol[0], atol=tol[1])
 
 
@@ -218,7 +268,7 @@ def test_extract_patches_backward_matches_cpu(mode, dtype, overlapping):
 @pytest.mark.parametrize("patch_size", [4, 3])
 def test_extract_patches_gradcheck(mode, patch_size):
     images = random_images(2, 2, 8, 12, seed=9, dtype=torch.float64).requires_grad_()
-    boxes = random_boxes(2, 6, 8, 12, sizes=[2, 3, 4, 5, 8], seed=9)
+    boxes = random_boxes(2, 6, 8, 12, sizes=[2, 3, 4, 5, 8], seed=9).to(DEVICE)
     # Atomics add in any order: the backward is deterministic only to rounding.
     assert torch.autograd.gradcheck(lambda x: mixres.ops.extract_patches(x, boxes, patch_size, mode), (images,),
                                     nondet_tol=1e-12)
@@ -244,12 +294,13 @@ def test_extract_patches_rejects_bad_inputs_on_the_host():
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=geometry_id)
-def test_leaf_centers_match_cpu_and_reference(geometry):
+def test_leaf_centers_match_the_oracle_cpu_and_reference(geometry):
     height, width, lo, hi = geometry
     geo = QuadtreeGeometry(height, width, lo, hi)
     boxes = ops.build_quadtree(packed_scores(geo, 64, seed=3), height, width, lo, hi, budgets(geo)[1])
     centers = ops.leaf_centers(boxes, lo)
     assert centers.dtype == torch.float32 and centers.shape == (*boxes.shape[:2], 2)
+    oracles.assert_centers_close(centers.cpu(), oracles.leaf_centers(boxes.cpu(), lo))
     assert torch.equal(centers.cpu(), ops.leaf_centers(boxes.cpu(), lo))
     assert torch.equal(centers, reference.leaf_centers(boxes, lo))
 
@@ -266,15 +317,24 @@ def blur_tolerance(dtype):
     return (1e-12, 1e-14) if dtype == torch.float64 else (1e-5, 1e-6)  # half precision is widened to float32
 
 
+def assert_blur_matches_the_oracle(scores, images, lo, hi):
+    """Against DESIGN.md's formula patch by patch, in float64 on the CPU, from the same (rounded) pixels."""
+    rtol, atol = blur_tolerance(images.dtype)
+    rows = oracle_rows(images.shape[0])
+    expected = oracles.pack(oracles.pixel_blur_pyramid(images.cpu()[rows], lo, hi), len(rows)).double()
+    torch.testing.assert_close(scores.cpu()[rows].double(), expected, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("geometry", BLUR_GEOMETRIES, ids=geometry_id)
 @pytest.mark.parametrize("batch", [1, 7])
-def test_pixel_blur_scores_match_cpu_and_reference(geometry, batch):
+def test_pixel_blur_scores_match_the_oracle_cpu_and_reference(geometry, batch):
     height, width, lo, hi = geometry
     images = random_images(batch, 3, height, width, seed=batch + lo)
     images[0, :, : height // 2] = 0.5  # flat: scores 0
     scores = ops.pixel_blur_scores(images, lo, hi)
     assert scores.device == images.device and scores.dtype == torch.float32
     assert scores.shape == (batch, QuadtreeGeometry(height, width, lo, hi).n_scores)
+    assert_blur_matches_the_oracle(scores, images, lo, hi)
     torch.testing.assert_close(scores.cpu(), ops.pixel_blur_scores(images.cpu(), lo, hi), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scores, reference.pixel_blur_scores(images, lo, hi), rtol=1e-5, atol=1e-6)
     assert torch.equal(ops.pixel_blur_scores(images, lo, hi), scores)  # a fixed summation order: deterministic
@@ -287,6 +347,7 @@ def test_pixel_blur_scores_dtypes(dtype, batch):
     images = random_images(batch, 3, height, width, seed=3, dtype=dtype)
     scores = ops.pixel_blur_scores(images, lo, hi)
     assert scores.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_blur_matches_the_oracle(scores, images, lo, hi)
     rtol, atol = blur_tolerance(dtype)
     torch.testing.assert_close(scores.cpu(), ops.pixel_blur_scores(images.cpu(), lo, hi), rtol=rtol, atol=atol)
     torch.testing.assert_close(scores, reference.pixel_blur_scores(images, lo, hi), rtol=rtol, atol=atol)
@@ -303,6 +364,7 @@ def test_pixel_blur_scores_large_cells(dtype, lo):
     height, width, hi = 2 * lo, 4 * lo, 2 * lo
     images = random_images(3, 2, height, width, seed=lo, dtype=dtype)
     scores = ops.pixel_blur_scores(images, lo, hi)
+    assert_blur_matches_the_oracle(scores, images, lo, hi)
     rtol, atol = blur_tolerance(dtype)
     torch.testing.assert_close(scores.cpu(), ops.pixel_blur_scores(images.cpu(), lo, hi), rtol=rtol, atol=atol)
 
@@ -360,13 +422,17 @@ def test_empty_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch", [1, 7, 64, 512])
-def test_tokenize_matches_reference(dtype, batch):
+def test_tokenize_matches_the_oracle_and_the_reference(dtype, batch):
     height, width = 128, 192
     geo = QuadtreeGeometry(height, width, 16, 64)
     images = random_images(batch, 3, height, width, seed=batch, dtype=dtype)
     maps = random_pyramid(geo, batch, seed=batch, ties=batch % 2 == 1, device=DEVICE)
     n_patches = budgets(geo)[1]
     mosaic = mixres.tokenize(images, maps, n_patches=n_patches)
+    rows = oracle_rows(batch)
+    checked = types.SimpleNamespace(tokens=mosaic.tokens.cpu()[rows], boxes=mosaic.boxes.cpu()[rows],
+                                    centers=mosaic.centers.cpu()[rows])
+    oracles.assert_matches(checked, oracles.tokenize(images.cpu()[rows], [m.cpu()[rows] for m in maps], n_patches))
     expected = reference.tokenize(images, maps, n_patches=n_patches)
     assert mosaic.tokens.dtype == dtype and mosaic.tokens.device == images.device
     assert torch.equal(mosaic.boxes, expected.boxes)
@@ -590,18 +656,19 @@ else:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_gradient_penalty_through_tokenize_matches_the_cpu(mode):
+def test_gradient_penalty_through_tokenize_matches_the_oracle_and_the_cpu(mode):
     geometry = QuadtreeGeometry(64, 96, 16, 32)
     images = random_images(2, 3, 64, 96, seed=4, dtype=torch.float64).cpu()
     pyramid = random_pyramid(geometry, 2, seed=4, dtype=torch.float64)
     penalties = []
-    for device in ("cpu", "cuda"):
+    for device, tokenize in (("cpu", oracles.tokenize), ("cpu", mixres.tokenize), ("cuda", mixres.tokenize)):
         x = images.to(device).requires_grad_()
-        tokens = mixres.tokenize(x, [m.to(device) for m in pyramid], n_patches=15, min_patch_size=16,
-                                 max_patch_size=32, patch_size=12, mode=mode).tokens
+        tokens = tokenize(x, [m.to(device) for m in pyramid], 15, min_patch_size=16, max_patch_size=32,
+                          patch_size=12, mode=mode).tokens
         (grad,) = torch.autograd.grad(tokens.tanh().sum(), x, create_graph=True)
         (penalty,) = torch.autograd.grad(grad.square().sum(), x)
         penalties.append(penalty.cpu())
     assert penalties[0].abs().sum() > 0
     # Atomics add in any order on CUDA: equal to rounding.
-    torch.testing.assert_close(penalties[1], penalties[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(penalties[2], penalties[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(penalties[2], penalties[1], rtol=1e-10, atol=1e-12)

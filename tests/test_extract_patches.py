@@ -1,11 +1,16 @@
-"""extract_patches and leaf_centers: the C++ ops against F.interpolate leaf by leaf and against the reference."""
+"""extract_patches and leaf_centers: the C++ ops and the reference against the independent oracles (F.interpolate
+leaf by leaf and its autograd; the centre formula in float64)."""
 import pytest
 import torch
 
 import mixres
 from mixres import reference
 
-from helpers import interpolate_each_leaf, random_mosaic, run_script
+import oracles
+from helpers import random_boxes, random_mosaic, run_script
+from oracles import interpolate_each_leaf
+
+EXTRACTS = {"cpp": torch.ops.mixres.extract_patches, "reference": reference.extract_patches}
 
 MODES = ["area", "bilinear"]
 
@@ -43,17 +48,53 @@ def test_any_channel_count_and_strided_images(channels):
     torch.testing.assert_close(tokens, interpolate_each_leaf(images, boxes, 16, "area"))
 
 
+@oracles.one_thread()
+def oracle_gradient(images, boxes, patch_size, mode, grad_tokens):
+    """The images' gradient of sum(tokens * grad_tokens) by autograd through the per-leaf oracle, in the images'
+    dtype (see oracles.resize_dtype)."""
+    images = images.detach().clone().requires_grad_()
+    tokens = interpolate_each_leaf(images, boxes, patch_size, mode)
+    (grad,) = torch.autograd.grad((tokens * grad_tokens).sum(), images)
+    return grad
+
+
+# float32 gradients sum the contributions of every token that reads a pixel (of overlapping leaves, too); here
+# their magnitudes add up to at most about 35, and a few float32 ulps of that (2^-24 relative) is about 1e-5.
+GRADIENT_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("patch_size", [16, 24])
-def test_backward_matches_reference(mode, patch_size):
+@pytest.mark.parametrize("extract", EXTRACTS.values(), ids=EXTRACTS.keys())
+def test_backward_matches_autograd_through_the_oracle(extract, mode, patch_size):
     images, boxes = random_boxes_and_images(batch=2, seed=3)
     grad = torch.randn(2, boxes.shape[1], 3, patch_size, patch_size, generator=torch.Generator().manual_seed(1))
-    grads = []
-    for extract in (torch.ops.mixres.extract_patches, reference.extract_patches):
-        leaf = images.clone().requires_grad_()
-        extract(leaf, boxes, patch_size, mode).backward(grad)
-        grads.append(leaf.grad)
-    torch.testing.assert_close(grads[0], grads[1])
+    leaf = images.clone().requires_grad_()
+    extract(leaf, boxes, patch_size, mode).backward(grad)
+    tolerance = GRADIENT_TOLERANCE[torch.float32]
+    torch.testing.assert_close(leaf.grad, oracle_gradient(images, boxes, patch_size, mode, grad), rtol=tolerance,
+                               atol=tolerance)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("patch_size", [8, 16, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("extract", EXTRACTS.values(), ids=EXTRACTS.keys())
+def test_arbitrary_boxes_match_the_oracle(extract, dtype, patch_size, mode):
+    """Overlapping boxes whose sides are not multiples of the token side, smaller than it, or up to 12x larger:
+    tokens and gradients, which sum the overlaps."""
+    height, width = 96, 160
+    images = torch.rand(3, 2, height, width, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    images = images.to(dtype).requires_grad_()
+    boxes = random_boxes(3, 50, height, width, sizes=[3, 5, 8, 13, 16, 24, 31, 40, 64, 96], seed=4)
+    tokens = extract(images, boxes, patch_size, mode)
+    torch.testing.assert_close(tokens, interpolate_each_leaf(images.detach(), boxes, patch_size, mode),
+                               rtol=oracles.TOLERANCE[dtype], atol=oracles.TOLERANCE[dtype])
+    grad = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    (grad_images,) = torch.autograd.grad(tokens, images, grad)
+    tolerance = GRADIENT_TOLERANCE[dtype]
+    torch.testing.assert_close(grad_images, oracle_gradient(images, boxes, patch_size, mode, grad), rtol=tolerance,
+                               atol=tolerance)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -101,8 +142,13 @@ def test_leaf_centers():
     expected = torch.tensor([[[0.0, 0.0], [0.5, 1.5], [2.5, 3.5], [14.0, 15.0]]])
     assert torch.equal(torch.ops.mixres.leaf_centers(boxes, 16), expected)
     assert torch.equal(reference.leaf_centers(boxes, 16), expected)
-    _, random_boxes = random_boxes_and_images()
-    assert torch.equal(torch.ops.mixres.leaf_centers(random_boxes, 8), reference.leaf_centers(random_boxes, 8))
+    mosaic_boxes = random_boxes_and_images()[1]
+    odd_boxes = random_boxes(2, 40, 96, 160, sizes=[3, 5, 8, 13, 64], seed=6)
+    for boxes in (mosaic_boxes, odd_boxes):
+        for min_patch_size in (8, 3, 14, 1):
+            for leaf_centers in (torch.ops.mixres.leaf_centers, reference.leaf_centers):
+                oracles.assert_centers_close(leaf_centers(boxes, min_patch_size),
+                                             oracles.leaf_centers(boxes, min_patch_size))
 
 
 def _bad_extract_arguments():
@@ -132,8 +178,7 @@ def _bad_extract_arguments():
     ]
 
 
-@pytest.mark.parametrize("extract", [torch.ops.mixres.extract_patches, reference.extract_patches],
-                         ids=["cpp", "reference"])
+@pytest.mark.parametrize("extract", EXTRACTS.values(), ids=EXTRACTS.keys())
 @pytest.mark.parametrize("what, args, error, pattern", _bad_extract_arguments(),
                          ids=[case[0] for case in _bad_extract_arguments()])
 def test_cpp_and_reference_reject_bad_arguments_alike(extract, what, args, error, pattern):

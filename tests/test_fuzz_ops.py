@@ -2,8 +2,8 @@
 dtypes, memory layouts, boxes, patch sizes, modes, image sizes and scores (NaN and Inf included).
 
 Only two outcomes are allowed:
-- a correct result, checked against an independent oracle (F.interpolate leaf by leaf, autograd of the reference,
-  loops, float64 formulas) or against the reference where that is the independent implementation;
+- a correct result, checked against an independent oracle (tests/oracles.py: F.interpolate leaf by leaf and its
+  autograd, the greedy quadtree image by image, per-patch scores, loops, float64 formulas), and the reference too;
 - a ValueError or a TypeError. A RuntimeError is allowed in one case only: the allocator's, for an output too
   large to allocate (an explicit request for it; its message says so). Anything else fails: another exception
   (IndexError, AttributeError, a RuntimeError of a kernel), a wrong result, a crash, a hang.
@@ -27,8 +27,10 @@ from hypothesis import strategies as st
 import mixres
 from mixres import reference
 
-from helpers import interpolate_each_leaf, run_script
+import oracles
+from helpers import run_script
 from hypothesis_seed import seeded
+from oracles import interpolate_each_leaf
 
 EXAMPLES = int(os.environ.get("MIXRES_FUZZ_EXAMPLES", "60"))
 INT32_MAX = 2**31 - 1
@@ -37,10 +39,8 @@ MAX_PATCH_SIDE = 1 << 15
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 NOT_FLOATS = [torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64]
 LAYOUTS = ["contiguous", "channels_last", "transposed", "strided", "expanded", "offset"]
-# Tolerance of a result in each dtype against a float64 oracle on the same (rounded) inputs, all in [0, 1): the
-# kernels accumulate in float32 (float64 for float64), so in half precision the final rounding (at most the unit
-# roundoff, 2^-11 or 2^-8) dominates; in float32, the sums of up to 40 x 40 pixels.
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+# Tolerance of a result in each dtype against an oracle on the same (rounded) inputs, all in [0, 1): see there.
+TOLERANCE = oracles.TOLERANCE
 
 
 def fuzz_settings(function):
@@ -210,15 +210,15 @@ def assert_same(result, expected):
     torch.testing.assert_close(result, expected, rtol=0, atol=0, equal_nan=True)
 
 
-def assert_close_to_oracle(result, expected, dtype):
-    """Close where the oracle is finite; non-finite where it is not. Which of NaN and Inf an Inf pixel gives is
-    F.interpolate's implementation detail (0 * Inf = NaN for a tap of weight 0, except where it copies), not part
-    of the contract."""
+def assert_close_to_oracle(result, expected, dtype, rtol=None, atol=None):
+    """Close where the oracle is finite (to ``TOLERANCE[dtype]`` unless ``rtol`` and ``atol`` are given);
+    non-finite where it is not. Which of NaN and Inf an Inf pixel gives is F.interpolate's implementation detail
+    (0 * Inf = NaN for a tap of weight 0, except where it copies), not part of the contract."""
     assert result.shape == expected.shape, (result.shape, expected.shape)
     finite = expected.isfinite()
     assert not result[~finite].isfinite().any(), "a finite result where the oracle is NaN or Inf"
-    tolerance = TOLERANCE[dtype]
-    torch.testing.assert_close(result[finite].double(), expected[finite].double(), rtol=tolerance, atol=tolerance)
+    rtol, atol = (TOLERANCE[dtype],) * 2 if rtol is None else (rtol, atol)
+    torch.testing.assert_close(result[finite].double(), expected[finite].double(), rtol=rtol, atol=atol)
 
 
 # -------------------------------------------------------------------------------------------- extract_patches
@@ -294,12 +294,13 @@ def fuzz_extract_patches_backward(data):
         return
     assert_result(result)
     assert result.shape == (batch, channels, height, width) and result.dtype == grad_tokens.dtype
-    # The oracle: the vector-Jacobian product of the reference (F.interpolate's autograd), in float64.
+    # The oracle: the vector-Jacobian product of F.interpolate leaf by leaf (its own autograd), in float64.
     images = torch.zeros(batch, channels, height, width, dtype=torch.float64, requires_grad=True)
-    tokens = reference.extract_patches(images, boxes, patch, mode)
     expected = torch.zeros_like(images)
-    if tokens.requires_grad:  # else it is empty: no token, or no channel
-        (expected,) = torch.autograd.grad(tokens, images, grad_tokens.double())
+    if channels > 0:  # F.interpolate takes no image without channels (and their gradient is empty)
+        tokens = interpolate_each_leaf(images, boxes, patch, mode)
+        if tokens.requires_grad:  # else no leaf reads a pixel
+            (expected,) = torch.autograd.grad(tokens, images, grad_tokens.double())
     assert_close_to_oracle(result, expected, grad_tokens.dtype)
 
 
@@ -384,8 +385,10 @@ def fuzz_build_quadtree(data):
     for result in results:
         assert_result(result)
         assert result.shape == (batch, n_patches, 3) and result.dtype == torch.int32
-    # The reference is the independent implementation (plain PyTorch, the whole batch at once).
-    assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[2])
+    expected = oracles.quadtree(oracles.unpack(scores, height, width, lo, hi), height, width, lo, hi, n_patches,
+                                batch=batch)
+    for result in results:
+        assert torch.equal(result, expected)
     assert_mosaic(results[0], height, width, lo, hi)
 
 
@@ -451,9 +454,11 @@ def fuzz_pixel_blur_scores(data):
         assert_result(result)
         assert result.shape == (images.shape[0], n_scores) and result.dtype == out_dtype
     assert_same(results[0], results[1])
-    # The reference is the independent implementation (F.interpolate); half-precision images are widened first.
+    # The oracle in float64; the ops widen half-precision images to float32 and compute in it.
     tolerance = (1e-12, 1e-14) if images.dtype == torch.float64 else (1e-5, 1e-6)
-    torch.testing.assert_close(results[0], results[2], rtol=tolerance[0], atol=tolerance[1], equal_nan=True)
+    expected = oracles.pack(oracles.pixel_blur_pyramid(images, lo, hi), images.shape[0])
+    for result in (results[0], results[2]):
+        assert_close_to_oracle(result, expected, images.dtype, *tolerance)
 
 
 # ------------------------------------------------------------------------------------------------------ tokenize
@@ -557,14 +562,18 @@ def fuzz_tokenize(inputs):
         return
     for result in results:
         assert_result(result)
-    cpp, ref = results
-    assert torch.equal(cpp.boxes, ref.boxes) and torch.equal(cpp.centers, ref.centers)
-    images = kwargs["images"]
-    assert_mosaic(cpp.boxes, images.shape[2], images.shape[3], kwargs["min_patch_size"], kwargs["max_patch_size"])
-    assert cpp.tokens.dtype == images.dtype and cpp.tokens.shape == ref.tokens.shape
-    patch_size = cpp.tokens.shape[-1]
-    assert_close_to_oracle(cpp.tokens, interpolate_each_leaf(images.double(), cpp.boxes, patch_size,
-                                                             kwargs["mode"]), images.dtype)
+    images, scores, lo, hi = kwargs["images"], kwargs["scores"], kwargs["min_patch_size"], kwargs["max_patch_size"]
+    if isinstance(scores, mixres.PixelBlur):
+        # Its scores, as the oracle's input: they are checked against their own oracle in fuzz_pixel_blur_scores,
+        # and float64 ones could rank two patches whose float32 scores tie the other way.
+        scores = scores(images)
+    expected = oracles.tokenize(images, scores, kwargs["n_patches"], lo, hi, kwargs["patch_size"], kwargs["mode"])
+    for result in results:
+        assert torch.equal(result.boxes, expected.boxes)
+        oracles.assert_centers_close(result.centers, expected.centers)
+        assert result.tokens.dtype == images.dtype
+        assert_close_to_oracle(result.tokens, expected.tokens, images.dtype)
+    assert_mosaic(expected.boxes, images.shape[2], images.shape[3], lo, hi)
 
 
 # --------------------------------------------------------------------------- tokens_to_grid and grid_to_tokens
@@ -739,17 +748,9 @@ def fuzz_saliency_to_pyramid(data):
         return
     assert_result(result)
     assert [tuple(m.shape) for m in result] == [(shape[0], *geometry.grid(s)) for s in geometry.splittable_sizes]
-    # Each score sums the s_min cells of its patch: the finer level's four children, then the cells themselves:
-    # block means of a map that divides the grid (a coarser one is resampled: only the sums are checked).
-    finer = None
-    if map_rows % rows == 0:
-        factor = map_rows // rows
-        finer = saliency.double().unflatten(1, (rows, factor)).unflatten(3, (cols, factor)).mean((2, 4))
-    for level in reversed(result):
-        if finer is not None:
-            children = finer.unflatten(1, (level.shape[1], 2)).unflatten(3, (level.shape[2], 2)).sum((2, 4))
-            assert_close_to_oracle(level, children, dtype)
-        finer = level.double()
+    expected = oracles.saliency_pyramid(saliency.double(), geometry.height, geometry.width, lo, hi)
+    for level, oracle_level in zip(result, expected, strict=True):
+        assert_close_to_oracle(level, oracle_level, dtype)
 
 
 # ----------------------------------------------------------------------------------------------- the tests

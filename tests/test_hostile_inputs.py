@@ -18,6 +18,7 @@ import mixres
 from mixres.models import Quadformer, UniformGrid, grid_for_budget
 from mixres.scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Precomputed, Random, Uniform
 
+import oracles
 from helpers import random_pyramid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -218,9 +219,7 @@ def test_lowest_policy_ranks_nan_and_inf_like_the_finite_extremes(seed, fraction
     pyramid = spoiled_pyramid(geometry, 2, seed, dtype, fraction)
     n_patches = geometry.n_roots + 3 * splits
     got = TOKENIZERS[tokenizer](images, pyramid, n_patches, nan_policy="lowest")
-    expected = mixres.reference.tokenize(images, lowest_oracle(pyramid), n_patches)
-    assert torch.equal(got.boxes, expected.boxes)
-    torch.testing.assert_close(got.tokens, expected.tokens)
+    oracles.assert_matches(got, oracles.tokenize(images, lowest_oracle(pyramid), n_patches))
 
 
 @pytest.mark.parametrize("tokenizer", TOKENIZERS)
@@ -341,7 +340,8 @@ def test_half_images_tokens_are_the_exact_resize_rounded_once(tokenizer, dtype, 
     images = torch.rand(2, 3, 128, 192, generator=torch.Generator().manual_seed(0)).to(dtype)
     pyramid = random_pyramid(mixres.QuadtreeGeometry(128, 192, 16, 64), 2, seed=0)
     mosaic = TOKENIZERS[tokenizer](images, pyramid, 60, patch_size=patch_size, mode=mode)
-    exact = mixres.reference.tokenize(images.double(), pyramid, 60, patch_size=patch_size, mode=mode)
+    exact = oracles.tokenize(images, pyramid, 60, patch_size=patch_size, mode=mode)
+    assert exact.tokens.dtype == torch.float64
     assert mosaic.tokens.dtype == dtype and torch.equal(mosaic.boxes, exact.boxes)
     # The resize accumulates in float32 and rounds once to the dtype: half an ulp, plus the float32 sum's error
     # (at most 4095 terms of 2**-24 relative, a quarter of float16's ulp), so one ulp (eps) relative bounds it.
@@ -386,7 +386,7 @@ def test_half_dense_saliency_is_summed_in_float32(dtype):
     saliency = (torch.rand(2, 128, 192, generator=torch.Generator().manual_seed(2)) * 50).to(dtype)
     geometry = mixres.QuadtreeGeometry(128, 192, 16, 64)
     for got, expected in zip(mixres.saliency_to_pyramid(saliency, geometry),
-                             mixres.saliency_to_pyramid(saliency.double(), geometry), strict=True):
+                             oracles.saliency_pyramid(saliency.double(), 128, 192, 16, 64), strict=True):
         assert got.dtype == torch.float32
         # float32 sums: the mean of 256 values rounds by at most 256 float32 ulps (2**-16 relative), where
         # float16 sums would be off by 2**-11 and bfloat16 ones by 2**-8.

@@ -1,8 +1,24 @@
-"""pack_pyramid and saliency_to_pyramid at their edges (found by tests/test_fuzz_ops.py)."""
+"""pack_pyramid against the oracle's packing; pack_pyramid and saliency_to_pyramid at their edges (found by
+tests/test_fuzz_ops.py). saliency_to_pyramid against its oracle: tests/test_tokenize.py."""
 import pytest
 import torch
 
 import mixres
+
+import oracles
+from helpers import random_pyramid
+
+
+def test_pack_pyramid_matches_the_oracle():
+    geometry = mixres.QuadtreeGeometry(128, 192, 8, 64)
+    pyramid = random_pyramid(geometry, 3, seed=1)
+    forms = {"list": pyramid, "dict": dict(zip(geometry.splittable_sizes, pyramid)),
+             "one float64 map": [pyramid[0].double(), *pyramid[1:]], "half": [m.half() for m in pyramid],
+             "transposed": [m.mT.contiguous().mT for m in pyramid]}
+    for name, scores in forms.items():
+        packed = mixres.pack_pyramid(scores, geometry, 3, torch.device("cpu"))
+        expected = oracles.pack(oracles.as_maps(scores, 8, 64), 3)
+        assert packed.dtype == expected.dtype and torch.equal(packed, expected), name
 
 
 def test_pack_pyramid_packs_an_empty_batch():

@@ -5,11 +5,10 @@ import pytest
 import torch
 
 import mixres
-from mixres.pyramid import QuadtreeGeometry, saliency_to_pyramid
 from mixres.scorers.baselines import Precomputed, Random, Uniform
 from mixres.scorers.entropy import Entropy
 
-from helpers import per_patch_pyramid
+import oracles
 
 SCORERS = {
     "random": lambda lo, hi, batch: Random(lo, hi, seed=0),
@@ -86,18 +85,20 @@ def test_uniform_splits_in_raster_order_below_the_largest_budget():
     assert torch.equal(boxes, want.int())
 
 
-def test_precomputed_dense_map_is_summed_per_patch():
-    images = torch.rand(2, 3, 128, 192)
-    saliency = torch.rand(2, 32, 48)
-    want = saliency_to_pyramid(saliency, QuadtreeGeometry(128, 192, 16, 64))
+@pytest.mark.parametrize("map_size", [(32, 48), (128, 192), (12, 18)], ids=["cells", "pixels", "resampled"])
+def test_precomputed_dense_map_is_summed_per_patch(map_size):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 128, 192, generator=generator)
+    saliency = torch.rand(2, *map_size, generator=generator)
+    want = oracles.saliency_pyramid(saliency, 128, 192, 16, 64)
     got = Precomputed(saliency, 16, 64)(images)
-    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    # The same leaves as handing the map to tokenize.
+    torch.testing.assert_close(got, want)
+    # The leaves the oracle grows from the map.
     assert torch.equal(mixres.tokenize(images, Precomputed(saliency, 16, 64), n_patches=30).boxes,
-                       mixres.tokenize(images, saliency, n_patches=30).boxes)
+                       oracles.tokenize(images, saliency, 30, 16, 64).boxes)
     half = Precomputed(saliency.half(), 16, 64)(images)
     assert all(m.dtype == torch.float32 for m in half)
-    torch.testing.assert_close(half, saliency_to_pyramid(saliency.half().float(), QuadtreeGeometry(128, 192, 16, 64)))
+    torch.testing.assert_close(half, oracles.saliency_pyramid(saliency.half().float(), 128, 192, 16, 64))
 
 
 def test_precomputed_pyramid_is_returned_in_order():
@@ -154,12 +155,13 @@ def per_patch_entropy(images, min_patch_size, max_patch_size, bins, value_range)
     lo, hi = value_range
     grey = grey.clamp(lo, hi)  # histc drops values outside its range; the scorer counts them at the ends
 
-    def score(crop, size):
+    def entropy(crop):
         p = torch.histc(crop, bins=bins, min=lo, max=hi) / crop.numel()
         p = p[p > 0]
         return -(p * p.log2()).sum()
 
-    return per_patch_pyramid(grey, min_patch_size, max_patch_size, score)
+    return oracles.per_patch_pyramid(grey, min_patch_size, max_patch_size,
+                                     lambda crops, size: torch.stack([entropy(crop) for crop in crops]))
 
 
 def textured_images(batch, channels, height, width, bins, value_range, seed):

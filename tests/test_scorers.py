@@ -1,32 +1,21 @@
-"""PixelBlur, the pixel-blur scorer: pyramid layout, an independent per-patch oracle; its fused
-op torch.ops.mixres.pixel_blur_scores against the reference, its argument checks and opcheck."""
+"""PixelBlur, the pixel-blur scorer, and its fused op torch.ops.mixres.pixel_blur_scores: pyramid layout, both
+against the independent per-patch oracle (oracles.pixel_blur_pyramid) and the op against the reference; argument
+checks and opcheck."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mixres
 from mixres import reference
-from mixres.pyramid import QuadtreeGeometry, pack_pyramid
+from mixres.pyramid import QuadtreeGeometry
 from mixres.scorers import PixelBlur
 
-from helpers import per_patch_pyramid
+import oracles
 
 # (height, width, min_patch_size, max_patch_size): non-square, scale factors 2 to 32, min_patch_sizes that are not
 # powers of two or are tiny (1 to 3: the up-sampling's edge cases), and a single size (no score at all).
 BLUR_GEOMETRIES = [(128, 192, 16, 64), (96, 160, 8, 32), (224, 112, 14, 56), (64, 128, 4, 64), (48, 96, 3, 24),
                    (32, 64, 2, 16), (64, 96, 1, 32), (64, 128, 32, 32)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
-
-def per_patch_pixel_blur(images, min_patch_size, max_patch_size):
-    """The oracle: DESIGN.md's formula, one patch crop at a time, in float64."""
-    def score(crop, size):
-        crop = crop.unsqueeze(0)
-        small = F.interpolate(crop, size=(min_patch_size, min_patch_size), mode="area")
-        blurred = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
-        return ((crop - blurred) ** 2).mean() * size
-
-    return per_patch_pyramid(images.double(), min_patch_size, max_patch_size, score)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -57,7 +46,7 @@ def flat_above_noisy(channels=3):
 def test_matches_per_patch_oracle(channels):
     images = flat_above_noisy(channels)
     got = PixelBlur(8, 32)(images)
-    want = per_patch_pixel_blur(images, 8, 32)
+    want = oracles.pixel_blur_pyramid(images, 8, 32)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(PixelBlur(8, 32)(images.double()), want, rtol=1e-12, atol=1e-14)
@@ -70,7 +59,7 @@ def test_half_precision_images_are_scored_in_float32(dtype):
     would be 2.3e-4 (float16) and 2.7e-3 (bfloat16) away, and scores rounded to float16 up to 4.9e-4."""
     images = flat_above_noisy().to(dtype)
     got = PixelBlur(8, 32)(images)
-    want = per_patch_pixel_blur(images, 8, 32)  # .double() of half values is exact
+    want = oracles.pixel_blur_pyramid(images, 8, 32)  # .double() of half values is exact
     assert [m.dtype for m in got] == [torch.float32, torch.float32]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
@@ -105,28 +94,31 @@ def blur_geometry_id(g):
 
 @pytest.mark.parametrize("geometry", BLUR_GEOMETRIES, ids=blur_geometry_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_op_matches_reference(geometry, dtype):
+def test_op_matches_the_oracle_and_the_reference(geometry, dtype):
     height, width, lo, hi = geometry
     generator = torch.Generator().manual_seed(height + lo)
     images = torch.rand(3, 2, height, width, generator=generator, dtype=torch.float64).to(dtype)
     images[0, :, : height // 2] = 0.25  # flat areas score 0
     packed = torch.ops.mixres.pixel_blur_scores(images, lo, hi)
-    expected = reference.pixel_blur_scores(images, lo, hi)
+    reference_scores = reference.pixel_blur_scores(images, lo, hi)
     n_scores = QuadtreeGeometry(height, width, lo, hi).n_scores
-    assert packed.shape == expected.shape == (3, n_scores)
-    assert packed.dtype == expected.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    # Half-precision images are widened to float32 by both: the same tolerance as float32.
+    assert packed.shape == reference_scores.shape == (3, n_scores)
+    assert packed.dtype == reference_scores.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # Half-precision images are widened to float32 by both: the same tolerance as float32. The oracle works in
+    # float64 on the same (rounded) pixels.
     tol = (1e-12, 1e-14) if dtype == torch.float64 else (1e-5, 1e-6)
-    torch.testing.assert_close(packed, expected, rtol=tol[0], atol=tol[1])
+    expected = oracles.pack(oracles.pixel_blur_pyramid(images, lo, hi), 3).double()  # float32 when empty
+    for scores in (packed, reference_scores):
+        torch.testing.assert_close(scores.double(), expected, rtol=tol[0], atol=tol[1])
+    torch.testing.assert_close(packed, reference_scores, rtol=tol[0], atol=tol[1])
 
 
-def test_op_packs_like_pack_pyramid_and_scorer_returns_views():
-    geometry = QuadtreeGeometry(128, 192, 8, 64)
+def test_op_packs_its_maps_and_scorer_returns_views():
     images = torch.rand(2, 3, 128, 192)
     packed = torch.ops.mixres.pixel_blur_scores(images, 8, 64)
     pyramid = PixelBlur(8, 64)(images)
-    assert torch.equal(pack_pyramid(pyramid, geometry, 2, images.device), packed)
-    # The maps are views of one packed tensor, in pack_pyramid's layout.
+    assert torch.equal(oracles.pack(pyramid, 2), packed)
+    # The maps are views of one packed tensor, in the packed layout.
     assert all(m.untyped_storage().data_ptr() == pyramid[0].untyped_storage().data_ptr() for m in pyramid)
     assert [tuple(m.shape) for m in pyramid] == [(2, 2, 3), (2, 4, 6), (2, 8, 12)]
 

@@ -1,4 +1,5 @@
-"""mixres.tokenize: outputs, score forms, the reference fallback and every bad-input case."""
+"""mixres.tokenize: outputs, score forms (each against the independent oracle, oracles.tokenize), the reference
+fallback and every bad-input case."""
 
 import pytest
 import torch
@@ -7,13 +8,16 @@ import torch.nn.functional as F
 import mixres
 from mixres import ops
 
+import oracles
 from helpers import random_pyramid
 
+TOKENIZERS = {"cpp": mixres.tokenize, "reference": mixres.reference.tokenize}
 
-def make_inputs(batch=2, height=256, width=192, min_size=16, max_size=64, seed=0):
+
+def make_inputs(batch=2, height=256, width=192, min_size=16, max_size=64, seed=0, ties=False):
     images = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
     geometry = mixres.QuadtreeGeometry(height, width, min_size, max_size)
-    return images, random_pyramid(geometry, batch, seed)
+    return images, random_pyramid(geometry, batch, seed, ties)
 
 
 def assert_same_mosaic(a: mixres.Mosaic, b: mixres.Mosaic):
@@ -30,7 +34,16 @@ def test_outputs_and_their_layout():
     assert (mosaic.n_patches, mosaic.patch_size, mosaic.image_size) == (63, 16, (256, 192))
     channels_last = mosaic.tokens_channels_last
     assert channels_last.shape == (2, 63, 16, 16, 3) and channels_last.data_ptr() == mosaic.tokens.data_ptr()
-    assert_same_mosaic(mosaic, mixres.reference.tokenize(images, pyramid, n_patches=63))
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("mode, patch_size", [("area", 16), ("bilinear", 12), ("area", 24), ("bilinear", 16)])
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_tokenize_matches_the_oracle(tokenizer, mode, patch_size, ties):
+    images, pyramid = make_inputs(ties=ties)
+    for n_patches in (12, 63, 120):
+        mosaic = TOKENIZERS[tokenizer](images, pyramid, n_patches=n_patches, patch_size=patch_size, mode=mode)
+        oracles.assert_matches(mosaic, oracles.tokenize(images, pyramid, n_patches, 16, 64, patch_size, mode))
 
 
 def test_flat_tokens_feed_a_linear_patch_embedding():
@@ -47,44 +60,50 @@ def test_flat_tokens_feed_a_linear_patch_embedding():
 def test_pyramid_as_dict_and_float64():
     images, pyramid = make_inputs()
     as_list = mixres.tokenize(images, pyramid, n_patches=63)
-    assert_same_mosaic(as_list, mixres.tokenize(images, {64: pyramid[0], 32: pyramid[1]}, n_patches=63))
+    as_dict = {64: pyramid[0], 32: pyramid[1]}
+    assert_same_mosaic(as_list, mixres.tokenize(images, as_dict, n_patches=63))
+    oracles.assert_matches(as_list, oracles.tokenize(images, as_dict, 63))
     as_double = mixres.tokenize(images.double(), [m.double() for m in pyramid], n_patches=63)
     assert as_double.tokens.dtype == torch.float64 and torch.equal(as_double.boxes, as_list.boxes)
 
 
-def test_dense_saliency_is_summed_over_each_patch():
-    images = torch.rand(1, 3, 128, 128)
-    saliency = torch.rand(1, 128, 128)
-    pyramid = mixres.saliency_to_pyramid(saliency, mixres.QuadtreeGeometry(128, 128, 16, 64))
-    for level, size in zip(pyramid, (64, 32)):
-        expected = saliency.reshape(1, 128 // size, size, 128 // size, size).sum((2, 4)) / 16 ** 2
-        torch.testing.assert_close(level, expected)
-    assert_same_mosaic(mixres.tokenize(images, saliency, n_patches=31), mixres.tokenize(images, pyramid, 31))
+# (map height, map width, image side, max_patch_size): maps 16, 4 and 2 times finer than the s_min grid or equal to it
+# (cell averages), and maps that do not divide it, coarser (Grad-CAM's 7x7 over 224 px) or finer (bilinear).
+SALIENCY_SIZES = [(128, 128, 128, 64), (32, 32, 128, 64), (16, 16, 128, 64), (8, 8, 128, 64), (7, 7, 224, 32),
+                  (3, 3, 128, 64), (28, 28, 128, 64)]
 
 
-def test_coarse_saliency_is_resampled_to_the_grid():
-    # A 7x7 Grad-CAM-like map over a 224 px image with 16-32 px patches (a 14x14 grid): bilinear, then summed.
-    saliency = torch.rand(2, 7, 7)
-    geometry = mixres.QuadtreeGeometry(224, 224, 16, 32)
-    (level32,) = mixres.saliency_to_pyramid(saliency, geometry)
-    cells = F.interpolate(saliency[:, None], size=(14, 14), mode="bilinear", align_corners=False)[:, 0]
-    torch.testing.assert_close(level32, cells.reshape(2, 7, 2, 7, 2).sum((2, 4)))
-    mosaic = mixres.tokenize(torch.rand(2, 3, 224, 224), saliency, n_patches=100, max_patch_size=32)
-    assert mosaic.boxes.shape == (2, 100, 3)
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("map_height, map_width, side, max_size", SALIENCY_SIZES,
+                         ids=["{}x{}-{}px".format(*case) for case in SALIENCY_SIZES])
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_dense_saliency_is_summed_over_each_patch(tokenizer, map_height, map_width, side, max_size, ties):
+    generator = torch.Generator().manual_seed(map_height)
+    images = torch.rand(2, 3, side, side, generator=generator)
+    # Ties: small integers, whose cell averages, bilinear blends and sums are exact in any order.
+    saliency = (torch.randint(0, 3, (2, map_height, map_width), generator=generator).float() if ties
+                else torch.rand(2, map_height, map_width, generator=generator))
+    geometry = mixres.QuadtreeGeometry(side, side, 16, max_size)
+    expected = oracles.saliency_pyramid(saliency, side, side, 16, max_size)
+    torch.testing.assert_close(mixres.saliency_to_pyramid(saliency, geometry), expected)
+    budgets = geometry.valid_n_patches()
+    for n_patches in (budgets[len(budgets) // 3], budgets[-2]):
+        oracles.assert_matches(TOKENIZERS[tokenizer](images, saliency, n_patches, max_patch_size=max_size),
+                               oracles.tokenize(images, saliency, n_patches, 16, max_size))
 
 
 def test_a_scorer_in_place_of_scores():
     images = torch.rand(2, 3, 128, 96, generator=torch.Generator().manual_seed(1))
     scorer = mixres.PixelBlur(16, 32)
-    expected = mixres.tokenize(images, scorer(images), n_patches=18, min_patch_size=16, max_patch_size=32)
+    expected = oracles.tokenize(images, oracles.pixel_blur_pyramid(images, 16, 32), 18, 16, 32)
     # The patch sizes come from the scorer, or may repeat its own.
-    assert_same_mosaic(mixres.tokenize(images, scorer, n_patches=18), expected)
-    assert_same_mosaic(mixres.reference.tokenize(images, scorer, n_patches=18, max_patch_size=32), expected)
+    oracles.assert_matches(mixres.tokenize(images, scorer, n_patches=18), expected)
+    oracles.assert_matches(mixres.reference.tokenize(images, scorer, n_patches=18, max_patch_size=32), expected)
     # A plain function has no sizes: the defaults, 16 and 64, apply.
     images = torch.rand(2, 3, 128, 192, generator=torch.Generator().manual_seed(2))
     default_sizes = mixres.PixelBlur(16, 64)
-    assert_same_mosaic(mixres.tokenize(images, lambda x: default_sizes(x), n_patches=33),
-                       mixres.tokenize(images, default_sizes(images), n_patches=33))
+    oracles.assert_matches(mixres.tokenize(images, lambda x: default_sizes(x), n_patches=33),
+                           oracles.tokenize(images, oracles.pixel_blur_pyramid(images, 16, 64), 33))
 
 
 def test_gradients_reach_the_images():
@@ -165,7 +184,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("what, changes, error, pattern", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
-@pytest.mark.parametrize("tokenize", [mixres.tokenize, mixres.reference.tokenize], ids=["cpp", "reference"])
+@pytest.mark.parametrize("tokenize", TOKENIZERS.values(), ids=TOKENIZERS.keys())
 def test_bad_input_gets_a_clear_error(tokenize, what, changes, error, pattern):
     images, pyramid = make_inputs()
     kwargs = dict(images=images, scores=pyramid, n_patches=63) | changes
@@ -174,7 +193,7 @@ def test_bad_input_gets_a_clear_error(tokenize, what, changes, error, pattern):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("tokenize", [mixres.tokenize, mixres.reference.tokenize], ids=["cpp", "reference"])
+@pytest.mark.parametrize("tokenize", TOKENIZERS.values(), ids=TOKENIZERS.keys())
 def test_non_finite_scores_are_rejected(tokenize, bad):
     images, pyramid = make_inputs()
     pyramid[1][1, 3, 2] = bad
