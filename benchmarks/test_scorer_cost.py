@@ -77,5 +77,5 @@ def test_scorer(benchmark, name):
         # A scorer that reads pixels reads every one at least once: the images' bytes over the time is the least
         # bandwidth it achieved, to set against the device's copy bandwidth (test_cuda_costs.py measures it).
         benchmark.extra_info["images_read_gb_s"] = images.nbytes / ms / 1e6
-        bandwidth = f"; images read at {images.nbytes / ms / 1e6:,.1f} GB/s"
+        bandwidth = f"; images read at {images.nbytes / ms / 1e6:.3g} GB/s"
     report(f"scorers, {SIZE} px B={BATCH} {DEVICE.type}: {name} {ms:.3f} ms{ratio}{bandwidth}")
