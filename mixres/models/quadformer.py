@@ -249,7 +249,7 @@ class Quadformer(nn.Module):
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
         if getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting():
-            from timm.models._manipulate import checkpoint_seq
+            from timm.models import checkpoint_seq
 
             x = checkpoint_seq(vit.blocks, x)
         else:
