@@ -1,11 +1,12 @@
 """The fixture tests/data/quadformer_checkpoints_e83975a.pt: tiny Quadformers' state dicts as mixres saved them at
 commit e83975a (before the position embeddings became modules), one per pos_embed kind, with the images they were
 run on and the logits that code computed, and those of a UniformGrid around the ``xy-learned`` one (whose state dict
-is that Quadformer's under ``quadformer.``). test_models loads them with today's code: the
-checkpoint layout (``xy_embed.y_table``...) and the logits must stay.
+is that Quadformer's under ``quadformer.``). test_models loads them with today's code: the checkpoint layout
+(``xy_embed.y_table``...) and the logits must stay.
 
-Made by this file, run with that commit's mixres first on the path (from its checkout, with its built extension):
-``PYTHONPATH=. python <this checkout>/tests/old_checkpoints.py <this checkout>/tests/data/quadformer_checkpoints_e83975a.pt``.
+Made by this file, run from a checkout of that commit (its extension built) with its mixres first on the path:
+``PYTHONPATH=. python $NEW/tests/old_checkpoints.py $NEW/tests/data/quadformer_checkpoints_e83975a.pt``, where
+$NEW is this checkout.
 """
 import sys
 
