@@ -522,7 +522,7 @@ def test_a_prepared_mosaic_with_leaves_larger_than_the_models():
     images = torch.rand(2, 3, 256, 256)
     mosaic = mixres.tokenize(images, torch.rand(2, 256, 256), 7, max_patch_size=128)
     assert (mosaic.boxes[..., 2] == 128).any()
-    positions = model._leaf_positions(mosaic)
+    positions = model.pos_embed(mosaic, model.vit)
     table = resample_abs_pos_embed(model.vit.pos_embed[:, 1:], new_size=[16, 16], old_size=[8, 8],
                                    num_prefix_tokens=0)
     table = table[0].T.reshape(-1, 16, 16)  # [D, 16, 16]

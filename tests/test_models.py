@@ -1,6 +1,8 @@
 """mixres.models: the Quadformer on timm ViTs. The key invariant (a mosaic of min_patch_size leaves with the
 resampled table reproduces the plain ViT), position embeddings against direct computations, gradients, budgets,
 torch.compile, checkpoints through timm, and the errors."""
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -9,9 +11,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import mixres
-from mixres.models import LearnedXYEmbed, Quadformer, leaf_table_embed, sincos_xy_embed
+from mixres.models import LearnedXYEmbed, Quadformer, UniformGrid, leaf_table_embed, sincos_xy_embed
 from mixres.scorers import PixelBlur, Random, Scorer, Uniform
 
+import old_checkpoints
 from helpers import random_mosaic
 
 # Small ViTs covering timm's variants: class token with it in the table, DeiT-III's table without the prefix
@@ -143,6 +146,78 @@ def test_learned_xy_embed_reads_the_half_cell_lattice_and_interpolates():
     weight = position - 2
     expected_y = embed.y_table[2] * (1 - weight) + embed.y_table[3] * weight
     torch.testing.assert_close(embed(torch.tensor([[[3.0, 0.0]]]), grid=(8, 16))[0, 0, :3], expected_y)
+
+
+@pytest.mark.parametrize("pos_embed", ["resample", "xy", "xy-learned"])
+def test_each_pos_embed_kind_is_a_module_of_one_interface(pos_embed):
+    model = Quadformer(small_vit(img_size=128), n_patches=31, scorer=PixelBlur(16, 64), pos_embed=pos_embed).eval()
+    kind = model.pos_embed
+    assert isinstance(kind, nn.Module) and kind.kind == model.pos_embed_kind == pos_embed
+    assert kind.reads_centers == (pos_embed != "resample")
+    mosaic = model.tokenize(torch.randn(2, 3, 128, 128))
+    positions = kind(mosaic, model.vit)
+    assert positions.shape == (2, 31, 32) and positions.dtype == torch.float32
+    # Leaf n's centre in 16 px cells: (corner + size / 2) / 16 - 0.5, as docs/design.md defines it.
+    y, x, size = mosaic.boxes[1, 5].tolist()
+    centre = ((y + size / 2) / 16 - 0.5, (x + size / 2) / 16 - 0.5)
+    if pos_embed == "resample":
+        # The mean of the table's entries (after the class token's) over the 16 px cells the leaf covers.
+        table = model.vit.pos_embed[0, 1:].reshape(8, 8, 32)
+        expected = table[y // 16:(y + size) // 16, x // 16:(x + size) // 16].mean(dim=(0, 1))
+    elif pos_embed == "xy":
+        frequencies = 10000.0 ** (-torch.arange(8) / 8)
+        expected = torch.cat([torch.cat([(c * frequencies).sin(), (c * frequencies).cos()]) for c in centre])
+    else:
+        # The tables hold one entry per half cell of the 8 x 8 grid; centres fall on them (2 c).
+        tables = model.xy_embed.y_table, model.xy_embed.x_table
+        expected = torch.cat([table[round(2 * c)] for table, c in zip(tables, centre)])
+    torch.testing.assert_close(positions[1, 5], expected)
+    # The kind's parameters, and only those, stay out of weight decay, under the names the optimizer sees.
+    own = {name for name, _ in kind.named_parameters()}
+    assert kind.no_weight_decay() == own == ({"xy_embed.y_table", "xy_embed.x_table"} if pos_embed == "xy-learned"
+                                             else set())
+    named = {f"pos_embed.{name}" for name in own}
+    assert named <= model.no_weight_decay() and named <= set(dict(model.named_parameters()))
+    assert (model.xy_embed is None) == (pos_embed != "xy-learned")
+
+
+def test_checkpoints_keep_their_layout_whatever_the_module_that_holds_the_learned_tables():
+    model = Quadformer(small_vit(), n_patches=16, pos_embed="xy-learned")
+    keys = list(model.state_dict())
+    # The learned tables keep the names they always had, after the ViT's (and the scorer's) weights; the
+    # parameters are named after the module that holds them.
+    assert keys[-2:] == ["xy_embed.y_table", "xy_embed.x_table"] and not any("pos_embed.xy" in key for key in keys)
+    assert {"pos_embed.xy_embed.y_table", "pos_embed.xy_embed.x_table"} <= set(dict(model.named_parameters()))
+    assert list(UniformGrid(model).state_dict()) == [f"quadformer.{key}" for key in keys]
+    # A state dict named as the parameters are loads as well.
+    source = Quadformer(small_vit(seed=3), n_patches=16, pos_embed="xy-learned")
+    model.load_state_dict(dict(source.named_parameters()))
+    assert torch.equal(model.xy_embed.x_table, source.xy_embed.x_table)
+
+
+@pytest.mark.parametrize("saved", ["resample", "xy", "xy-learned", "uniform grid"])
+def test_checkpoints_of_e83975a_load_as_they_were_saved_and_give_the_logits_they_gave(saved):
+    fixture = torch.load(Path(__file__).parent / "data" / old_checkpoints.PATH, weights_only=True)
+    kind = "xy-learned" if saved == "uniform grid" else saved
+    state = fixture["state"][kind]
+    model = Quadformer(old_checkpoints.tiny_vit(seed=9), n_patches=old_checkpoints.N_PATCHES, scorer="pixel-blur",
+                       pos_embed=kind).eval()
+    images = old_checkpoints.pixels(fixture["images"])
+    if saved == "uniform grid":
+        # A UniformGrid's state dict is its Quadformer's under quadformer.
+        grid = UniformGrid(model).eval()
+        grid.load_state_dict({f"quadformer.{key}": value for key, value in state.items()})
+        with torch.no_grad():
+            logits = grid(images, grid=old_checkpoints.UNIFORM_GRID)
+    else:
+        model.load_state_dict(state)
+        with torch.no_grad():
+            logits = model(images)
+    saved_again = model.state_dict()
+    assert list(saved_again) == list(state)
+    assert all(torch.equal(saved_again[key], value) for key, value in state.items())
+    # The recorded logits came from another machine, maybe: float32 rounding may differ, nothing else.
+    torch.testing.assert_close(logits, fixture["logits"][saved])
 
 
 @pytest.mark.parametrize("pos_embed", ["resample", "xy", "xy-learned"])

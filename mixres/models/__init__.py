@@ -2,8 +2,8 @@
 uniform-grid baseline of the same ViT (:class:`UniformGrid`), and models by name with weights from a file
 (:func:`create_model`)."""
 from .factory import create_model, load_weights, read_state_dict
-from .position import LearnedXYEmbed, leaf_table_embed, sincos_xy_embed
-from .quadformer import POS_EMBEDS, Quadformer
+from .position import POS_EMBEDS, LearnedXYEmbed, leaf_table_embed, sincos_xy_embed
+from .quadformer import Quadformer
 from .registry import create_quadformer
 from .uniform import UniformGrid, grid_for_budget
 

@@ -98,13 +98,11 @@ def load_weights(model: Quadformer, path: str | os.PathLike, pretrained: bool = 
         RuntimeError: the weights do not fit the model; the message names the file and the configuration that
             differs (classes, embedding width, depth, position embedding...).
     """
-    from .quadformer import _adapt_weights
-
     state = read_state_dict(path)
     new, unused = [], []
     try:
         if pretrained:
-            _adapt_weights(model, state)
+            model.adapt_state_dict(state)
             own = model.state_dict()
             for key in list(state):
                 if key.startswith("xy_embed.") and key not in own:

@@ -8,15 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..grid import block_sides
 from ..mosaic import Mosaic, _check_images, check_nan_policy, tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Scorer, create_scorer
-from .position import LearnedXYEmbed, leaf_table_embed, sincos_xy_embed
+from .position import LearnedXYEmbed, PositionEmbedding, pos_embed_class
 
-__all__ = ["Quadformer", "POS_EMBEDS"]
-
-POS_EMBEDS = ("resample", "xy", "xy-learned")
+__all__ = ["Quadformer", "check_vit"]
 
 
 class Quadformer(nn.Module):
@@ -48,6 +45,9 @@ class Quadformer(nn.Module):
             - ``"xy"``: the paper's scheme: sin-cos embeddings of the leaf centre's y and x, D/2 channels each,
               concatenated. No parameters; the ViT's table is dropped (its prefix-token entries are kept).
             - ``"xy-learned"``: the same with learned y and x tables (:class:`LearnedXYEmbed`).
+
+            The kind is a module, ``model.pos_embed`` (:class:`mixres.models.position.PositionEmbedding`); its
+            name is ``model.pos_embed_kind``.
         resize_mode: how leaves are resized to the token size: ``"area"`` or ``"bilinear"``.
         scorer_kwargs: arguments for a scorer given by name, e.g. ``{"weights": "shufflenet.pth"}``.
         input_mean, input_std: the per-channel normalisation that the model's inputs carry (as for the plain ViT):
@@ -72,12 +72,8 @@ class Quadformer(nn.Module):
                  input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None,
                  nan_policy: str = "raise"):
         super().__init__()
-        self.patch_size, self.in_chans, image_size = _check_vit(vit)
-        if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBEDS)}, got {pos_embed!r}")
-        if pos_embed == "resample" and vit.pos_embed is None:
-            raise ValueError("pos_embed='resample' needs the ViT's absolute position table, and this ViT has none "
-                             "(pos_embed is None): use pos_embed='xy' or 'xy-learned'")
+        self.patch_size, self.in_chans, image_size = check_vit(vit)
+        embedding = pos_embed_class(pos_embed)  # an unknown name fails before anything is built
         if resize_mode not in ("area", "bilinear"):
             raise ValueError(f"resize_mode must be 'area' or 'bilinear', got {resize_mode!r}")
         min_patch_size = self.patch_size if min_patch_size is None else min_patch_size
@@ -87,26 +83,14 @@ class Quadformer(nn.Module):
         n_patches = self.geometry.check_n_patches(n_patches)
 
         self.vit = vit
-        self.pos_embed_kind = pos_embed
         self.resize_mode = resize_mode
         self.n_patches = n_patches
         self.nan_policy = check_nan_policy(nan_policy)
         # A name is built with its arguments; a built scorer is checked (and arguments for it refused) there too.
         self._scorer = create_scorer(scorer, min_patch_size, max_patch_size, **(scorer_kwargs or {}))
 
-        self.xy_embed = None
-        if pos_embed != "resample":
-            # The table of patch positions is not used: keep the prefix tokens' entries only (or nothing), so that
-            # no parameter goes without a gradient. Contiguous strides, not the slice's: DDP's gradient buckets
-            # take the parameter's strides, and autograd gives the gradient contiguous ones.
-            if vit.pos_embed is not None:
-                prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-                table = vit.pos_embed.data[:, :prefix].clone(memory_format=torch.contiguous_format)
-                vit.pos_embed = nn.Parameter(table) if prefix else None
-            if pos_embed == "xy-learned":
-                self.xy_embed = LearnedXYEmbed(self.geometry.grid(min_patch_size), vit.embed_dim)
-            elif vit.embed_dim % 4:
-                raise ValueError(f"pos_embed='xy' needs an embedding width divisible by 4, got {vit.embed_dim}")
+        # After the scorer: a learned table's random initialisation comes after the scorer's.
+        self.pos_embed: PositionEmbedding = embedding(vit, self.geometry.grid(min_patch_size))
 
         cfg = dict(getattr(vit, "pretrained_cfg", None) or {})
         mean = input_mean if input_mean is not None else cfg.get("mean", (0.0,) * self.in_chans)
@@ -118,6 +102,7 @@ class Quadformer(nn.Module):
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.pretrained_cfg = cfg
         self.register_load_state_dict_pre_hook(_adapt_checkpoint)
+        self.register_state_dict_post_hook(_save_pos_embed_at_the_top)
 
     # ---------------------------------------------------------------------------------------------- configuration
     @property
@@ -137,6 +122,16 @@ class Quadformer(nn.Module):
         self._scorer = create_scorer(scorer, self.min_patch_size, self.max_patch_size)
 
     @property
+    def pos_embed_kind(self) -> str:
+        """The ``pos_embed`` name: ``"resample"``, ``"xy"`` or ``"xy-learned"``."""
+        return self.pos_embed.kind
+
+    @property
+    def xy_embed(self) -> LearnedXYEmbed | None:
+        """The learned xy tables (``pos_embed="xy-learned"``), None for the other kinds."""
+        return getattr(self.pos_embed, "xy_embed", None)
+
+    @property
     def num_classes(self) -> int:
         return self.vit.num_classes
 
@@ -153,10 +148,8 @@ class Quadformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameters that timm's optimizer factory leaves out of weight decay: position tables and prefix tokens."""
-        names = {f"vit.{name}" for name in self.vit.no_weight_decay()}
-        if self.xy_embed is not None:
-            names |= {"xy_embed.y_table", "xy_embed.x_table"}
-        return names
+        return ({f"vit.{name}" for name in self.vit.no_weight_decay()}
+                | {f"pos_embed.{name}" for name in self.pos_embed.no_weight_decay()})
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -176,6 +169,25 @@ class Quadformer(nn.Module):
             dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
             setattr(self, name, torch.tensor(values, dtype=dtype, device=buffer.device).view(-1, 1, 1))
         return self
+
+    def adapt_state_dict(self, state_dict: dict, prefix: str = "") -> None:
+        """Lets this Quadformer load a plain timm ViT checkpoint (keys without ``vit.``), as timm's
+        ``checkpoint_path=`` and ``load_checkpoint`` do, or a :class:`mixres.models.UniformGrid`'s (keys under
+        ``quadformer.``): keys are moved under ``vit.``; then the position embedding adapts its weights and the
+        ViT's table (:meth:`PositionEmbedding.adapt_state_dict`): the table is cut to the prefix entries (``xy``
+        kinds) or resampled to the model's grid (``resample``), and learned xy tables are resampled (linearly, as
+        the model reads them) to the model's grid. In place, on a state dict whose keys start with ``prefix``; one
+        that already fits is left as it is. ``load_state_dict`` calls it."""
+        own = f"{prefix}vit."
+        if not any(key.startswith(own) for key in state_dict):
+            wrapped = f"{prefix}quadformer."  # a UniformGrid's: the Quadformer it wraps
+            if any(key.startswith(wrapped + "vit.") for key in state_dict):
+                for key in [key for key in state_dict if key.startswith(wrapped)]:
+                    state_dict[prefix + key[len(wrapped):]] = state_dict.pop(key)
+            elif f"{prefix}patch_embed.proj.weight" in state_dict:
+                for key in [key for key in state_dict if key.startswith(prefix)]:
+                    state_dict[own + key[len(prefix):]] = state_dict.pop(key)
+        self.pos_embed.adapt_state_dict(state_dict, prefix, self.vit, f"{own}pos_embed")
 
     # ---------------------------------------------------------------------------------------------------- forward
     def check_images(self, images: Tensor) -> None:
@@ -215,7 +227,7 @@ class Quadformer(nn.Module):
         proj = vit.patch_embed.proj
         x = F.linear(mosaic.flat_tokens().to(proj.weight.dtype), proj.weight.flatten(1), proj.bias)
         x = vit.patch_embed.norm(x)
-        x = x + self._leaf_positions(mosaic).to(x.dtype)
+        x = x + self.pos_embed(mosaic, vit).to(x.dtype)
 
         prefix = []
         if vit.cls_token is not None:
@@ -229,27 +241,6 @@ class Quadformer(nn.Module):
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
         return vit.pos_drop(x)
 
-    def _leaf_positions(self, mosaic: Mosaic) -> Tensor:
-        grid = (mosaic.image_size[0] // self.min_patch_size, mosaic.image_size[1] // self.min_patch_size)
-        if self.pos_embed_kind == "xy":
-            return sincos_xy_embed(mosaic.centers, self.vit.embed_dim)
-        if self.pos_embed_kind == "xy-learned":
-            return self.xy_embed(mosaic.centers, grid)
-        vit = self.vit
-        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-        table = vit.pos_embed[:, prefix:]
-        table_grid = tuple(vit.patch_embed.grid_size)
-        if table_grid != grid:
-            from timm.layers import resample_abs_pos_embed
-
-            table = resample_abs_pos_embed(table, new_size=list(grid), old_size=list(table_grid),
-                                           num_prefix_tokens=0)
-        table = table.reshape(grid[0], grid[1], -1)
-        # Every leaf side the mosaic's grid can hold, not only up to the model's max_patch_size: a prepared mosaic
-        # may have larger leaves, and checking its boxes would need a host synchronisation.
-        largest = self.min_patch_size * block_sides(*grid)[-1]
-        return leaf_table_embed(table, mosaic.boxes, self.min_patch_size, largest)
-
     def forward_features(self, x: Tensor | Mosaic, n_patches: int | None = None) -> Tensor:
         """Images or a mosaic -> the normed token features ``[B, prefix + N, D]``."""
         vit = self.vit
@@ -258,7 +249,7 @@ class Quadformer(nn.Module):
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
         if getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting():
-            from timm.models._manipulate import checkpoint_seq
+            from timm.models import checkpoint_seq
 
             x = checkpoint_seq(vit.blocks, x)
         else:
@@ -276,7 +267,7 @@ class Quadformer(nn.Module):
         return self.forward_head(self.forward_features(x, n_patches))
 
 
-def _check_vit(vit: nn.Module) -> tuple[int, int, tuple[int, int]]:
+def check_vit(vit: nn.Module) -> tuple[int, int, tuple[int, int]]:
     """(patch size, input channels, image size) of a ViT the Quadformer can drive; a clear error otherwise."""
     needed = ("patch_embed", "blocks", "norm", "forward_head", "cls_token", "pos_embed", "num_prefix_tokens",
               "embed_dim")
@@ -315,67 +306,34 @@ def _channel_values(name: str, values, channels: int, positive: bool = False) ->
 
 def _adapt_checkpoint(module: Quadformer, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                       *args) -> None:
-    """Before a Quadformer loads a state dict: adapts it (:func:`_adapt_weights`), then raises a RuntimeError that
-    says which configuration differs (the number of classes, the embedding width, the depth, the position
-    embedding...: :func:`mixres.checkpoints.explain_mismatch`) where the weights still do not fit, instead of
-    torch's list of size mismatches. Nothing is loaded then. Names missing on either side are left to torch when
-    ``strict`` is False."""
+    """Before a Quadformer loads a state dict: adapts it (:meth:`Quadformer.adapt_state_dict`), then raises a
+    RuntimeError that says which configuration differs (the number of classes, the embedding width, the depth, the
+    position embedding...: :func:`mixres.checkpoints.explain_mismatch`) where the weights still do not fit, instead
+    of torch's list of size mismatches. Nothing is loaded then. Names missing on either side are left to torch when
+    ``strict`` is False. The position embedding's weights are taken by their checkpoint names (see
+    :func:`_save_pos_embed_at_the_top`) or their parameter names, and go under ``pos_embed.`` to be loaded."""
     from ..checkpoints import explain_mismatch
 
-    _adapt_weights(module, state_dict, prefix)
+    _pos_embed_at_the_top(state_dict, prefix)
+    module.adapt_state_dict(state_dict, prefix)
     found = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
     problem = explain_mismatch(module.state_dict(), found, keys=strict)
     if problem:
         raise RuntimeError(f"these weights do not fit the {type(module).__name__}: {problem}")
+    for name in module.pos_embed.state_dict():
+        if prefix + name in state_dict:
+            state_dict[f"{prefix}pos_embed.{name}"] = state_dict.pop(prefix + name)
 
 
-def _adapt_weights(module: Quadformer, state_dict: dict, prefix: str = "") -> None:
-    """Lets a Quadformer load a plain timm ViT checkpoint (keys without ``vit.``), as timm's ``checkpoint_path=``
-    and ``load_checkpoint`` do, or a :class:`mixres.models.UniformGrid`'s (keys under ``quadformer.``): keys are
-    moved under ``vit.``; the position table is cut to the prefix entries (``xy`` embeddings) or resampled to the
-    model's grid (``resample``), and learned xy tables are resampled (linearly, as the model reads them) to the
-    model's grid. In place; a state dict that already fits is left as it is."""
-    own = f"{prefix}vit."
-    if not any(key.startswith(own) for key in state_dict):
-        wrapped = f"{prefix}quadformer."  # a UniformGrid's: the Quadformer it wraps
-        if any(key.startswith(wrapped + "vit.") for key in state_dict):
-            for key in [key for key in state_dict if key.startswith(wrapped)]:
-                state_dict[prefix + key[len(wrapped):]] = state_dict.pop(key)
-        elif f"{prefix}patch_embed.proj.weight" in state_dict:
-            for key in [key for key in state_dict if key.startswith(prefix)]:
-                state_dict[own + key[len(prefix):]] = state_dict.pop(key)
-    if module.xy_embed is not None:
-        for name, table in module.xy_embed.named_parameters():
-            key = f"{prefix}xy_embed.{name}"
-            loaded = state_dict.get(key)
-            if loaded is not None and loaded.dim() == 2 and loaded.shape[1] == table.shape[1] \
-                    and loaded.shape[0] != table.shape[0]:
-                # Another image size or min_patch_size: the table's rows span the leaf centres' range whatever
-                # its length, so its values are resampled along it.
-                state_dict[key] = F.interpolate(loaded.T[None].float(), size=table.shape[0], mode="linear",
-                                                align_corners=True)[0].T.to(loaded.dtype).contiguous()
-    key = f"{own}pos_embed"
-    if key not in state_dict:
-        return
-    vit, table = module.vit, state_dict[key]
-    n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-    if vit.pos_embed is None:
-        del state_dict[key]
-    elif module.pos_embed_kind != "resample":
-        state_dict[key] = table[:, :n_prefix]
-    elif table.shape != vit.pos_embed.shape and table.dim() == 3 and table.shape[-1] == vit.pos_embed.shape[-1]:
-        from timm.layers import resample_abs_pos_embed
+def _save_pos_embed_at_the_top(module: Quadformer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """After a Quadformer's ``state_dict``: its position embedding's weights are named as they were before the kinds
+    were modules (``xy_embed.y_table``, not ``pos_embed.xy_embed.y_table``), so that checkpoints keep one layout
+    whichever version wrote or reads them. The Quadformer's entries are the last ones, so the order is kept."""
+    _pos_embed_at_the_top(state_dict, prefix)
 
-        cells = table.shape[1] - n_prefix
-        side = round(cells ** 0.5)
-        if cells <= 0:
-            raise RuntimeError(f"these weights have no position table for the patches (only its {table.shape[1]} "
-                               f"prefix-token entries: a Quadformer's trained with pos_embed 'xy' or 'xy-learned'), "
-                               f"which this model's pos_embed='resample' needs: build it with pos_embed='xy' or "
-                               f"'xy-learned' (--pos-embed)")
-        if side * side != cells:
-            raise RuntimeError(f"these weights' position table has {cells} patch entries, not a square grid, and "
-                               f"the model's {tuple(vit.patch_embed.grid_size)} grid differs: it cannot be "
-                               f"resampled; build the model at the weights' image size (img_size)")
-        state_dict[key] = resample_abs_pos_embed(table, new_size=list(vit.patch_embed.grid_size),
-                                                 old_size=[side, side], num_prefix_tokens=n_prefix)
+
+def _pos_embed_at_the_top(state_dict: dict, prefix: str) -> None:
+    """Renames a Quadformer's ``pos_embed.<name>`` entries ``<name>``, in place, keeping its entries' order."""
+    inside = f"{prefix}pos_embed."
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        state_dict[prefix + key[len(inside):] if key.startswith(inside) else key] = state_dict.pop(key)

@@ -11,7 +11,7 @@ import inspect
 
 from timm.models import register_model
 
-from .quadformer import Quadformer, _check_vit
+from .quadformer import Quadformer, check_vit
 
 __all__ = ["create_quadformer"]
 
@@ -44,7 +44,7 @@ def create_quadformer(vit_name: str, pretrained: bool = False, **kwargs) -> Quad
     vit = timm.create_model(vit_name, pretrained=pretrained, **{k: v for k, v in kwargs.items() if v is not None})
     if quadformer_args.get("n_patches") is not None:
         return Quadformer(vit, **quadformer_args)
-    patch_size, _, (height, width) = _check_vit(vit)
+    patch_size, _, (height, width) = check_vit(vit)
     side = quadformer_args.get("min_patch_size") or patch_size
     full = (height // side) * (width // side)
     # The full grid is a valid budget in every geometry: build there, then take the default from the geometry,

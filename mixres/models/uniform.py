@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..mosaic import Mosaic, tokenize
 from ..pyramid import check_int
 from ..scorers import Uniform
-from .quadformer import Quadformer, _check_vit
+from .quadformer import Quadformer, check_vit
 
 __all__ = ["UniformGrid", "grid_for_budget"]
 
@@ -79,7 +79,7 @@ class UniformGrid(nn.Module):
                  antialias: bool = True):
         super().__init__()
         if not isinstance(model, Quadformer):
-            patch_size, _, (height, width) = _check_vit(model)
+            patch_size, _, (height, width) = check_vit(model)
             model = Quadformer(model, n_patches=(height // patch_size) * (width // patch_size),
                                scorer=Uniform(patch_size, patch_size), min_patch_size=patch_size,
                                max_patch_size=patch_size, pos_embed="resample")
@@ -122,7 +122,7 @@ class UniformGrid(nn.Module):
                                     antialias=self.antialias).to(images.dtype)
         # One leaf size, so there is nothing to score: the root grid is the mosaic.
         mosaic = tokenize(resized, [], grid[0] * grid[1], side, side, model.patch_size, model.resize_mode)
-        if model.pos_embed_kind != "resample" and resized is not images:
+        if model.pos_embed.reads_centers and resized is not images:
             # Centres in the s grid of the input image (not of the resized one), with its size, so that the xy
             # embeddings see each token where its region lies in the image.
             scale = torch.tensor([images.shape[-2] / size[0], images.shape[-1] / size[1]],
