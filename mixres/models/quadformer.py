@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_images as _check_images, check_nan_policy
 from ..grid import block_sides
-from ..mosaic import Mosaic, _check_images, check_nan_policy, tokenize
+from ..mosaic import Mosaic, tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Scorer, create_scorer
 from .position import LearnedXYEmbed, leaf_table_embed, sincos_xy_embed
