@@ -29,11 +29,11 @@ class Random(Scorer):
     leaves that hold them are NaN, as any resize makes them).
 
     Example:
-        >>> scorer = Random(16, 64, seed=0)
         >>> images = torch.rand(2, 3, 256, 256)
-        >>> [m.shape for m in scorer(images)]      # patch sizes 64, 32
-        [torch.Size([2, 4, 4]), torch.Size([2, 8, 8])]
-        >>> mosaic = mixres.tokenize(images, scorer, n_patches=100)
+        >>> first, again = Random(16, 64, seed=0)(images), Random(16, 64, seed=0)(images)
+        >>> all(torch.equal(a, b) for a, b in zip(first, again))   # maps [2, 4, 4] and [2, 8, 8], seeded
+        True
+        >>> mosaic = mixres.tokenize(images, Random(16, 64, seed=0), n_patches=100)
     """
 
     def __init__(self, min_patch_size: int = 16, max_patch_size: int = 64, seed: int | None = None):
