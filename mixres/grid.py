@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import check_batch, check_device, check_plain_int, check_rank
+
 __all__ = ["tokens_to_grid", "grid_to_tokens"]
 
 
@@ -41,7 +43,7 @@ def tokens_to_grid(features: Tensor, boxes: Tensor, min_patch_size: int, image_s
         ValueError: wrong ranks, features and boxes of different batch sizes or leaf counts, an image_size that is
             not a multiple of min_patch_size, or tensors on different devices.
     """
-    _check_leaf_tensor("features", features, 3, "[B, N, D]")
+    check_rank("features", features, 3, "[B, N, D]")
     _check_boxes(boxes, features, "features")
     rows, cols = _grid_shape(min_patch_size, image_size)
     cells = _Paint.apply(features, boxes, min_patch_size, rows, cols)  # [B, h * w, D]
@@ -76,9 +78,9 @@ def grid_to_tokens(grid: Tensor, boxes: Tensor, min_patch_size: int, reduce: str
     """
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    _check_leaf_tensor("grid", grid, 4, "[B, D, h, w]")
+    check_rank("grid", grid, 4, "[B, D, h, w]")
     _check_boxes(boxes, grid, "grid")
-    _check_min_patch_size(min_patch_size)
+    check_plain_int("min_patch_size", min_patch_size)
     if reduce == "mean" and not (grid.is_floating_point() or grid.is_complex()):
         raise TypeError(f"grid must be floating point for reduce='mean', got {grid.dtype}; use reduce='sum'")
     rows, cols = grid.shape[-2:]
@@ -191,38 +193,22 @@ def _owner_index(boxes: Tensor, min_patch_size: int, rows: int, cols: int) -> Te
     return leaf_at.gather(1, owner_corner)
 
 
-def _check_leaf_tensor(name: str, tensor, rank: int, shape: str) -> None:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a Tensor {shape}, got {type(tensor).__name__}")
-    if tensor.dim() != rank:
-        raise ValueError(f"{name} must have rank {rank} {shape}, got rank {tensor.dim()} {list(tensor.shape)}")
-
-
 def _check_boxes(boxes, other: Tensor, other_name: str) -> None:
     """boxes ``[B, N, 3]`` int32/int64 on ``other``'s device with its batch size (and, for features, its N)."""
-    _check_leaf_tensor("boxes", boxes, 3, "[B, N, 3] (y, x, size)")
+    check_rank("boxes", boxes, 3, "[B, N, 3] (y, x, size)")
     if boxes.shape[2] != 3:
         raise ValueError(f"boxes must be [B, N, 3] (y, x, size), got {list(boxes.shape)}")
     if boxes.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"boxes must be int32 or int64 (y, x, size) in pixels, got {boxes.dtype}")
-    if boxes.device != other.device:
-        raise ValueError(f"boxes is on {boxes.device} but {other_name} is on {other.device}: put both on one device")
-    if boxes.shape[0] != other.shape[0]:
-        raise ValueError(f"boxes has batch size {boxes.shape[0]} but {other_name} has {other.shape[0]}")
+    check_device("boxes", boxes, other.device, holder=f"{other_name} is")
+    check_batch("boxes", boxes, other.shape[0], holder=other_name)
     if other_name == "features" and boxes.shape[1] != other.shape[1]:
         raise ValueError(f"boxes has {boxes.shape[1]} leaves but features has {other.shape[1]} (N must match)")
 
 
-def _check_min_patch_size(min_patch_size) -> None:
-    if isinstance(min_patch_size, bool) or not isinstance(min_patch_size, int):
-        raise TypeError(f"min_patch_size must be an int, got {min_patch_size!r}")
-    if min_patch_size <= 0:
-        raise ValueError(f"min_patch_size must be positive, got {min_patch_size}")
-
-
 def _grid_shape(min_patch_size: int, image_size: tuple[int, int]) -> tuple[int, int]:
     """(H / s_min, W / s_min), after checking the sizes."""
-    _check_min_patch_size(min_patch_size)
+    check_plain_int("min_patch_size", min_patch_size)
     if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
             or any(isinstance(v, bool) or not isinstance(v, int) for v in image_size)):
         raise TypeError(f"image_size must be (H, W), two ints, got {image_size!r}")

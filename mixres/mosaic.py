@@ -2,20 +2,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from . import ops
+from .checks import NAN_POLICIES, check_images, check_int, check_nan_policy, check_resize_mode
 from .grid import tokens_to_grid
-from .pyramid import QuadtreeGeometry, check_int, pack_pyramid, saliency_to_pyramid
+from .pyramid import QuadtreeGeometry, pack_scores
+from .scorers.base import Scorer
 
-__all__ = ["Mosaic", "tokenize", "NAN_POLICIES"]
+__all__ = ["Mosaic", "tokenize", "Backend", "NAN_POLICIES"]
 
-_IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# What tokenize does with NaN and infinite scores: see its docstring.
-NAN_POLICIES = ("raise", "lowest")
+
+class Backend(Protocol):
+    """The ops :func:`tokenize` runs on, with the signatures of ``torch.ops.mixres.*``: :mod:`mixres.ops` (the
+    compiled kernels, falling back to the reference where there are none) or :mod:`mixres.reference` (plain
+    PyTorch). A module that defines the three functions is one."""
+
+    def build_quadtree(self, scores: Tensor, height: int, width: int, min_patch_size: int, max_patch_size: int,
+                       n_patches: int) -> Tensor: ...
+
+    def extract_patches(self, images: Tensor, boxes: Tensor, patch_size: int, mode: str) -> Tensor: ...
+
+    def leaf_centers(self, boxes: Tensor, min_patch_size: int) -> Tensor: ...
 
 
 @dataclass
@@ -61,29 +72,6 @@ class Mosaic:
         return tokens_to_grid(features, self.boxes, self.min_patch_size, self.image_size)
 
 
-def _check_images(images) -> None:
-    if not isinstance(images, Tensor):
-        raise TypeError(f"images must be a Tensor [B, C, H, W], got {type(images).__name__}")
-    if images.dim() != 4:
-        raise ValueError(f"images must have rank 4 [B, C, H, W], got rank {images.dim()} {list(images.shape)}")
-    if images.dtype not in _IMAGE_DTYPES:
-        raise TypeError(f"images must be float16, bfloat16, float32 or float64, got {images.dtype}"
-                        + (" (convert with images.float() / 255)" if images.dtype == torch.uint8 else ""))
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch (B=0): tokenize needs at least one image")
-    if images.shape[1] == 0:
-        raise ValueError("images has no channels (C=0)")
-    if images.shape[2] == 0 or images.shape[3] == 0:
-        raise ValueError(f"images have no pixels (H x W = {images.shape[2]} x {images.shape[3]}): height and width "
-                         f"must be positive multiples of max_patch_size")
-
-
-def check_nan_policy(nan_policy) -> str:
-    if not isinstance(nan_policy, str) or nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {', '.join(map(repr, NAN_POLICIES))}, got {nan_policy!r}")
-    return nan_policy
-
-
 def _rank_non_finite_lowest(packed: Tensor) -> Tensor:
     """``nan_policy="lowest"``: NaN and -Inf scores become the lowest finite value of the scores' dtype, +Inf the
     highest. Elementwise, so no host synchronisation, and the same on every device."""
@@ -99,23 +87,6 @@ def _first_non_finite_pixel(images: Tensor) -> str | None:
     batch, channel, y, x = bad.nonzero()[0].tolist()
     return (f"{int(bad.sum())} NaN or Inf values (the first, {images[batch, channel, y, x].item()}, in image "
             f"{batch}, channel {channel}, at (y, x) = ({y}, {x}))")
-
-
-def _score_pyramid(scores, images: Tensor, geometry: QuadtreeGeometry) -> Tensor:
-    batch = images.shape[0]
-    if isinstance(scores, Tensor):
-        if scores.dim() != 3:
-            raise ValueError(f"scores given as a Tensor must be a dense saliency map of rank 3 [B, h, w], got rank "
-                             f"{scores.dim()} {list(scores.shape)}; pass a pyramid as a list or dict of maps")
-        if not scores.is_floating_point():
-            raise TypeError(f"scores must be floating point, got {scores.dtype}")
-        if scores.device != images.device:
-            raise ValueError(f"scores is on {scores.device} but images are on {images.device}: put both on one "
-                             f"device")
-        if scores.shape[0] != batch:
-            raise ValueError(f"scores has batch size {scores.shape[0]} but images has {batch}")
-        scores = saliency_to_pyramid(scores, geometry)
-    return pack_pyramid(scores, geometry, batch, images.device)
 
 
 def _patch_sizes(scores, min_patch_size: int | None, max_patch_size: int | None) -> tuple[int, int]:
@@ -135,7 +106,7 @@ def _is_scorer(scores) -> bool:
     return callable(scores) and not isinstance(scores, Tensor)
 
 
-def _build_quadtree(backend: ModuleType, packed: Tensor, images: Tensor, geometry: QuadtreeGeometry,
+def _build_quadtree(backend: Backend, packed: Tensor, images: Tensor, geometry: QuadtreeGeometry,
                     n_patches: int, scorer) -> Tensor:
     """The backend's quadtree; when it rejects non-finite scores on the CPU, the error says where they come from."""
     try:
@@ -159,37 +130,9 @@ def _build_quadtree(backend: ModuleType, packed: Tensor, images: Tensor, geometr
         raise
 
 
-def _tokenize(backend: ModuleType, images: Tensor, scores, n_patches: int, min_patch_size: int | None,
-              max_patch_size: int | None, patch_size: int | None, mode: str, nan_policy: str = "raise") -> Mosaic:
-    _check_images(images)
-    min_patch_size, max_patch_size = _patch_sizes(scores, min_patch_size, max_patch_size)
-    height, width = images.shape[-2:]
-    geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
-    n_patches = geometry.check_n_patches(n_patches)
-    patch_size = geometry.min_patch_size if patch_size is None else check_int(
-        "patch_size", patch_size, low=1, valid="a positive int or None (= min_patch_size)")
-    if mode not in ("area", "bilinear"):
-        raise ValueError(f"mode must be 'area' or 'bilinear', got {mode!r}")
-    check_nan_policy(nan_policy)
-    scorer = scores if _is_scorer(scores) else None
-    if scorer is not None:
-        scores = scorer(images)
-    packed = _score_pyramid(scores, images, geometry)
-    if nan_policy == "lowest":
-        packed = _rank_non_finite_lowest(packed)
-    boxes = _build_quadtree(backend, packed, images, geometry, n_patches, scorer)
-    return Mosaic(
-        tokens=backend.extract_patches(images, boxes, patch_size, mode),
-        boxes=boxes,
-        centers=backend.leaf_centers(boxes, geometry.min_patch_size),
-        min_patch_size=geometry.min_patch_size,
-        image_size=(height, width),
-    )
-
-
 def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int | None = None,
              max_patch_size: int | None = None, patch_size: int | None = None, mode: str = "area",
-             nan_policy: str = "raise") -> Mosaic:
+             nan_policy: str = "raise", *, backend: Backend = ops) -> Mosaic:
     """Splits each image into a quadtree of ``n_patches`` square leaves, greedily by score, and resizes every leaf
     to one token size.
 
@@ -200,15 +143,19 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int |
     Args:
         images: ``[B, C, H, W]`` float16, bfloat16, float32 or float64, B >= 1. H and W must be multiples of
             ``max_patch_size`` (non-square images are fine).
-        scores: the split priority, higher splits first, on the images' device, in one of three forms:
+        scores: the split priority, higher splits first, on the images' device, in one of four forms:
 
             - a score pyramid: a list of maps ordered coarse to fine, one per splittable patch size
               s = max_patch_size, max_patch_size/2, ..., 2*min_patch_size, the map of size s being ``[B, H/s, W/s]``;
               or a dict ``{s: map}``;
+            - a packed pyramid, :class:`mixres.PackedPyramid`: the maps flattened and concatenated, ``[B, P]``,
+              with the geometry they were computed for (which must be this one). Taken as it is, without a copy;
             - a dense saliency map ``[B, h, w]`` with the images' aspect ratio (e.g. Grad-CAM). Each patch's score
               is the **sum** of the map over its area (after the map is brought to the min_patch_size grid: cell
               averages when it divides evenly, bilinear resampling otherwise);
-            - a scorer: a callable ``scorer(images) -> pyramid``, such as :class:`mixres.scorers.PixelBlur`.
+            - a scorer: a callable ``scorer(images) -> pyramid``, such as :class:`mixres.scorers.PixelBlur`. A
+              :class:`mixres.scorers.Scorer` is asked for its packed pyramid, ``scorer.packed(images)``, which
+              PixelBlur computes directly.
 
             Scores must be finite (but see ``nan_policy``). float16/bfloat16 maps are compared (and a dense one
             summed) as float32.
@@ -231,6 +178,9 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int |
               as the highest, so patches with NaN scores are split last; ties go to raster order as always. It
               costs one elementwise pass over the packed scores (no synchronisation) and gives the same leaves
               on every device.
+        backend: the ops that build the quadtree and compute the tokens and centres (:class:`Backend`): the default
+            :mod:`mixres.ops`, or :mod:`mixres.reference` for plain PyTorch (what ``mixres.reference.tokenize``
+            does). Both give the same mosaic.
 
     Non-finite pixels: tokenize itself resizes them like any other value (a leaf that holds a NaN gives NaN
     tokens, as ``F.interpolate`` would). The scorers that read pixel values (PixelBlur, Entropy, FeatureBased,
@@ -248,7 +198,8 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int |
         ValueError: patch sizes that contradict the scorer's, a wrong rank or shape, an empty batch or image, images
             and scores on different devices, H or W not a multiple of max_patch_size, a patch-size ratio that is
             not a power of two, an unreachable n_patches (the message names the nearest valid ones), NaN or Inf
-            scores with ``nan_policy="raise"`` (on the CPU; see above for CUDA), an unknown mode or nan_policy.
+            scores with ``nan_policy="raise"`` (on the CPU; see above for CUDA), an unknown mode or nan_policy, a
+            packed pyramid of another geometry.
 
     Example:
         >>> images = torch.rand(2, 3, 256, 256)
@@ -258,4 +209,27 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int |
         (torch.Size([2, 100, 3, 16, 16]), torch.Size([2, 100, 3]))
         >>> mosaic = mixres.tokenize(images, mixres.PixelBlur(16, 32), n_patches=100)  # sizes from the scorer
     """
-    return _tokenize(ops, images, scores, n_patches, min_patch_size, max_patch_size, patch_size, mode, nan_policy)
+    check_images(images)
+    min_patch_size, max_patch_size = _patch_sizes(scores, min_patch_size, max_patch_size)
+    height, width = images.shape[-2:]
+    geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
+    n_patches = geometry.check_n_patches(n_patches)
+    patch_size = geometry.min_patch_size if patch_size is None else check_int(
+        "patch_size", patch_size, low=1, valid="a positive int or None (= min_patch_size)")
+    check_resize_mode(mode)
+    check_nan_policy(nan_policy)
+    scorer = scores if _is_scorer(scores) else None
+    if scorer is not None:
+        # A Scorer packs its own pyramid, without a list of maps in between where it computes the packed layout.
+        scores = scorer.packed(images) if isinstance(scorer, Scorer) else scorer(images)
+    packed = pack_scores(scores, geometry, images.shape[0], images.device)
+    if nan_policy == "lowest":
+        packed = _rank_non_finite_lowest(packed)
+    boxes = _build_quadtree(backend, packed, images, geometry, n_patches, scorer)
+    return Mosaic(
+        tokens=backend.extract_patches(images, boxes, patch_size, mode),
+        boxes=boxes,
+        centers=backend.leaf_centers(boxes, geometry.min_patch_size),
+        min_patch_size=geometry.min_patch_size,
+        image_size=(height, width),
+    )

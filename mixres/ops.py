@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .checks import check_tensor
+from .pyramid import packed_length
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.mixres)
@@ -57,9 +59,7 @@ def has_kernel(device: torch.device | str) -> bool:
 
 def _use_kernel(name: str, tensor: Tensor) -> bool:
     """Whether the compiled kernel runs on ``tensor``'s device (else the reference, with a one-time warning)."""
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(tensor).__name__}")
-    device = tensor.device
+    device = check_tensor(name, tensor).device
     if has_kernel(device):
         return True
     if device.type not in _warned:
@@ -73,7 +73,7 @@ def _use_kernel(name: str, tensor: Tensor) -> bool:
 
 def build_quadtree(scores: Tensor, height: int, width: int, min_patch_size: int, max_patch_size: int,
                    n_patches: int) -> Tensor:
-    """Greedy quadtree. ``scores [B, P]`` packed pyramid (:func:`mixres.pyramid.pack_pyramid`) -> boxes
+    """Greedy quadtree. ``scores [B, P]`` packed pyramid (:func:`mixres.pyramid.pack_scores`) -> boxes
     ``[B, n_patches, 3]`` int32 (y, x, size), in raster order of the corners."""
     impl = torch.ops.mixres.build_quadtree if _use_kernel("scores", scores) else reference.build_quadtree
     return impl(scores, height, width, min_patch_size, max_patch_size, n_patches)
@@ -126,11 +126,7 @@ if _IMPORT_ERROR is None:
     def _(images, min_patch_size, max_patch_size):
         torch._check(images.dim() == 4, lambda: "images must be [B, C, H, W]")
         torch._check(0 < min_patch_size <= max_patch_size, lambda: "need 0 < min_patch_size <= max_patch_size")
-        height, width = images.shape[-2:]
-        n_scores, size = 0, max_patch_size  # QuadtreeGeometry.n_scores, in arithmetic that symbolic sizes support
-        while size > min_patch_size:
-            n_scores += (height // size) * (width // size)
-            size //= 2
+        n_scores = packed_length(images.shape[-2], images.shape[-1], min_patch_size, max_patch_size)
         dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
         return images.new_empty(images.shape[0], n_scores, dtype=dtype)
 

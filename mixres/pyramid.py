@@ -2,12 +2,16 @@
 
 A score pyramid holds one map per splittable patch size s (s_max, s_max/2, ..., 2*s_min), coarse to fine; the map
 of size s is ``[B, H/s, W/s]`` and scores the splitting of each s x s patch. The kernels take it *packed*: every
-map flattened row-major and concatenated, ``[B, P]``.
+map flattened row-major and concatenated, ``[B, P]``, P = :func:`packed_length`.
+
+The forms a pyramid takes, each turned into the next by one function here: a dense saliency map ``[B, h, w]``
+(:func:`saliency_to_pyramid`), a sequence or dict of maps (:func:`pack_pyramid`), and the packed tensor with its
+geometry (:class:`PackedPyramid`, which :meth:`PackedPyramid.maps` splits back into views). :func:`pack_scores`
+takes any of them.
 """
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,37 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_batch, check_device, check_floating, check_int, check_map, check_rank, check_tensor
+
 MAX_IMAGE_SIDE = 2**31 - 1  # boxes are int32 (y, x, size)
 
-__all__ = ["QuadtreeGeometry", "valid_n_patches", "default_max_patch_size", "pack_pyramid", "saliency_to_pyramid",
-           "check_int", "MAX_IMAGE_SIDE"]
+__all__ = ["QuadtreeGeometry", "PackedPyramid", "valid_n_patches", "default_max_patch_size", "packed_length",
+           "pack_pyramid", "pack_scores", "pyramid_maps", "saliency_to_pyramid", "MAX_IMAGE_SIDE"]
 
 
-def check_int(name: str, value, low: int | None = None, high: int | None = None, valid: str | None = None) -> int:
-    """``value`` as a Python int, for the sizes, counts and seeds of mixres: a Python int or any integer scalar
-    that implements ``__index__`` (NumPy's ``np.int64(100)``), within ``[low, high]``.
-
-    A bool is not a count, and a Tensor is refused too: reading its value would synchronise with its device (and
-    specialise a compiled graph on it); pass ``int(t)``. ``valid`` describes the valid values in the errors
-    (default: from ``low`` and ``high``).
-
-    Raises:
-        TypeError: not an integer (a float, a str, a bool, a Tensor...), naming ``name``.
-        ValueError: outside ``[low, high]``, naming ``name`` and the range.
-    """
-    if valid is None:
-        valid = ("a positive int" if low == 1 and high is None else
-                 f"an int >= {low}" if high is None else f"an int from {low} to {high}")
-    if isinstance(value, bool) or isinstance(value, Tensor) or not hasattr(type(value), "__index__"):
-        hint = ": pass int(value)" if isinstance(value, Tensor) else ""
-        raise TypeError(f"{name} must be {valid}, got {type(value).__name__} {value!r}{hint}")
-    try:
-        number = operator.index(value)
-    except TypeError:  # NumPy's bool has __index__ but refuses to be an index
-        raise TypeError(f"{name} must be {valid}, got {type(value).__name__} {value!r}") from None
-    if (low is not None and number < low) or (high is not None and number > high):
-        raise ValueError(f"{name} must be {valid}, got {number}")
-    return number
+def packed_length(height: int, width: int, min_patch_size: int, max_patch_size: int) -> int:
+    """P, the length of a packed pyramid: the cells of every splittable level, ``sum (H/s)(W/s)`` over
+    s = max_patch_size, max_patch_size/2, ..., 2*min_patch_size. In arithmetic that symbolic sizes support, so the
+    ops' fake kernels use it too (under ``torch.compile`` the image sides may be ``SymInt``)."""
+    length, size = 0, max_patch_size
+    while size > min_patch_size:
+        length += (height // size) * (width // size)
+        size //= 2
+    return length
 
 
 @dataclass(frozen=True)
@@ -109,7 +99,7 @@ class QuadtreeGeometry:
     @property
     def n_scores(self) -> int:
         """P, the length of a packed pyramid."""
-        return sum(math.prod(self.grid(s)) for s in self.splittable_sizes)
+        return packed_length(self.height, self.width, self.min_patch_size, self.max_patch_size)
 
     def valid_n_patches(self) -> list[int]:
         return list(range(self.n_roots, self.max_patches + 1, 3))
@@ -130,6 +120,43 @@ class QuadtreeGeometry:
             f"and at most {hi}; nearest valid: {' or '.join(map(str, nearest))}")
 
 
+@dataclass(frozen=True, eq=False)
+class PackedPyramid:
+    """A score pyramid in the layout the quadtree kernels take: every map flattened row-major and concatenated,
+    coarse to fine, ``scores [B, P]`` with P = ``geometry.n_scores``.
+
+    It is what :func:`mixres.ops.pixel_blur_scores` computes and what a scorer's ``packed(images)`` returns, and
+    :func:`mixres.tokenize` takes it as it is, where it would concatenate a list of maps. The geometry travels with
+    the scores, since P alone does not tell the image's shape: tokenize checks that it is its own.
+
+    Raises:
+        TypeError: scores not a floating-point Tensor, or geometry not a :class:`QuadtreeGeometry`.
+        ValueError: scores not ``[B, geometry.n_scores]``.
+    """
+
+    scores: Tensor
+    geometry: QuadtreeGeometry
+
+    def __post_init__(self):
+        check_floating("scores", check_tensor("scores", self.scores))
+        if not isinstance(self.geometry, QuadtreeGeometry):
+            raise TypeError(f"geometry must be a QuadtreeGeometry, got {type(self.geometry).__name__}")
+        if self.scores.dim() != 2 or self.scores.shape[1] != self.geometry.n_scores:
+            raise ValueError(f"a packed pyramid of {_describe(self.geometry)} must be [B, {self.geometry.n_scores}], "
+                             f"got {list(self.scores.shape)}")
+
+    def maps(self) -> list[Tensor]:
+        """The pyramid as maps, coarse to fine, the map of patch size s ``[B, H/s, W/s]``: views of ``scores``."""
+        grids = [self.geometry.grid(size) for size in self.geometry.splittable_sizes]
+        levels = self.scores.split([rows * cols for rows, cols in grids], dim=1)
+        return [level.view(self.scores.shape[0], *grid) for level, grid in zip(levels, grids)]
+
+
+def _describe(geometry: QuadtreeGeometry) -> str:
+    return (f"a {geometry.height}x{geometry.width} image with patches of {geometry.min_patch_size} to "
+            f"{geometry.max_patch_size} px")
+
+
 def valid_n_patches(height: int, width: int | None = None, min_patch_size: int = 16,
                     max_patch_size: int = 64) -> list[int]:
     """Every reachable ``n_patches`` for an image of ``height x width`` (square when ``width`` is None).
@@ -146,18 +173,6 @@ def default_max_patch_size(height: int, width: int, min_patch_size: int) -> int:
     sizes that would fit."""
     return next((min_patch_size * factor for factor in (4, 2) if height % (min_patch_size * factor) == 0
                  and width % (min_patch_size * factor) == 0), min_patch_size)
-
-
-def _check_map(name: str, value, batch: int, shape: tuple[int, int], device: torch.device) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {value.dtype}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but images are on {device}: put both on one device")
-    if tuple(value.shape) != (batch, *shape):
-        raise ValueError(f"{name} must have shape [B, H/s, W/s] = {[batch, *shape]}, got {list(value.shape)}")
-    return value
 
 
 def _concrete(device: torch.device) -> torch.device:
@@ -192,12 +207,37 @@ def pack_pyramid(scores, geometry: QuadtreeGeometry, batch: int, device: torch.d
     """
     maps = pyramid_maps(scores, geometry.splittable_sizes, "scores")
     device = _concrete(torch.device(device))
-    maps = [_check_map(f"scores map of patch size {s}", m, batch, geometry.grid(s), device)
+    maps = [check_map(f"scores map of patch size {s}", m, batch, geometry.grid(s), device)
             for s, m in zip(geometry.splittable_sizes, maps)]
     dtype = torch.float64 if any(m.dtype == torch.float64 for m in maps) else torch.float32
     if not maps:
         return torch.zeros(batch, 0, dtype=dtype, device=device)
     return torch.cat([m.flatten(1).to(dtype) for m in maps], dim=1)
+
+
+def pack_scores(scores, geometry: QuadtreeGeometry, batch: int, device: torch.device) -> Tensor:
+    """Scores in any of the forms :func:`mixres.tokenize` takes, packed ``[B, P]`` (float32, or float64 when they are):
+
+    - a :class:`PackedPyramid` of this geometry, taken as it is (converted only from another dtype);
+    - a dense saliency map ``[B, h, w]``, summed over each patch by :func:`saliency_to_pyramid`;
+    - a sequence or dict of maps, packed by :func:`pack_pyramid`.
+
+    ``batch`` and ``device`` are the images'.
+    """
+    device = _concrete(torch.device(device))
+    if isinstance(scores, PackedPyramid):
+        if scores.geometry != geometry:
+            raise ValueError(f"scores is a packed pyramid of {_describe(scores.geometry)}, but these images and "
+                             f"patch sizes make {_describe(geometry)}")
+        packed = check_batch("scores", check_device("scores", scores.scores, device), batch)
+        return packed.to(torch.float64 if packed.dtype == torch.float64 else torch.float32)
+    if isinstance(scores, Tensor):
+        if scores.dim() != 3:
+            raise ValueError(f"scores given as a Tensor must be a dense saliency map of rank 3 [B, h, w], got rank "
+                             f"{scores.dim()} {list(scores.shape)}; pass a pyramid as a list or dict of maps")
+        check_batch("scores", check_device("scores", check_floating("scores", scores), device), batch)
+        scores = saliency_to_pyramid(scores, geometry)
+    return pack_pyramid(scores, geometry, batch, device)
 
 
 def saliency_to_pyramid(saliency: Tensor, geometry: QuadtreeGeometry) -> list[Tensor]:
@@ -209,12 +249,7 @@ def saliency_to_pyramid(saliency: Tensor, geometry: QuadtreeGeometry) -> list[Te
     float16 and bfloat16 maps are summed in float32 (half precision would round the sums, and so the ranking);
     the maps come out float32, or float64 for a float64 map.
     """
-    if not isinstance(saliency, Tensor):
-        raise TypeError(f"saliency must be a Tensor [B, h, w], got {type(saliency).__name__}")
-    if saliency.dim() != 3:
-        raise ValueError(f"saliency must have rank 3 [B, h, w], got rank {saliency.dim()} {list(saliency.shape)}")
-    if not saliency.is_floating_point():
-        raise TypeError(f"saliency must be floating point, got {saliency.dtype}")
+    check_floating("saliency", check_rank("saliency", saliency, 3, "[B, h, w]"))
     if saliency.dtype in (torch.float16, torch.bfloat16):
         saliency = saliency.float()
     batch, h, w = saliency.shape

@@ -4,6 +4,10 @@ baseline of the benchmarks.
 Same signatures and results as ``torch.ops.mixres.*``. It is written for clarity over speed, but batched, as a
 competent plain-PyTorch version would be: the greedy loop runs once per split for the whole batch, and leaves are
 resized with one ``F.interpolate`` per leaf size.
+
+``mixres.reference.tokenize`` is :func:`mixres.tokenize` run on these ops (``backend=mixres.reference``). This
+module holds the ops alone and imports nothing of the tokenizer, which itself runs on :mod:`mixres.ops`, which
+falls back to this module; so that function is bound where both are imported, in ``mixres/__init__.py``.
 """
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import (check_boxes, check_boxes_inside, check_float_dtype, check_plain_int, check_resize_mode,
+                     check_tensor)
 from .pyramid import QuadtreeGeometry, pack_pyramid
 
 __all__ = ["build_quadtree", "extract_patches", "leaf_centers", "pixel_blur_scores"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The C++ ops' limit on a token's side and on a pixel-blur patch's (op_checks.h).
 MAX_PATCH_SIDE = 1 << 15
 PIXEL_BLUR_NOT_DIFFERENTIABLE = (
@@ -57,7 +62,7 @@ def build_quadtree(scores: Tensor, height: int, width: int, min_patch_size: int,
     """Greedy quadtree from a packed score pyramid ``[B, P]``. Returns boxes ``[B, n_patches, 3]`` int32."""
     geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
     geometry.check_n_patches(n_patches)
-    _check_tensor("scores", scores, "mixres.build_quadtree")
+    check_tensor("scores", scores, "mixres.build_quadtree")
     if scores.dim() != 2 or scores.shape[1] != geometry.n_scores:
         raise ValueError(f"scores must be the packed pyramid [B, {geometry.n_scores}], got {list(scores.shape)}")
     if scores.dtype not in (torch.float32, torch.float64):
@@ -95,18 +100,13 @@ def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str) -
     as the C++ op checks them, every box inside the image, before anything is allocated.
     """
     op = "mixres.extract_patches"
-    if mode not in ("area", "bilinear"):
-        raise ValueError(f"mode must be 'area' or 'bilinear', got {mode!r}")
-    _check_tensor("images", images, op)
+    check_resize_mode(mode)
+    check_tensor("images", images, op)
     if images.dim() != 4:
         raise ValueError(f"{op}: images must be [B, C, H, W], got {list(images.shape)}")
-    if images.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: images must be float16, bfloat16, float32 or float64, got {images.dtype}")
-    _check_boxes(boxes, images.shape[0], op)
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
-        raise TypeError(f"{op}: patch_size must be an int, got {patch_size!r}")
-    if not 0 < patch_size <= MAX_PATCH_SIDE:
-        raise ValueError(f"{op}: patch_size must be in [1, {MAX_PATCH_SIDE}], got {patch_size}")
+    check_float_dtype("images", images, op)
+    check_boxes(boxes, images.shape[0], op)
+    check_plain_int("patch_size", patch_size, op, high=MAX_PATCH_SIDE)
     if boxes.device != images.device:
         raise ValueError(f"{op}: images and boxes must be on the same device, got images on {images.device} and "
                          f"boxes on {boxes.device}")
@@ -115,7 +115,7 @@ def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str) -
     token_shape = [batch, n_leaves, channels, patch_size, patch_size]
     if math.prod(max(size, 1) for size in token_shape) * images.element_size() >= 2**63:
         raise ValueError(f"{op}: the tokens [B, N, C, p, p] = {token_shape} would take more than 2^63 bytes")
-    _check_boxes_inside(boxes, height, width, op)
+    check_boxes_inside(boxes, height, width, op)
     boxes = boxes.long()
     tokens = images.new_zeros(batch, n_leaves, channels, patch_size, patch_size)
     if tokens.numel() == 0:
@@ -144,11 +144,8 @@ def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str) -
 
 def leaf_centers(boxes: Tensor, min_patch_size: int) -> Tensor:
     """Leaf centres ``[B, N, 2]`` float32, (y, x) in units of the s_min grid: ``(corner + size/2) / s_min - 0.5``."""
-    _check_boxes(boxes, None, "mixres.leaf_centers")
-    if isinstance(min_patch_size, bool) or not isinstance(min_patch_size, int):
-        raise TypeError(f"mixres.leaf_centers: min_patch_size must be an int, got {min_patch_size!r}")
-    if min_patch_size <= 0:
-        raise ValueError(f"mixres.leaf_centers: min_patch_size must be positive, got {min_patch_size}")
+    check_boxes(boxes, None, "mixres.leaf_centers")
+    check_plain_int("min_patch_size", min_patch_size, "mixres.leaf_centers")
     corner = boxes[..., :2].float()
     size = boxes[..., 2:].float()
     return (corner + size * 0.5) / float(min_patch_size) - 0.5
@@ -176,11 +173,10 @@ def pixel_blur_scores(images: Tensor, min_patch_size: int, max_patch_size: int) 
     raises ``NotImplementedError`` (as the C++ op's does) rather than dropping their gradient silently.
     """
     op = "mixres.pixel_blur_scores"
-    _check_tensor("images", images, op)
+    check_tensor("images", images, op)
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got {list(images.shape)}")
-    if images.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"images must be float16, bfloat16, float32 or float64, got {images.dtype}")
+    check_float_dtype("images", images)
     if images.shape[1] == 0:
         raise ValueError(f"images must have at least one channel, got {list(images.shape)}")
     if isinstance(max_patch_size, int) and max_patch_size > MAX_PATCH_SIDE:
@@ -218,41 +214,3 @@ def _pixel_blur_scores(images: Tensor, geometry: QuadtreeGeometry) -> Tensor:
         mse = blurred.sub_(patches).square_().mean(dim=(1, 2, 3))  # in place: these are image-sized
         maps.append(mse.reshape(batch, *geometry.grid(size)) * size)
     return pack_pyramid(maps, geometry, batch, images.device)
-
-
-def _check_tensor(name: str, value, op: str) -> None:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
-
-
-def _check_boxes(boxes: Tensor, batch: int | None, op: str) -> None:
-    """``boxes [B, N, 3]`` int32, B = ``batch`` unless None: the C++ ops' check_boxes, with their messages."""
-    _check_tensor("boxes", boxes, op)
-    if boxes.dim() != 3 or (batch is not None and boxes.shape[0] != batch) or boxes.shape[2] != 3:
-        expected = "B" if batch is None else f"B={batch}"
-        raise ValueError(f"{op}: boxes must be [{expected}, N, 3], got {list(boxes.shape)}")
-    if boxes.dtype != torch.int32:
-        raise TypeError(f"{op}: boxes must be int32, got {boxes.dtype}")
-
-
-def _check_boxes_inside(boxes: Tensor, height: int, width: int, op: str) -> None:
-    """Every box a square of positive side inside the image (in int64: y + size may overflow an int32)."""
-    y, x, size = boxes.long().unbind(-1)
-    outside = (size < 1) | (y < 0) | (x < 0) | (y + size > height) | (x + size > width)
-    if outside.any():
-        b, n = outside.nonzero()[0].tolist()
-        y, x, size = boxes[b, n].tolist()
-        raise ValueError(f"{op}: boxes[{b}, {n}] (y={y}, x={x}, size={size}) is not inside the {height}x{width} "
-                         f"image: need size >= 1, 0 <= y <= {height} - size and 0 <= x <= {width} - size")
-
-
-def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int | None = None,
-             max_patch_size: int | None = None, patch_size: int | None = None, mode: str = "area",
-             nan_policy: str = "raise"):
-    """:func:`mixres.tokenize` computed with the functions of this module only."""
-    import sys
-
-    from .mosaic import _tokenize
-
-    return _tokenize(sys.modules[__name__], images, scores, n_patches, min_patch_size, max_patch_size, patch_size,
-                     mode, nan_policy)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mixres
+from mixres.scorers.base import Scorer
 from mixres.scorers.baselines import Precomputed, Random, Uniform
 from mixres.scorers.entropy import Entropy
 
@@ -249,3 +250,25 @@ def test_entropy_checks_its_arguments():
             Entropy(value_range=value_range)
     with pytest.raises(ValueError, match="multiple of max_patch_size"):
         Entropy()(torch.rand(1, 3, 100, 64))
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_packed_is_the_pyramid_packed_with_its_geometry(name):
+    images = torch.rand(2, 3, 128, 192)
+    scorer = SCORERS[name](8, 64, 2)
+    packed = scorer.packed(images)
+    assert packed.geometry == mixres.QuadtreeGeometry(128, 192, 8, 64)
+    assert torch.equal(packed.scores, oracles.pack(scorer(images), 2))
+
+
+def test_a_scorer_that_returns_a_dense_map_still_tokenizes():
+    """A Scorer's pyramid may be a dense saliency map, as any scores may: packed() sums it over each patch."""
+    class Brightness(Scorer):
+        def __call__(self, images):
+            return images.mean(dim=1)
+
+    images = torch.rand(2, 3, 128, 192, generator=torch.Generator().manual_seed(6))
+    pyramid = oracles.saliency_pyramid(images.mean(dim=1), 128, 192, 16, 64)
+    torch.testing.assert_close(Brightness(16, 64).packed(images).scores, oracles.pack(pyramid, 2))
+    oracles.assert_matches(mixres.tokenize(images, Brightness(16, 64), n_patches=30),
+                           oracles.tokenize(images, pyramid, 30))

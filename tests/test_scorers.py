@@ -121,6 +121,10 @@ def test_op_packs_its_maps_and_scorer_returns_views():
     # The maps are views of one packed tensor, in the packed layout.
     assert all(m.untyped_storage().data_ptr() == pyramid[0].untyped_storage().data_ptr() for m in pyramid)
     assert [tuple(m.shape) for m in pyramid] == [(2, 2, 3), (2, 4, 6), (2, 8, 12)]
+    # packed() is the op's output as it is, with its geometry.
+    packed_pyramid = PixelBlur(8, 64).packed(images)
+    assert torch.equal(packed_pyramid.scores, packed)
+    assert packed_pyramid.geometry == QuadtreeGeometry(128, 192, 8, 64)
 
 
 def test_op_channels_last_and_noncontiguous_images():

@@ -1,6 +1,8 @@
 """mixres.tokenize: outputs, score forms (each against the independent oracle, oracles.tokenize), the reference
 fallback and every bad-input case."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,6 +108,54 @@ def test_a_scorer_in_place_of_scores():
                            oracles.tokenize(images, oracles.pixel_blur_pyramid(images, 16, 64), 33))
 
 
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_a_packed_pyramid_in_place_of_its_maps(tokenizer):
+    images, pyramid = make_inputs(seed=3)
+    packed = mixres.PackedPyramid(oracles.pack(pyramid, 2), mixres.QuadtreeGeometry(256, 192, 16, 64))
+    oracles.assert_matches(TOKENIZERS[tokenizer](images, packed, n_patches=63),
+                           oracles.tokenize(images, pyramid, 63))
+
+
+def recording_backend(ops_module, calls: list) -> SimpleNamespace:
+    """The three ops of ``ops_module``, each noting its name and arguments in ``calls`` when it runs."""
+    def recording(name):
+        def run(*args):
+            calls.append((name, args))
+            return getattr(ops_module, name)(*args)
+        return run
+    return SimpleNamespace(**{name: recording(name) for name in ("build_quadtree", "extract_patches", "leaf_centers")})
+
+
+def test_tokenize_runs_on_the_backend_it_is_given(monkeypatch):
+    images, pyramid = make_inputs(seed=4)
+    expected = oracles.tokenize(images, pyramid, 63)
+    calls = []
+    oracles.assert_matches(mixres.tokenize(images, pyramid, n_patches=63, backend=recording_backend(
+        mixres.reference, calls)), expected)
+    assert [name for name, _ in calls] == ["build_quadtree", "extract_patches", "leaf_centers"]
+    # The reference's tokenize is that backend: it runs without mixres.ops.
+    for name in ("build_quadtree", "extract_patches", "leaf_centers"):
+        monkeypatch.setattr(ops, name, lambda *args: pytest.fail("the reference tokenizer ran mixres.ops"))
+    oracles.assert_matches(mixres.reference.tokenize(images, pyramid, n_patches=63), expected)
+
+
+def test_a_scorer_that_packs_its_scores_hands_them_to_the_quadtree_as_they_are(monkeypatch):
+    """PixelBlur's fused op computes the packed layout: tokenize takes it without splitting it into maps and
+    concatenating them again."""
+    computed, calls = [], []
+    pixel_blur_scores = ops.pixel_blur_scores
+
+    def recording_pixel_blur_scores(*args):
+        computed.append(pixel_blur_scores(*args))
+        return computed[-1]
+
+    monkeypatch.setattr(ops, "pixel_blur_scores", recording_pixel_blur_scores)
+    images = torch.rand(2, 3, 128, 192, generator=torch.Generator().manual_seed(5))
+    mosaic = mixres.tokenize(images, mixres.PixelBlur(16, 64), n_patches=30, backend=recording_backend(ops, calls))
+    assert len(computed) == 1 and calls[0][0] == "build_quadtree" and calls[0][1][0] is computed[0]
+    oracles.assert_matches(mosaic, oracles.tokenize(images, oracles.pixel_blur_pyramid(images, 16, 64), 30))
+
+
 def test_gradients_reach_the_images():
     images, pyramid = make_inputs()
     images.requires_grad_()
@@ -144,6 +194,7 @@ def test_docstring_documents_shapes_and_errors():
         assert phrase in doc
 
 
+PACKED_GEOMETRY = mixres.QuadtreeGeometry(256, 192, 16, 64)  # make_inputs' images: P = 4 * 3 + 8 * 6 = 60
 BAD_INPUTS = [
     # (what, kwargs changes, exception, message pattern)
     ("rank", dict(images=torch.rand(3, 256, 192)), ValueError, r"images must have rank 4"),
@@ -180,6 +231,14 @@ BAD_INPUTS = [
      r"max_patch_size=64 but the scorer PixelBlur\(min_patch_size=16, max_patch_size=32\).*max_patch_size=32"),
     ("device mix", dict(scores=[torch.rand(2, 4, 3, device="meta"), torch.rand(2, 8, 6)]), ValueError,
      r"is on meta but images are on cpu"),
+    ("packed pyramid of other sizes", dict(scores=mixres.PackedPyramid(
+        torch.rand(2, 12), mixres.QuadtreeGeometry(256, 192, 32, 64))), ValueError,
+     r"scores is a packed pyramid of a 256x192 image with patches of 32 to 64 px, but these images and patch "
+     r"sizes make a 256x192 image with patches of 16 to 64 px"),
+    ("packed pyramid batch", dict(scores=mixres.PackedPyramid(torch.rand(3, 60), PACKED_GEOMETRY)), ValueError,
+     r"scores has batch size 3 but images has 2"),
+    ("packed pyramid device", dict(scores=mixres.PackedPyramid(torch.rand(2, 60, device="meta"), PACKED_GEOMETRY)),
+     ValueError, r"scores is on meta but images are on cpu"),
 ]
 
 

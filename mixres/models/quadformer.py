@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..mosaic import Mosaic, _check_images, check_nan_policy, tokenize
+from ..checks import check_images, check_nan_policy, check_resize_mode
+from ..mosaic import Mosaic, tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Scorer, create_scorer
 from .position import LearnedXYEmbed, PositionEmbedding, pos_embed_class
@@ -74,8 +75,7 @@ class Quadformer(nn.Module):
         super().__init__()
         self.patch_size, self.in_chans, image_size = check_vit(vit)
         embedding = pos_embed_class(pos_embed)  # an unknown name fails before anything is built
-        if resize_mode not in ("area", "bilinear"):
-            raise ValueError(f"resize_mode must be 'area' or 'bilinear', got {resize_mode!r}")
+        check_resize_mode(resize_mode, "resize_mode")
         min_patch_size = self.patch_size if min_patch_size is None else min_patch_size
         if max_patch_size is None:
             max_patch_size = default_max_patch_size(*image_size, min_patch_size)
@@ -192,7 +192,7 @@ class Quadformer(nn.Module):
     # ---------------------------------------------------------------------------------------------------- forward
     def check_images(self, images: Tensor) -> None:
         """A clear error for images the ViT cannot take: not ``[B, C, H, W]`` floats, or another channel count."""
-        _check_images(images)
+        check_images(images)
         if images.shape[1] != self.in_chans:
             raise ValueError(f"images must have the ViT's {self.in_chans} input channels, [B, {self.in_chans}, H, W], "
                              f"got {list(images.shape)}")

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_int
 from ..mosaic import Mosaic, tokenize
-from ..pyramid import check_int
 from ..scorers import Uniform
 from .quadformer import Quadformer, check_vit
 

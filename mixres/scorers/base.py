@@ -8,8 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..mosaic import _check_images
-from ..pyramid import QuadtreeGeometry
+from ..checks import check_images
+from ..pyramid import PackedPyramid, QuadtreeGeometry, pack_scores
 
 __all__ = ["Scorer"]
 
@@ -19,7 +19,9 @@ class Scorer:
     ``max_patch_size``, which :func:`mixres.tokenize` reads off the scorer when it is passed one.
 
     Subclasses implement ``__call__``; it returns one map ``[B, H/s, W/s]`` per splittable patch size
-    s = max_patch_size, ..., 2*min_patch_size (coarse to fine), on the images' device.
+    s = max_patch_size, ..., 2*min_patch_size (coarse to fine), on the images' device. :meth:`packed` gives the same
+    scores packed, which is what :func:`mixres.tokenize` asks a Scorer for; a scorer that computes the packed
+    layout itself overrides it (:class:`PixelBlur`), and ``__call__`` then splits it.
 
     Non-finite pixels: a scorer that reads pixel values gives NaN to every patch, of every level, that holds a NaN
     or Inf pixel (in any channel), and scores the other patches from the finite pixels; :func:`mixres.tokenize`'s
@@ -38,11 +40,17 @@ class Scorer:
 
     def geometry(self, images: Tensor) -> QuadtreeGeometry:
         """Validates ``images [B, C, H, W]`` as :func:`mixres.tokenize` does and returns their quadtree geometry."""
-        _check_images(images)
+        check_images(images)
         return QuadtreeGeometry(images.shape[-2], images.shape[-1], self.min_patch_size, self.max_patch_size)
 
     def __call__(self, images: Tensor) -> list[Tensor]:
         raise NotImplementedError
+
+    def packed(self, images: Tensor) -> PackedPyramid:
+        """The pyramid of ``images`` packed ``[B, P]`` with its geometry (float32, or float64 when the maps are):
+        ``self(images)``, flattened and concatenated."""
+        geometry = self.geometry(images)
+        return PackedPyramid(pack_scores(self(images), geometry, images.shape[0], images.device), geometry)
 
 
 def without_non_finite(images: Tensor) -> Tensor:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..pyramid import QuadtreeGeometry, _check_map, check_int, pyramid_maps, saliency_to_pyramid
+from ..checks import check_batch, check_device, check_floating, check_int, check_map
+from ..pyramid import QuadtreeGeometry, pyramid_maps, saliency_to_pyramid
 from .base import Scorer
 
 __all__ = ["Random", "Uniform", "Precomputed"]
@@ -28,11 +29,11 @@ class Random(Scorer):
     leaves that hold them are NaN, as any resize makes them).
 
     Example:
-        >>> scorer = Random(16, 64, seed=0)
         >>> images = torch.rand(2, 3, 256, 256)
-        >>> [m.shape for m in scorer(images)]      # patch sizes 64, 32
-        [torch.Size([2, 4, 4]), torch.Size([2, 8, 8])]
-        >>> mosaic = mixres.tokenize(images, scorer, n_patches=100)
+        >>> first, again = Random(16, 64, seed=0)(images), Random(16, 64, seed=0)(images)
+        >>> all(torch.equal(a, b) for a, b in zip(first, again))   # maps [2, 4, 4] and [2, 8, 8], seeded
+        True
+        >>> mosaic = mixres.tokenize(images, Random(16, 64, seed=0), n_patches=100)
     """
 
     def __init__(self, min_patch_size: int = 16, max_patch_size: int = 64, seed: int | None = None):
@@ -133,8 +134,7 @@ class Precomputed(Scorer):
         for value in maps:
             if not isinstance(value, Tensor):
                 raise TypeError(f"saliency maps must be Tensors, got {type(value).__name__}")
-            if not value.is_floating_point():
-                raise TypeError(f"saliency must be floating point, got {value.dtype}")
+            check_floating("saliency", value)
             if value.dim() != 3:
                 raise ValueError(f"saliency maps of a pyramid must have rank 3 [B, H/s, W/s], got rank {value.dim()} "
                                  f"{list(value.shape)}")
@@ -162,14 +162,10 @@ class Precomputed(Scorer):
         batch = images.shape[0]
         maps = [self.saliency] if isinstance(self.saliency, Tensor) else self.saliency
         for value in maps:
-            if value.device != images.device:
-                raise ValueError(f"saliency is on {value.device} but images are on {images.device}: put both on "
-                                 f"one device")
-            if value.shape[0] != batch:
-                raise ValueError(f"saliency has batch size {value.shape[0]} but images has {batch}")
+            check_batch("saliency", check_device("saliency", value, images.device), batch)
         # float16/bfloat16 saliency is summed and compared in float32: half precision would round the sums.
         maps = [value if value.dtype == torch.float64 else value.float() for value in maps]
         if isinstance(self.saliency, Tensor):
             return saliency_to_pyramid(maps[0], geometry)
-        return [_check_map(f"saliency map of patch size {size}", value, batch, geometry.grid(size), images.device)
+        return [check_map(f"saliency map of patch size {size}", value, batch, geometry.grid(size), images.device)
                 for size, value in zip(geometry.splittable_sizes, maps)]

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..pyramid import check_int
+from ..checks import check_int
 from .base import Scorer, nan_where_pixels_are_not_finite
 
 __all__ = ["Entropy"]

@@ -1,12 +1,11 @@
 """The pixel-blur scorer of the Quadformer paper: no network, only the image's own detail."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .. import ops
+from ..pyramid import PackedPyramid
 from .base import Scorer
 
 __all__ = ["PixelBlur"]
@@ -46,10 +45,13 @@ class PixelBlur(Scorer):
         Returns:
             The score pyramid: one map ``[B, H/s, W/s]`` per s = max_patch_size, ..., 2*min_patch_size (coarse to
             fine), float32 (float64 for float64 images), on the images' device. Empty if the two sizes are equal.
-            The maps are views of one packed ``[B, P]`` tensor (the layout of :func:`mixres.pack_pyramid`).
+            The maps are views of one packed ``[B, P]`` tensor, :meth:`packed`'s.
         """
+        return self.packed(images).maps()
+
+    @torch.no_grad()
+    def packed(self, images: Tensor) -> PackedPyramid:
+        """The same scores as they come out of the fused op, packed ``[B, P]`` (the layout of
+        :func:`mixres.pack_pyramid`), with their geometry; :func:`mixres.tokenize` takes them without a copy."""
         geometry = self.geometry(images)
-        packed = ops.pixel_blur_scores(images, self.min_patch_size, self.max_patch_size)
-        sizes = geometry.splittable_sizes
-        levels = packed.split([math.prod(geometry.grid(s)) for s in sizes], dim=1)
-        return [level.view(images.shape[0], *geometry.grid(s)) for level, s in zip(levels, sizes)]
+        return PackedPyramid(ops.pixel_blur_scores(images, self.min_patch_size, self.max_patch_size), geometry)
