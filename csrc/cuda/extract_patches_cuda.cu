@@ -15,15 +15,12 @@
 #include <cstdint>
 #include <limits>
 
+#include "../box.h"
 #include "../op_checks.h"
 #include "../resample.h"
 
 namespace mixres {
 namespace {
-
-struct Box {
-  int32_t y, x, size;
-};
 
 constexpr int kThreads = 256;
 // Caps the grid; the kernels stride over the rest. With it, 32-bit indices never overflow below kMax32BitWork.
@@ -32,13 +29,6 @@ constexpr int64_t kMax32BitWork = int64_t{1} << 30;
 
 unsigned int n_blocks(int64_t work) {
   return static_cast<unsigned int>(std::min(kMaxBlocks, (work + kThreads - 1) / kThreads));
-}
-
-// The host cannot read the boxes without a sync, so the kernels check them; a failed assert stops the kernel
-// before any read or write outside the image.
-__device__ __forceinline__ bool box_inside(const Box& box, int64_t height, int64_t width) {
-  return box.size > 0 && box.y >= 0 && box.x >= 0 && static_cast<int64_t>(box.y) + box.size <= height &&
-         static_cast<int64_t>(box.x) + box.size <= width;
 }
 
 // Area mode when the leaf side is F times the token side: the same summation order as the CPU kernel (each
@@ -106,9 +96,10 @@ __device__ __forceinline__ TokenIndex<index_t> token_index(index_t o, index_t ch
   return index;
 }
 
-// The value of token element (i, j) of a leaf whose top-left pixel is `leaf`.
 // The top-left pixel, in `plane_origin`'s layout [B, C, H, W], of the leaf that token element `idx` belongs to;
 // nullptr if its box is not inside the image, which trips the device assert first where asserts are compiled in.
+// The host cannot read the boxes without a sync, so the kernels check them here; a failed assert stops the kernel
+// before any read or write outside the image.
 template <typename T, typename index_t>
 __device__ __forceinline__ T* leaf_origin(T* plane_origin, const Box& box, const TokenIndex<index_t>& idx,
                                           index_t n_leaves, index_t channels, int64_t height, int64_t width) {
@@ -119,6 +110,7 @@ __device__ __forceinline__ T* leaf_origin(T* plane_origin, const Box& box, const
   return plane_origin + ((image * channels + idx.c) * height + box.y) * width + box.x;
 }
 
+// The value of token element (i, j) of a leaf whose top-left pixel is `leaf`.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t token_value(const scalar_t* __restrict__ leaf, int64_t width, int32_t i, int32_t j,
                                              int32_t size, int32_t patch, ResizeMode mode) {
@@ -296,7 +288,7 @@ at::Tensor extract_patches_cuda(const at::Tensor& images, const at::Tensor& boxe
   const auto leaf_boxes = boxes.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "mixres_extract_patches_cuda", [&] {
-    const Box* box_ptr = reinterpret_cast<const Box*>(leaf_boxes.const_data_ptr<int32_t>());
+    const Box* box_ptr = box_data(leaf_boxes);
     const scalar_t* image_ptr = src.const_data_ptr<scalar_t>();
     scalar_t* token_ptr = tokens.mutable_data_ptr<scalar_t>();
     const bool vectorise = patch_size % kVec == 0 && width % kVec == 0 &&
@@ -345,7 +337,7 @@ at::Tensor extract_patches_backward_cuda(const at::Tensor& grad_tokens, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mixres_extract_patches_bwd_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Box* box_ptr = reinterpret_cast<const Box*>(leaf_boxes.const_data_ptr<int32_t>());
+    const Box* box_ptr = box_data(leaf_boxes);
     acc_t* out = grad_images.mutable_data_ptr<acc_t>();
     if (total <= kMax32BitWork) {
       extract_patches_backward_kernel<scalar_t, int32_t><<<n_blocks(total), kThreads, 0, stream>>>(

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../box.h"
 #include "../op_checks.h"
 
 namespace mixres {
@@ -66,7 +67,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreads)
 build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout layout, int32_t n_patches,
                       int32_t n_splits, int32_t sort_size, bool stage_pyramid, unsigned char* __restrict__ workspace,
-                      int64_t workspace_stride, int32_t* __restrict__ boxes) {
+                      int64_t workspace_stride, Box* __restrict__ boxes) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   __shared__ scalar_t warp_score[kMaxWarps];
   __shared__ int64_t warp_leaf[kMaxWarps];
@@ -173,13 +174,12 @@ build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout l
     }
   }
 
-  int32_t* out = boxes + image * n_patches * 3;
+  Box* out = boxes + image * n_patches;
   for (int32_t i = tid; i < n_patches; i += n_threads) {
     const int64_t leaf = leaves[i];
     const int64_t key = leaf >> kLevelBits;
-    out[3 * i] = static_cast<int32_t>(key / width);
-    out[3 * i + 1] = static_cast<int32_t>(key % width);
-    out[3 * i + 2] = static_cast<int32_t>(layout.size(static_cast<int>(leaf & kLevelMask)));
+    out[i] = Box{static_cast<int32_t>(key / width), static_cast<int32_t>(key % width),
+                 static_cast<int32_t>(layout.size(static_cast<int>(leaf & kLevelMask)))};
   }
 }
 
@@ -248,7 +248,7 @@ at::Tensor build_quadtree_cuda(const at::Tensor& scores, int64_t height, int64_t
         packed.const_data_ptr<scalar_t>(), layout, static_cast<int32_t>(n_patches),
         static_cast<int32_t>(n_splits), static_cast<int32_t>(sort_size), stage_pyramid,
         workspace.defined() ? static_cast<unsigned char*>(workspace.mutable_data_ptr()) : nullptr,
-        workspace_stride, boxes.mutable_data_ptr<int32_t>());
+        workspace_stride, mutable_box_data(boxes));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return boxes;
