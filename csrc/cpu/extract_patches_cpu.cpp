@@ -12,17 +12,10 @@
 #include "../box.h"
 #include "../op_checks.h"
 #include "../resample.h"
+#include "warm_cache.h"
 
 namespace mixres {
 namespace {
-
-// Reads one byte per cache line, in address order, so that the hardware prefetcher streams the whole range in.
-void warm_cache(const void* data, int64_t bytes) {
-  const unsigned char* begin = static_cast<const unsigned char*>(data);
-  unsigned char sink = 0;
-  for (int64_t offset = 0; offset < bytes; offset += 64) sink ^= begin[offset];
-  asm volatile("" : : "r"(sink));  // keeps the loads
-}
 
 // On the CPU the boxes can be read for free: reject any box outside the image before reading through it.
 void check_boxes_inside(const at::Tensor& boxes, int64_t height, int64_t width, const char* op) {

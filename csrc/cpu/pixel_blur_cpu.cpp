@@ -18,6 +18,7 @@
 
 #include "../op_checks.h"
 #include "../resample.h"
+#include "warm_cache.h"
 
 namespace mixres {
 namespace {
@@ -31,8 +32,8 @@ struct Scratch {
 };
 
 // Indices are int64_t throughout: Python's build flags include -fwrapv (or -fno-strict-overflow), under which int32
-// indices, which the compiler must then let wrap, cost a third of the speed. The inner loops take restrict-qualified parameters: GCC trusts
-// those, not restrict locals, and vectorises.
+// indices, which the compiler must then let wrap, cost a third of the speed. The inner loops take restrict-qualified
+// parameters: GCC trusts those, not restrict locals, and vectorises.
 template <typename scalar_t, typename acc_t>
 void add_row(const scalar_t* __restrict__ row, int64_t n, acc_t* __restrict__ sum) {
   for (int64_t x = 0; x < n; ++x) sum[x] += static_cast<acc_t>(row[x]);
@@ -106,14 +107,6 @@ acc_t blur_error(const scalar_t* patch, int64_t width, int64_t s, int64_t m, con
   acc_t total = 0;
   for (int64_t x = 0; x < s; ++x) total += sse[x];
   return total;
-}
-
-// Reads one byte per cache line, in address order, so that the hardware prefetcher streams the whole range in.
-void warm_cache(const void* data, int64_t bytes) {
-  const unsigned char* begin = static_cast<const unsigned char*>(data);
-  unsigned char sink = 0;
-  for (int64_t offset = 0; offset < bytes; offset += 64) sink ^= begin[offset];
-  asm volatile("" : : "r"(sink));  // keeps the loads
 }
 
 template <typename scalar_t, typename acc_t>
