@@ -161,7 +161,7 @@ at::Tensor pixel_blur_scores_cpu(const at::Tensor& images, int64_t min_patch_siz
                 for (int64_t ch = 0; ch < channels; ++ch) {
                   total += blur_error_any(patch + ch * plane, width, s, min_patch_size, taps[l].data(), scratch);
                 }
-                out[layout.offset[l] + row * layout.cols(l) + col] = total / normaliser * static_cast<acc_t>(s);
+                out[layout.cell_index(l, row, col)] = total / normaliser * static_cast<acc_t>(s);
               }
             }
           }

@@ -60,7 +60,7 @@ void build_one(const scalar_t* scores, const PyramidLayout& layout, int64_t n_sp
       return;
     }
     const int64_t size = layout.size(level);
-    const scalar_t score = scores[layout.offset[level] + (y / size) * layout.cols(level) + x / size];
+    const scalar_t score = scores[layout.cell_index(level, y / size, x / size)];
     heap.push_back({score, leaf});
     std::push_heap(heap.begin(), heap.end(), lower_priority<scalar_t>);
   };

@@ -148,7 +148,7 @@ build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout l
       const int32_t slot = tid == 0 ? best.slot : count + tid - 1;
       leaves[slot] = pack_leaf(layout, y, x, level);
       if (level < last_level) {
-        leaf_scores[slot] = pyramid[layout.offset[level] + (y / half) * layout.cols(level) + x / half];
+        leaf_scores[slot] = pyramid[layout.cell_index(level, y / half, x / half)];
       }
     }
     // Publishes the children before the next scan, and keeps the warp winners until everyone has read them.
