@@ -11,25 +11,19 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 
 #include "../box.h"
 #include "../op_checks.h"
 #include "../resample.h"
+#include "launch.cuh"
 
 namespace mixres {
 namespace {
 
-constexpr int kThreads = 256;
-// Caps the grid; the kernels stride over the rest. With it, 32-bit indices never overflow below kMax32BitWork.
-constexpr int64_t kMaxBlocks = int64_t{1} << 20;
+// With the grid capped at kMaxBlocks, 32-bit indices never overflow below kMax32BitWork.
 constexpr int64_t kMax32BitWork = int64_t{1} << 30;
-
-unsigned int n_blocks(int64_t work) {
-  return static_cast<unsigned int>(std::min(kMaxBlocks, (work + kThreads - 1) / kThreads));
-}
 
 // Area mode when the leaf side is F times the token side: the same summation order as the CPU kernel (each
 // column of the F x F cell over its rows, then the column sums), so that the results agree bit for bit.
