@@ -20,6 +20,21 @@ inline unsigned int n_blocks(int64_t work) {
   return static_cast<unsigned int>(std::min(kMaxBlocks, (work + kThreads - 1) / kThreads));
 }
 
+// Up to this much work, the grid-stride loops of a capped grid count in int32 without overflow: the index stays
+// below work + kMaxBlocks * kThreads.
+constexpr int64_t kMax32BitWork = int64_t{1} << 30;
+static_assert(kMax32BitWork + kMaxBlocks * kThreads <= int64_t{1} << 31, "int32 grid-stride indices would overflow");
+
+// Calls launch(index_t{}) with index_t = int32_t where `work` allows it (cheaper index arithmetic), else int64_t.
+template <typename Launch>
+void dispatch_index_type(int64_t work, const Launch& launch) {
+  if (work <= kMax32BitWork) {
+    launch(int32_t{0});
+  } else {
+    launch(int64_t{0});
+  }
+}
+
 // The most shared memory a block may use on the current device, static and dynamic together, once its kernel opts
 // in. An attribute query, not a synchronisation.
 inline int64_t shared_bytes_limit() {
