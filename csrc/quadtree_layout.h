@@ -27,7 +27,11 @@ struct PyramidLayout {
   C10_HOST_DEVICE int64_t size(int level) const { return max_size >> level; }
   C10_HOST_DEVICE int64_t rows(int level) const { return height / size(level); }
   C10_HOST_DEVICE int64_t cols(int level) const { return width / size(level); }
-  C10_HOST_DEVICE int64_t n_scores() const { return offset[n_splittable()]; }
+  C10_HOST_DEVICE int64_t n_scores() const { return offset[n_splittable()]; }  // the packed length P
+  // Where the score of cell (row, col) of level l's map is packed.
+  C10_HOST_DEVICE int64_t cell_index(int level, int64_t row, int64_t col) const {
+    return offset[level] + row * cols(level) + col;
+  }
   C10_HOST_DEVICE int64_t n_roots() const { return rows(0) * cols(0); }
   C10_HOST_DEVICE int64_t max_leaves() const { return rows(n_levels - 1) * cols(n_levels - 1); }
   // Canonical order: raster order of the top-left corner, in pixels. Leaves never share a corner.

@@ -9,36 +9,24 @@
 
 #include <vector>
 
+#include "../box.h"
 #include "../op_checks.h"
 #include "../resample.h"
+#include "warm_cache.h"
 
 namespace mixres {
 namespace {
 
-struct Box {
-  int32_t y, x, size;
-};
-
-// Reads one byte per cache line, in address order, so that the hardware prefetcher streams the whole range in.
-void warm_cache(const void* data, int64_t bytes) {
-  const unsigned char* begin = static_cast<const unsigned char*>(data);
-  unsigned char sink = 0;
-  for (int64_t offset = 0; offset < bytes; offset += 64) sink ^= begin[offset];
-  asm volatile("" : : "r"(sink));  // keeps the loads
-}
-
-// On the CPU the boxes can be read for free: reject any box outside the image before reading through it. In int64:
-// y + size of int32 boxes can overflow an int32.
+// On the CPU the boxes can be read for free: reject any box outside the image before reading through it.
 void check_boxes_inside(const at::Tensor& boxes, int64_t height, int64_t width, const char* op) {
   const auto contiguous = boxes.contiguous();
-  const int32_t* b = contiguous.const_data_ptr<int32_t>();
+  const Box* box = box_data(contiguous);
   const int64_t n_leaves = boxes.size(1);
-  for (int64_t i = 0; i < contiguous.numel() / 3; ++i, b += 3) {
-    const int64_t y = b[0], x = b[1], size = b[2];
-    TORCH_CHECK_VALUE(size > 0 && y >= 0 && x >= 0 && y + size <= height && x + size <= width, op, ": boxes[",
-                      i / n_leaves, ", ", i % n_leaves, "] (y=", y, ", x=", x, ", size=", size,
-                      ") is not inside the ", height, "x", width, " image: need size >= 1, 0 <= y <= ", height,
-                      " - size and 0 <= x <= ", width, " - size");
+  for (int64_t i = 0; i < contiguous.numel() / 3; ++i) {
+    TORCH_CHECK_VALUE(box_inside(box[i], height, width), op, ": boxes[", i / n_leaves, ", ", i % n_leaves,
+                      "] (y=", box[i].y, ", x=", box[i].x, ", size=", box[i].size, ") is not inside the ", height,
+                      "x", width, " image: need size >= 1, 0 <= y <= ", height, " - size and 0 <= x <= ", width,
+                      " - size");
   }
 }
 
@@ -215,7 +203,7 @@ at::Tensor extract_patches_cpu(const at::Tensor& images, const at::Tensor& boxes
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "mixres_extract_patches_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src_ptr = src.const_data_ptr<scalar_t>();
-    const Box* box_ptr = reinterpret_cast<const Box*>(leaf_boxes.const_data_ptr<int32_t>());
+    const Box* box_ptr = box_data(leaf_boxes);
     scalar_t* token_ptr = tokens.mutable_data_ptr<scalar_t>();
     const int64_t token_numel = channels * patch_size * patch_size;
     const int64_t image_numel = channels * height * width;
@@ -261,7 +249,7 @@ at::Tensor extract_patches_backward_cpu(const at::Tensor& grad_tokens, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mixres_extract_patches_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
-    const Box* box_ptr = reinterpret_cast<const Box*>(leaf_boxes.const_data_ptr<int32_t>());
+    const Box* box_ptr = box_data(leaf_boxes);
     acc_t* out_ptr = grad_images.mutable_data_ptr<acc_t>();
     const int64_t token_numel = channels * patch_size * patch_size;
     // One image per task: leaves of an image may share pixels (upsampling, overlapping boxes), images never do.

@@ -18,6 +18,7 @@
 
 #include "../op_checks.h"
 #include "../resample.h"
+#include "warm_cache.h"
 
 namespace mixres {
 namespace {
@@ -31,8 +32,8 @@ struct Scratch {
 };
 
 // Indices are int64_t throughout: Python's build flags include -fwrapv (or -fno-strict-overflow), under which int32
-// indices, which the compiler must then let wrap, cost a third of the speed. The inner loops take restrict-qualified parameters: GCC trusts
-// those, not restrict locals, and vectorises.
+// indices, which the compiler must then let wrap, cost a third of the speed. The inner loops take restrict-qualified
+// parameters: GCC trusts those, not restrict locals, and vectorises.
 template <typename scalar_t, typename acc_t>
 void add_row(const scalar_t* __restrict__ row, int64_t n, acc_t* __restrict__ sum) {
   for (int64_t x = 0; x < n; ++x) sum[x] += static_cast<acc_t>(row[x]);
@@ -108,14 +109,6 @@ acc_t blur_error(const scalar_t* patch, int64_t width, int64_t s, int64_t m, con
   return total;
 }
 
-// Reads one byte per cache line, in address order, so that the hardware prefetcher streams the whole range in.
-void warm_cache(const void* data, int64_t bytes) {
-  const unsigned char* begin = static_cast<const unsigned char*>(data);
-  unsigned char sink = 0;
-  for (int64_t offset = 0; offset < bytes; offset += 64) sink ^= begin[offset];
-  asm volatile("" : : "r"(sink));  // keeps the loads
-}
-
 template <typename scalar_t, typename acc_t>
 acc_t blur_error_any(const scalar_t* patch, int64_t width, int64_t s, int64_t m, const BilinearTap<acc_t>* taps,
                      Scratch<acc_t>& scratch) {
@@ -168,7 +161,7 @@ at::Tensor pixel_blur_scores_cpu(const at::Tensor& images, int64_t min_patch_siz
                 for (int64_t ch = 0; ch < channels; ++ch) {
                   total += blur_error_any(patch + ch * plane, width, s, min_patch_size, taps[l].data(), scratch);
                 }
-                out[layout.offset[l] + row * layout.cols(l) + col] = total / normaliser * static_cast<acc_t>(s);
+                out[layout.cell_index(l, row, col)] = total / normaliser * static_cast<acc_t>(s);
               }
             }
           }

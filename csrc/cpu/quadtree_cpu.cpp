@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../box.h"
 #include "../op_checks.h"
 
 namespace mixres {
@@ -47,7 +48,7 @@ void check_finite(const scalar_t* scores, const PyramidLayout& layout, int64_t i
 }
 
 template <typename scalar_t>
-void build_one(const scalar_t* scores, const PyramidLayout& layout, int64_t n_splits, int32_t* boxes,
+void build_one(const scalar_t* scores, const PyramidLayout& layout, int64_t n_splits, Box* boxes,
                std::vector<Candidate<scalar_t>>& heap, std::vector<Leaf>& leaves) {
   heap.clear();
   leaves.clear();
@@ -59,7 +60,7 @@ void build_one(const scalar_t* scores, const PyramidLayout& layout, int64_t n_sp
       return;
     }
     const int64_t size = layout.size(level);
-    const scalar_t score = scores[layout.offset[level] + (y / size) * layout.cols(level) + x / size];
+    const scalar_t score = scores[layout.cell_index(level, y / size, x / size)];
     heap.push_back({score, leaf});
     std::push_heap(heap.begin(), heap.end(), lower_priority<scalar_t>);
   };
@@ -82,11 +83,7 @@ void build_one(const scalar_t* scores, const PyramidLayout& layout, int64_t n_sp
   }
   for (const auto& candidate : heap) leaves.push_back(candidate.leaf);
   std::sort(leaves.begin(), leaves.end(), [](const Leaf& a, const Leaf& b) { return a.key < b.key; });
-  for (const auto& leaf : leaves) {
-    *boxes++ = leaf.y;
-    *boxes++ = leaf.x;
-    *boxes++ = static_cast<int32_t>(layout.size(leaf.level));
-  }
+  for (const auto& leaf : leaves) *boxes++ = Box{leaf.y, leaf.x, static_cast<int32_t>(layout.size(leaf.level))};
 }
 
 at::Tensor build_quadtree_cpu(const at::Tensor& scores, int64_t height, int64_t width, int64_t min_patch_size,
@@ -100,7 +97,7 @@ at::Tensor build_quadtree_cpu(const at::Tensor& scores, int64_t height, int64_t 
   const auto packed = scores.contiguous();
   AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "mixres_build_quadtree_cpu", [&] {
     const scalar_t* scores_ptr = packed.const_data_ptr<scalar_t>();
-    int32_t* boxes_ptr = boxes.mutable_data_ptr<int32_t>();
+    Box* boxes_ptr = mutable_box_data(boxes);
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<Candidate<scalar_t>> heap;
       std::vector<Leaf> leaves;
@@ -109,7 +106,7 @@ at::Tensor build_quadtree_cpu(const at::Tensor& scores, int64_t height, int64_t 
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* image_scores = scores_ptr + b * layout.n_scores();
         check_finite(image_scores, layout, b);
-        build_one(image_scores, layout, n_splits, boxes_ptr + b * n_patches * 3, heap, leaves);
+        build_one(image_scores, layout, n_splits, boxes_ptr + b * n_patches, heap, leaves);
       }
     });
   });

@@ -6,26 +6,24 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 
+#include "../box.h"
 #include "../leaf_center.h"
 #include "../op_checks.h"
+#include "launch.cuh"
 
 namespace mixres {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // the kernel strides over the rest
-
 __global__ void __launch_bounds__(kThreads)
-leaf_centers_kernel(const int32_t* __restrict__ boxes, float* __restrict__ centers, int64_t n_leaves, float unit) {
+leaf_centers_kernel(const Box* __restrict__ boxes, float* __restrict__ centers, int64_t n_leaves, float unit) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_leaves; i += stride) {
-    const int32_t size = boxes[3 * i + 2];
+    const Box box = boxes[i];
     // Writing both coordinates as one float2 keeps the stores coalesced.
     reinterpret_cast<float2*>(centers)[i] =
-        make_float2(leaf_center(boxes[3 * i], size, unit), leaf_center(boxes[3 * i + 1], size, unit));
+        make_float2(leaf_center(box.y, box.size, unit), leaf_center(box.x, box.size, unit));
   }
 }
 
@@ -37,9 +35,8 @@ at::Tensor leaf_centers_cuda(const at::Tensor& boxes, int64_t min_patch_size) {
   const int64_t n_leaves = boxes.size(0) * boxes.size(1);
   if (n_leaves == 0) return centers;
   const auto src = boxes.contiguous();
-  const auto blocks = static_cast<unsigned int>(std::min(kMaxBlocks, (n_leaves + kThreads - 1) / kThreads));
-  leaf_centers_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      src.const_data_ptr<int32_t>(), centers.mutable_data_ptr<float>(), n_leaves,
+  leaf_centers_kernel<<<n_blocks(n_leaves), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      box_data(src), centers.mutable_data_ptr<float>(), n_leaves,
       static_cast<float>(min_patch_size));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return centers;

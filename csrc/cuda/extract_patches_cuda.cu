@@ -11,49 +11,67 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 
+#include "../box.h"
 #include "../op_checks.h"
 #include "../resample.h"
+#include "launch.cuh"
 
 namespace mixres {
 namespace {
 
-struct Box {
-  int32_t y, x, size;
+// Threads of the forward take runs of kRun consecutive elements of a token row: kRun = 1, or kVec where the leaves
+// are aligned for vector loads. A lone 4-byte load per thread keeps too few bytes in flight to approach the memory
+// bandwidth, and an aligned leaf lets each thread read whole vectors instead.
+constexpr int kVec = 4;
+
+template <typename scalar_t, int kRun>
+struct alignas(sizeof(scalar_t) * kRun) Run {
+  scalar_t v[kRun];
 };
 
-constexpr int kThreads = 256;
-// Caps the grid; the kernels stride over the rest. With it, 32-bit indices never overflow below kMax32BitWork.
-constexpr int64_t kMaxBlocks = int64_t{1} << 20;
-constexpr int64_t kMax32BitWork = int64_t{1} << 30;
-
-unsigned int n_blocks(int64_t work) {
-  return static_cast<unsigned int>(std::min(kMaxBlocks, (work + kThreads - 1) / kThreads));
-}
-
-// The host cannot read the boxes without a sync, so the kernels check them; a failed assert stops the kernel
-// before any read or write outside the image.
-__device__ __forceinline__ bool box_inside(const Box& box, int64_t height, int64_t width) {
-  return box.size > 0 && box.y >= 0 && box.x >= 0 && static_cast<int64_t>(box.y) + box.size <= height &&
-         static_cast<int64_t>(box.x) + box.size <= width;
-}
-
-// Area mode when the leaf side is F times the token side: the same summation order as the CPU kernel (each
-// column of the F x F cell over its rows, then the column sums), so that the results agree bit for bit.
-template <int F, typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t area_cell_multiple(const scalar_t* __restrict__ cell, int64_t width) {
-  acc_t sum = 0;
+// Area mode when the leaf side is F times the token side, the kRun token cells that start at `run`: the same
+// summation order as the CPU kernel (each column of an F x F cell over its rows, then the column sums), so that the
+// results agree bit for bit; with kRun > 1, from vector loads.
+template <int F, int kRun, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void area_run_multiple(const scalar_t* __restrict__ run, int64_t width,
+                                                  acc_t (&out)[kRun]) {
+  acc_t column[kRun * F];
 #pragma unroll
-  for (int dx = 0; dx < F; ++dx) {
-    acc_t column = static_cast<acc_t>(cell[dx]);
+  for (int dy = 0; dy < F; ++dy) {
+    const Run<scalar_t, kRun>* row = reinterpret_cast<const Run<scalar_t, kRun>*>(run + dy * width);
 #pragma unroll
-    for (int dy = 1; dy < F; ++dy) column += static_cast<acc_t>(cell[dy * width + dx]);
-    sum = dx == 0 ? column : sum + column;
+    for (int k = 0; k < F; ++k) {
+      const Run<scalar_t, kRun> chunk = row[k];
+#pragma unroll
+      for (int e = 0; e < kRun; ++e) {
+        const acc_t value = static_cast<acc_t>(chunk.v[e]);
+        column[k * kRun + e] = dy == 0 ? value : column[k * kRun + e] + value;
+      }
+    }
   }
-  return sum * (acc_t(1) / acc_t(F * F));
+#pragma unroll
+  for (int o = 0; o < kRun; ++o) {
+    acc_t sum = column[o * F];
+#pragma unroll
+    for (int dx = 1; dx < F; ++dx) sum += column[o * F + dx];
+    out[o] = F == 1 ? sum : sum * (acc_t(1) / acc_t(F * F));
+  }
+}
+
+// area_run_multiple for the factors it unrolls: false, and `out` untouched, for any other.
+template <int kRun, typename scalar_t, typename acc_t>
+__device__ __forceinline__ bool area_run_unrolled(const scalar_t* __restrict__ run, int64_t width, int32_t factor,
+                                                  acc_t (&out)[kRun]) {
+  switch (factor) {
+    case 1: area_run_multiple<1, kRun>(run, width, out); return true;
+    case 2: area_run_multiple<2, kRun>(run, width, out); return true;
+    case 4: area_run_multiple<4, kRun>(run, width, out); return true;
+    case 8: area_run_multiple<8, kRun>(run, width, out); return true;
+    default: return false;
+  }
 }
 
 // Area mode in general, again in the CPU kernel's order: each row of the bin, then the row sums.
@@ -106,9 +124,10 @@ __device__ __forceinline__ TokenIndex<index_t> token_index(index_t o, index_t ch
   return index;
 }
 
-// The value of token element (i, j) of a leaf whose top-left pixel is `leaf`.
 // The top-left pixel, in `plane_origin`'s layout [B, C, H, W], of the leaf that token element `idx` belongs to;
 // nullptr if its box is not inside the image, which trips the device assert first where asserts are compiled in.
+// The host cannot read the boxes without a sync, so the kernels check them here; a failed assert stops the kernel
+// before any read or write outside the image.
 template <typename T, typename index_t>
 __device__ __forceinline__ T* leaf_origin(T* plane_origin, const Box& box, const TokenIndex<index_t>& idx,
                                           index_t n_leaves, index_t channels, int64_t height, int64_t width) {
@@ -119,6 +138,7 @@ __device__ __forceinline__ T* leaf_origin(T* plane_origin, const Box& box, const
   return plane_origin + ((image * channels + idx.c) * height + box.y) * width + box.x;
 }
 
+// The value of token element (i, j) of a leaf whose top-left pixel is `leaf`.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t token_value(const scalar_t* __restrict__ leaf, int64_t width, int32_t i, int32_t j,
                                              int32_t size, int32_t patch, ResizeMode mode) {
@@ -128,109 +148,45 @@ __device__ __forceinline__ acc_t token_value(const scalar_t* __restrict__ leaf, 
   }
   const int32_t factor = size % patch == 0 ? size / patch : 0;
   const scalar_t* cell = leaf + static_cast<int64_t>(i) * factor * width + j * factor;
-  switch (factor) {
-    case 1: return static_cast<acc_t>(cell[0]);
-    case 2: return area_cell_multiple<2, scalar_t, acc_t>(cell, width);
-    case 4: return area_cell_multiple<4, scalar_t, acc_t>(cell, width);
-    case 8: return area_cell_multiple<8, scalar_t, acc_t>(cell, width);
-    default: return area_cell_any<scalar_t, acc_t>(leaf, width, i, j, size, patch);
-  }
+  acc_t value[1];
+  if (area_run_unrolled<1>(cell, width, factor, value)) return value[0];
+  return area_cell_any<scalar_t, acc_t>(leaf, width, i, j, size, patch);
 }
 
-template <typename scalar_t, typename index_t>
+// One thread per run of kRun elements. With kRun = kVec the host guarantees patch and width multiples of kVec, and
+// images and tokens aligned to a Run; leaves whose x is not a multiple of kVec, or whose side is not F x patch, then
+// take token_value element by element, as every leaf does with kRun = 1.
+template <int kRun, typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
 extract_patches_kernel(const scalar_t* __restrict__ images, const Box* __restrict__ boxes,
-                       scalar_t* __restrict__ tokens, index_t total, index_t n_leaves, index_t channels,
+                       scalar_t* __restrict__ tokens, index_t n_runs, index_t n_leaves, index_t channels,
                        int64_t height, int64_t width, int32_t patch, ResizeMode mode) {
   using acc_t = at::opmath_type<scalar_t>;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  for (index_t o = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
-    const TokenIndex<index_t> idx = token_index(o, channels, patch);
+  for (index_t r = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < n_runs; r += stride) {
+    const TokenIndex<index_t> idx = token_index(r * kRun, channels, patch);
     const Box box = boxes[idx.leaf];
     const scalar_t* leaf = leaf_origin(images, box, idx, n_leaves, channels, height, width);
-    if (leaf == nullptr) {
-      tokens[o] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
-      continue;
-    }
-    tokens[o] = static_cast<scalar_t>(token_value<scalar_t, acc_t>(leaf, width, idx.i, idx.j, box.size, patch, mode));
-  }
-}
-
-// The vectorised forward: one thread per run of kVec consecutive elements of a token row. A lone 4-byte load per
-// thread keeps too few bytes in flight to approach the memory bandwidth, and an aligned leaf lets each thread read
-// whole vectors instead.
-constexpr int kVec = 4;
-
-template <typename scalar_t>
-struct alignas(sizeof(scalar_t) * kVec) Vec {
-  scalar_t v[kVec];
-};
-
-// Area mode, leaf side = F x token side, the kVec token cells that start at `run`: the sums of
-// area_cell_multiple in the same order (each column over its rows, then the columns), from vector loads.
-template <int F, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void area_run_multiple(const scalar_t* __restrict__ run, int64_t width,
-                                                  acc_t (&out)[kVec]) {
-  acc_t column[kVec * F];
-#pragma unroll
-  for (int dy = 0; dy < F; ++dy) {
-    const Vec<scalar_t>* row = reinterpret_cast<const Vec<scalar_t>*>(run + dy * width);
-#pragma unroll
-    for (int k = 0; k < F; ++k) {
-      const Vec<scalar_t> chunk = row[k];
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        const acc_t value = static_cast<acc_t>(chunk.v[e]);
-        column[k * kVec + e] = dy == 0 ? value : column[k * kVec + e] + value;
-      }
-    }
-  }
-#pragma unroll
-  for (int o = 0; o < kVec; ++o) {
-    acc_t sum = column[o * F];
-#pragma unroll
-    for (int dx = 1; dx < F; ++dx) sum += column[o * F + dx];
-    out[o] = F == 1 ? sum : sum * (acc_t(1) / acc_t(F * F));
-  }
-}
-
-// Needs: patch and width multiples of kVec, and images aligned to a Vec (checked on the host). Leaves whose x is
-// not a multiple of kVec, or whose side is not F x patch, take the scalar path element by element.
-template <typename scalar_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-extract_patches_vec_kernel(const scalar_t* __restrict__ images, const Box* __restrict__ boxes,
-                           scalar_t* __restrict__ tokens, index_t total_runs, index_t n_leaves, index_t channels,
-                           int64_t height, int64_t width, int32_t patch, ResizeMode mode) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  for (index_t r = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < total_runs; r += stride) {
-    const TokenIndex<index_t> idx = token_index(r * kVec, channels, patch);
-    const Box box = boxes[idx.leaf];
-    const scalar_t* leaf = leaf_origin(images, box, idx, n_leaves, channels, height, width);
-    acc_t value[kVec];
+    acc_t value[kRun];
     if (leaf == nullptr) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) value[e] = std::numeric_limits<acc_t>::quiet_NaN();
+      for (int e = 0; e < kRun; ++e) value[e] = std::numeric_limits<acc_t>::quiet_NaN();
     } else {
-      const int32_t factor =
-          mode == ResizeMode::kArea && box.size % patch == 0 && box.x % kVec == 0 ? box.size / patch : 0;
+      const int32_t factor = kRun > 1 && mode == ResizeMode::kArea && box.size % patch == 0 && box.x % kRun == 0
+                                 ? box.size / patch
+                                 : 0;
       const scalar_t* run = leaf + static_cast<int64_t>(idx.i) * factor * width + idx.j * factor;
-      switch (factor) {
-        case 1: area_run_multiple<1, scalar_t, acc_t>(run, width, value); break;
-        case 2: area_run_multiple<2, scalar_t, acc_t>(run, width, value); break;
-        case 4: area_run_multiple<4, scalar_t, acc_t>(run, width, value); break;
-        case 8: area_run_multiple<8, scalar_t, acc_t>(run, width, value); break;
-        default:
+      if (!area_run_unrolled<kRun>(run, width, factor, value)) {
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) {
-            value[e] = token_value<scalar_t, acc_t>(leaf, width, idx.i, idx.j + e, box.size, patch, mode);
-          }
+        for (int e = 0; e < kRun; ++e) {
+          value[e] = token_value<scalar_t, acc_t>(leaf, width, idx.i, idx.j + e, box.size, patch, mode);
+        }
       }
     }
-    Vec<scalar_t> out;
+    Run<scalar_t, kRun> out;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) out.v[e] = static_cast<scalar_t>(value[e]);
-    reinterpret_cast<Vec<scalar_t>*>(tokens)[r] = out;
+    for (int e = 0; e < kRun; ++e) out.v[e] = static_cast<scalar_t>(value[e]);
+    reinterpret_cast<Run<scalar_t, kRun>*>(tokens)[r] = out;
   }
 }
 
@@ -273,6 +229,20 @@ extract_patches_backward_kernel(const scalar_t* __restrict__ grad_tokens, const 
   }
 }
 
+// The forward's grid: one thread per run of kRun elements of the `total` token elements.
+template <int kRun, typename scalar_t>
+void launch_extract_patches(const scalar_t* images, const Box* boxes, scalar_t* tokens, int64_t total,
+                            int64_t n_leaves, int64_t channels, int64_t height, int64_t width, int32_t patch,
+                            ResizeMode mode, cudaStream_t stream) {
+  const int64_t n_runs = total / kRun;
+  dispatch_index_type(total, [&](auto index) {
+    using index_t = decltype(index);
+    extract_patches_kernel<kRun, scalar_t, index_t><<<n_blocks(n_runs), kThreads, 0, stream>>>(
+        images, boxes, tokens, static_cast<index_t>(n_runs), static_cast<index_t>(n_leaves),
+        static_cast<index_t>(channels), height, width, patch, mode);
+  });
+}
+
 void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
                        const char* op) {
   TORCH_CHECK_VALUE(a.is_cuda() && a.device() == b.device(), op, ": ", a_name, " and ", b_name,
@@ -296,30 +266,15 @@ at::Tensor extract_patches_cuda(const at::Tensor& images, const at::Tensor& boxe
   const auto leaf_boxes = boxes.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "mixres_extract_patches_cuda", [&] {
-    const Box* box_ptr = reinterpret_cast<const Box*>(leaf_boxes.const_data_ptr<int32_t>());
+    const Box* box_ptr = box_data(leaf_boxes);
     const scalar_t* image_ptr = src.const_data_ptr<scalar_t>();
     scalar_t* token_ptr = tokens.mutable_data_ptr<scalar_t>();
     const bool vectorise = patch_size % kVec == 0 && width % kVec == 0 &&
-                           reinterpret_cast<std::uintptr_t>(image_ptr) % sizeof(Vec<scalar_t>) == 0 &&
-                           reinterpret_cast<std::uintptr_t>(token_ptr) % sizeof(Vec<scalar_t>) == 0;
-    if (vectorise && total <= kMax32BitWork) {
-      const int32_t runs = static_cast<int32_t>(total / kVec);
-      extract_patches_vec_kernel<scalar_t, int32_t><<<n_blocks(runs), kThreads, 0, stream>>>(
-          image_ptr, box_ptr, token_ptr, runs, static_cast<int32_t>(n_leaves), static_cast<int32_t>(channels), height,
-          width, static_cast<int32_t>(patch_size), mode);
-    } else if (vectorise) {
-      extract_patches_vec_kernel<scalar_t, int64_t><<<n_blocks(total / kVec), kThreads, 0, stream>>>(
-          image_ptr, box_ptr, token_ptr, total / kVec, n_leaves, channels, height, width,
-          static_cast<int32_t>(patch_size), mode);
-    } else if (total <= kMax32BitWork) {
-      extract_patches_kernel<scalar_t, int32_t><<<n_blocks(total), kThreads, 0, stream>>>(
-          image_ptr, box_ptr, token_ptr, static_cast<int32_t>(total), static_cast<int32_t>(n_leaves),
-          static_cast<int32_t>(channels), height, width, static_cast<int32_t>(patch_size), mode);
-    } else {
-      extract_patches_kernel<scalar_t, int64_t><<<n_blocks(total), kThreads, 0, stream>>>(
-          image_ptr, box_ptr, token_ptr, total, n_leaves, channels, height, width, static_cast<int32_t>(patch_size),
-          mode);
-    }
+                           reinterpret_cast<std::uintptr_t>(image_ptr) % sizeof(Run<scalar_t, kVec>) == 0 &&
+                           reinterpret_cast<std::uintptr_t>(token_ptr) % sizeof(Run<scalar_t, kVec>) == 0;
+    const auto launch = vectorise ? launch_extract_patches<kVec, scalar_t> : launch_extract_patches<1, scalar_t>;
+    launch(image_ptr, box_ptr, token_ptr, total, n_leaves, channels, height, width, static_cast<int32_t>(patch_size),
+           mode, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return tokens;
@@ -345,17 +300,14 @@ at::Tensor extract_patches_backward_cuda(const at::Tensor& grad_tokens, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mixres_extract_patches_bwd_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Box* box_ptr = reinterpret_cast<const Box*>(leaf_boxes.const_data_ptr<int32_t>());
+    const Box* box_ptr = box_data(leaf_boxes);
     acc_t* out = grad_images.mutable_data_ptr<acc_t>();
-    if (total <= kMax32BitWork) {
-      extract_patches_backward_kernel<scalar_t, int32_t><<<n_blocks(total), kThreads, 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), box_ptr, out, static_cast<int32_t>(total), static_cast<int32_t>(n_leaves),
-          static_cast<int32_t>(channels), height, width, static_cast<int32_t>(patch_size), mode);
-    } else {
-      extract_patches_backward_kernel<scalar_t, int64_t><<<n_blocks(total), kThreads, 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), box_ptr, out, total, n_leaves, channels, height, width,
-          static_cast<int32_t>(patch_size), mode);
-    }
+    dispatch_index_type(total, [&](auto index) {
+      using index_t = decltype(index);
+      extract_patches_backward_kernel<scalar_t, index_t><<<n_blocks(total), kThreads, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), box_ptr, out, static_cast<index_t>(total), static_cast<index_t>(n_leaves),
+          static_cast<index_t>(channels), height, width, static_cast<int32_t>(patch_size), mode);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_images.to(grad_tokens.scalar_type());

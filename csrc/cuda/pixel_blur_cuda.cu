@@ -27,24 +27,19 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cuda_runtime_api.h>
-
 #include <algorithm>
 #include <cstdint>
 
 #include "../op_checks.h"
 #include "../resample.h"
+#include "launch.cuh"
 
 namespace mixres {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // the kernel strides over the rest
 // When the m x m cells of two channels do not fit in shared memory (m above ~170 in float), they live in a
 // global-memory workspace, one slice per block; fewer blocks then keep the workspace small.
 constexpr int64_t kMaxWorkspaceBlocks = 1024;
-constexpr int kDefaultSharedBytes = 48 * 1024;  // what a launch may use without opting in
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
@@ -165,12 +160,7 @@ at::Tensor pixel_blur_scores_cuda(const at::Tensor& images, int64_t min_patch_si
   const int64_t n_work = scores.numel();
   if (n_work == 0) return scores;  // no image, or min_patch_size == max_patch_size: nothing to launch
   const auto src = images.contiguous();
-
-  int device_index = 0;
-  int shared_limit = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device_index));
-  // An attribute query, not a synchronisation.
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_index));
+  const int64_t shared_limit = shared_bytes_limit();
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "mixres_pixel_blur_scores_cuda", [&] {
@@ -186,10 +176,7 @@ at::Tensor pixel_blur_scores_cuda(const at::Tensor& images, int64_t min_patch_si
       shared_bytes = 0;
     }
     auto kernel = pixel_blur_kernel<scalar_t>;
-    if (shared_bytes > kDefaultSharedBytes) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(shared_bytes)));
-    }
+    allow_dynamic_shared_bytes(kernel, shared_bytes);
     kernel<<<static_cast<unsigned int>(blocks), kThreads, static_cast<size_t>(shared_bytes), stream>>>(
         src.const_data_ptr<scalar_t>(), layout, channels, n_work,
         workspace.defined() ? workspace.mutable_data_ptr<acc_t>() : nullptr, scores.mutable_data_ptr<acc_t>());

@@ -7,13 +7,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cuda_runtime_api.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 
+#include "../box.h"
 #include "../op_checks.h"
+#include "launch.cuh"
 
 namespace mixres {
 namespace {
@@ -24,10 +24,6 @@ constexpr int kLevelBits = 4;
 constexpr int64_t kLevelMask = (int64_t{1} << kLevelBits) - 1;
 static_assert(kMaxLevels <= (1 << kLevelBits), "the level must fit in the low bits of a packed leaf");
 constexpr int64_t kPadLeaf = std::numeric_limits<int64_t>::max();  // sorts after every real leaf
-
-constexpr int kMaxThreads = 256;
-constexpr int kMaxWarps = kMaxThreads / 32;
-constexpr int kDefaultSharedBytes = 48 * 1024;  // what a launch may use without opting in
 
 template <typename scalar_t>
 struct Best {
@@ -63,14 +59,14 @@ __device__ __forceinline__ bool is_finite_score(double v) { return isfinite(v); 
 // Slot s holds a leaf and, when it can still be split, its score. sort_size is n_patches rounded up to a power of
 // two, for the bitonic sort at the end.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kThreads)
 build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout layout, int32_t n_patches,
                       int32_t n_splits, int32_t sort_size, bool stage_pyramid, unsigned char* __restrict__ workspace,
-                      int64_t workspace_stride, int32_t* __restrict__ boxes) {
+                      int64_t workspace_stride, Box* __restrict__ boxes) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  __shared__ scalar_t warp_score[kMaxWarps];
-  __shared__ int64_t warp_leaf[kMaxWarps];
-  __shared__ int32_t warp_slot[kMaxWarps];
+  __shared__ scalar_t warp_score[kWarps];
+  __shared__ int64_t warp_leaf[kWarps];
+  __shared__ int32_t warp_slot[kWarps];
 
   const int64_t image = blockIdx.x;
   unsigned char* memory = workspace != nullptr ? workspace + image * workspace_stride : shared_bytes;
@@ -147,7 +143,7 @@ build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout l
       const int32_t slot = tid == 0 ? best.slot : count + tid - 1;
       leaves[slot] = pack_leaf(layout, y, x, level);
       if (level < last_level) {
-        leaf_scores[slot] = pyramid[layout.offset[level] + (y / half) * layout.cols(level) + x / half];
+        leaf_scores[slot] = pyramid[layout.cell_index(level, y / half, x / half)];
       }
     }
     // Publishes the children before the next scan, and keeps the warp winners until everyone has read them.
@@ -173,13 +169,12 @@ build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout l
     }
   }
 
-  int32_t* out = boxes + image * n_patches * 3;
+  Box* out = boxes + image * n_patches;
   for (int32_t i = tid; i < n_patches; i += n_threads) {
     const int64_t leaf = leaves[i];
     const int64_t key = leaf >> kLevelBits;
-    out[3 * i] = static_cast<int32_t>(key / width);
-    out[3 * i + 1] = static_cast<int32_t>(key % width);
-    out[3 * i + 2] = static_cast<int32_t>(layout.size(static_cast<int>(leaf & kLevelMask)));
+    out[i] = Box{static_cast<int32_t>(key / width), static_cast<int32_t>(key % width),
+                 static_cast<int32_t>(layout.size(static_cast<int>(leaf & kLevelMask)))};
   }
 }
 
@@ -207,19 +202,14 @@ at::Tensor build_quadtree_cuda(const at::Tensor& scores, int64_t height, int64_t
 
   const int64_t n_splits = (n_patches - layout.n_roots()) / 3;
   const int64_t sort_size = round_up_pow2(n_patches);
-  const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, sort_size / 2)));
+  const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, sort_size / 2)));
 
   const auto packed = scores.contiguous();
-  int device_index = 0;
-  int shared_limit = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device_index));
-  // An attribute query, not a synchronisation.
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_index));
+  const int64_t shared_limit = shared_bytes_limit();
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "mixres_build_quadtree_cuda", [&] {
-    const int64_t static_bytes = kMaxWarps * static_cast<int64_t>(sizeof(scalar_t) + sizeof(int64_t) +
-                                                                  sizeof(int32_t));
+    const int64_t static_bytes = kWarps * static_cast<int64_t>(sizeof(scalar_t) + sizeof(int64_t) + sizeof(int32_t));
     const int64_t dynamic_limit = shared_limit - static_bytes;
     const int64_t leaf_bytes = sort_size * static_cast<int64_t>(sizeof(int64_t)) +
                                n_patches * static_cast<int64_t>(sizeof(scalar_t));
@@ -240,15 +230,12 @@ at::Tensor build_quadtree_cuda(const at::Tensor& scores, int64_t height, int64_t
       shared_bytes = 0;
     }
     auto kernel = build_quadtree_kernel<scalar_t>;
-    if (shared_bytes > kDefaultSharedBytes) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(shared_bytes)));
-    }
+    allow_dynamic_shared_bytes(kernel, shared_bytes);
     kernel<<<static_cast<unsigned int>(batch), threads, static_cast<size_t>(shared_bytes), stream>>>(
         packed.const_data_ptr<scalar_t>(), layout, static_cast<int32_t>(n_patches),
         static_cast<int32_t>(n_splits), static_cast<int32_t>(sort_size), stage_pyramid,
         workspace.defined() ? static_cast<unsigned char*>(workspace.mutable_data_ptr()) : nullptr,
-        workspace_stride, boxes.mutable_data_ptr<int32_t>());
+        workspace_stride, mutable_box_data(boxes));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return boxes;
