@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 BUILT := $(VENV)/.mixres-built
-SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
+SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cuh csrc/cuda/*.cu) setup.py pyproject.toml
 
 .PHONY: install test test-random demo bench clean
 install: $(BUILT)
