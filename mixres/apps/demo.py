@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
-from ._args import POSITIVE, Integer
-from ._timing import format_throughput, time_tokenizer
-from .mosaic import Mosaic, tokenize
-from .pyramid import QuadtreeGeometry
-from .scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Random, Scorer, Uniform
-from .viz import save_mosaic_figure, save_mosaic_grid
+from .. import ops
+from .options import POSITIVE, Integer
+from .timing import format_throughput, time_tokenizer
+from ..mosaic import Mosaic, tokenize
+from ..pyramid import QuadtreeGeometry
+from ..scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Random, Scorer, Uniform
+from ..viz import save_mosaic_figure, save_mosaic_grid
 
 __all__ = ["main", "load_photo", "fit_to_multiple", "fitted_size", "nearest_valid_n_patches", "leaves_per_size",
            "top_half_leaves", "save_mosaic", "compare_scorers"]

@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ._args import COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, add_device_option, json_object
-from ._timing import device_name, format_throughput, kernel_label, median_seconds, throughput_row, time_tokenizer
+from .options import COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, add_device_option, json_object
+from .timing import device_name, format_throughput, kernel_label, median_seconds, throughput_row, time_tokenizer
 from .demo import fit_to_multiple, fitted_size, nearest_valid_n_patches, save_mosaic
-from .image_files import load_image
-from .mosaic import tokenize
-from .pyramid import QuadtreeGeometry, default_max_patch_size
-from .scorers import Random, create_scorer
+from ..image_files import load_image
+from ..mosaic import tokenize
+from ..pyramid import QuadtreeGeometry, default_max_patch_size
+from ..scorers import Random, create_scorer
 
 __all__ = ["main", "build_parser", "load_image"]
 
@@ -270,8 +270,8 @@ def _vit(parser: argparse.ArgumentParser, name: str, geometry: QuadtreeGeometry,
     benchmarks/test_cuda_costs.py times it), float32 elsewhere; a usage error for a name that is no timm ViT."""
     import timm
 
-    from .models import create_model
-    from .models.factory import QUADFORMER_PREFIX
+    from ..models import create_model
+    from ..models.factory import QUADFORMER_PREFIX
 
     if not timm.is_model(name):
         parser.error(f"--vit: unknown timm model {name!r}")

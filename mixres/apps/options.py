@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import MAX_SEED
-from .pyramid import MAX_IMAGE_SIDE
-from .scorers import SCORERS
+from .loaders import MAX_SEED
+from ..pyramid import MAX_IMAGE_SIDE
+from ..scorers import SCORERS
 
 __all__ = ["HelpFormatter", "add_model_options", "check_model_options", "build_model", "add_device_option",
            "usable_device", "add_workers_option", "add_seed_option", "add_data_kwargs_option", "add_amp_option",
@@ -152,7 +152,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, quadformer_only: bool 
     the Quadformer's. With ``quadformer_only``, the model is always a Quadformer (``--model`` is a ViT's name, the
     ``quadformer_`` prefix optional) and ``--n-patches`` is left out: the caller sets the budget per call.
     Returns the "model" group, for a caller's own options."""
-    from .models import POS_EMBEDS
+    from ..models import POS_EMBEDS
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True,
@@ -204,7 +204,7 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     ``args.model`` gets its ``quadformer_`` prefix; ``args.quadformer`` says whether the model is a Quadformer."""
     import timm
 
-    from .models.factory import QUADFORMER_PREFIX
+    from ..models.factory import QUADFORMER_PREFIX
 
     if quadformer_only and not args.model.startswith(QUADFORMER_PREFIX):
         args.model = QUADFORMER_PREFIX + args.model
@@ -229,7 +229,7 @@ def build_model(args: argparse.Namespace, num_classes: int | None = None, load_p
     starting weights (``--pretrained``, ``--pretrained-file``; none when ``load_pretrained`` is False, as for a
     resumed run that reads its own); wrapped in a :class:`mixres.models.UniformGrid` for ``--uniform-grid``.
     ``num_classes``, where given, overrides ``--num-classes``."""
-    from .models import create_model
+    from ..models import create_model
 
     kwargs = dict(args.model_kwargs)
     kwargs.update({name: getattr(args, name) for name in QUADFORMER_OPTIONS if getattr(args, name, None) is not None})
@@ -240,7 +240,7 @@ def build_model(args: argparse.Namespace, num_classes: int | None = None, load_p
                          pretrained_file=args.pretrained_file if load_pretrained else None, img_size=args.img_size,
                          **kwargs)
     if getattr(args, "uniform_grid", False):
-        from .models import UniformGrid, grid_for_budget
+        from ..models import UniformGrid, grid_for_budget
 
         model = UniformGrid(model, grid=grid_for_budget(model.n_patches, (model.geometry.height, model.geometry.width)))
     return model

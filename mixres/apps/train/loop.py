@@ -51,10 +51,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ._args import (POSITIVE, HelpFormatter, Real, add_amp_option, add_data_kwargs_option, add_model_options,
+from ..options import (POSITIVE, HelpFormatter, Real, add_amp_option, add_data_kwargs_option, add_model_options,
                     add_seed_option, add_workers_option, autocast, build_model, check_model_options)
-from .checkpoints import explain_mismatch, read_torch_file
-from .data import (UnreadableImageError, build_dataset, build_loader, release_loader, report_unreadable,
+from ...checkpoints import explain_mismatch, read_torch_file
+from ..loaders import (UnreadableImageError, build_dataset, build_loader, release_loader, report_unreadable,
                    skip_unreadable_images)
 
 __all__ = ["main", "parse_args", "warmup_cosine", "evaluate", "weights_digest", "read_checkpoint", "CHECKPOINT_KEYS"]
@@ -151,7 +151,7 @@ def _data_config(args: argparse.Namespace) -> tuple[tuple[int, int], tuple, tupl
     dataset, which needs the size and normalisation)."""
     from timm.data import resolve_data_config
 
-    from .models.factory import pretrained_cfg
+    from ...models.factory import pretrained_cfg
 
     size = args.img_size if args.img_size is not None else args.model_kwargs.get("img_size")
     size = (size, size) if isinstance(size, int) else tuple(size) if size is not None else None

@@ -25,14 +25,14 @@ from torch.utils.data import IterableDataset, Subset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
-from ._args import (COUNT, POSITIVE, HelpFormatter, IntegerList, add_amp_option, add_data_kwargs_option,
+from .options import (COUNT, POSITIVE, HelpFormatter, IntegerList, add_amp_option, add_data_kwargs_option,
                     add_device_option, add_model_options, add_seed_option, add_workers_option, autocast, build_model,
                     check_model_options, require_file)
-from ._timing import device_name, median_seconds
-from .data import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, release_loader,
+from .timing import device_name, median_seconds
+from .loaders import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, release_loader,
                    report_unreadable, skip_unreadable_images)
-from .models import load_weights, read_state_dict
-from .pyramid import QuadtreeGeometry
+from ..models import load_weights, read_state_dict
+from ..pyramid import QuadtreeGeometry
 
 __all__ = ["evaluate_budgets", "count_macs", "default_budgets", "parse_budgets", "write_results", "plot_budgets",
            "format_table", "main", "COLUMNS", "MACS_NOTE"]
@@ -114,7 +114,7 @@ def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: st
         One dict per (budget, method), budgets in the given order, the Quadformer first: the :data:`COLUMNS`
         (``top5`` is None with fewer than 5 classes; ``scorer_gmacs`` is 0 for the uniform grid).
     """
-    from .models import UniformGrid, grid_for_budget
+    from ..models import UniformGrid, grid_for_budget
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
