@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .options import COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, add_device_option, json_object
-from .timing import device_name, format_throughput, kernel_label, median_seconds, throughput_row, time_tokenizer
-from .demo import fit_to_multiple, fitted_size, nearest_valid_n_patches, save_mosaic
 from ..image_files import load_image
 from ..mosaic import tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Random, create_scorer
+from .demo import fit_to_multiple, fitted_size, nearest_valid_n_patches, save_mosaic
+from .options import COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, add_device_option, json_object
+from .timing import device_name, format_throughput, kernel_label, median_seconds, throughput_row, time_tokenizer
 
 __all__ = ["main", "build_parser", "load_image"]
 

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .options import POSITIVE, Integer
-from .timing import format_throughput, time_tokenizer
 from ..mosaic import Mosaic, tokenize
 from ..pyramid import QuadtreeGeometry
 from ..scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Random, Scorer, Uniform
 from ..viz import save_mosaic_figure, save_mosaic_grid
+from .options import POSITIVE, Integer
+from .timing import format_throughput, time_tokenizer
 
 __all__ = ["main", "load_photo", "fit_to_multiple", "fitted_size", "nearest_valid_n_patches", "leaves_per_size",
            "top_half_leaves", "save_mosaic", "compare_scorers"]

@@ -25,14 +25,15 @@ from torch.utils.data import IterableDataset, Subset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
-from .options import (COUNT, POSITIVE, HelpFormatter, IntegerList, add_amp_option, add_data_kwargs_option,
-                    add_device_option, add_model_options, add_seed_option, add_workers_option, autocast, build_model,
-                    check_model_options, require_file)
-from .timing import device_name, median_seconds
-from .loaders import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, release_loader,
-                   report_unreadable, skip_unreadable_images)
 from ..models import load_weights, read_state_dict
 from ..pyramid import QuadtreeGeometry
+from .loaders import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, release_loader,
+                      report_unreadable, skip_unreadable_images)
+from .model_builder import build_model
+from .options import (COUNT, POSITIVE, HelpFormatter, IntegerList, add_amp_option, add_data_kwargs_option,
+                      add_device_option, add_model_options, add_seed_option, add_workers_option, autocast,
+                      check_model_options, require_file)
+from .timing import device_name, median_seconds
 
 __all__ = ["evaluate_budgets", "count_macs", "default_budgets", "parse_budgets", "write_results", "plot_budgets",
            "format_table", "main", "COLUMNS", "MACS_NOTE"]

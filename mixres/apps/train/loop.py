@@ -51,11 +51,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..options import (POSITIVE, HelpFormatter, Real, add_amp_option, add_data_kwargs_option, add_model_options,
-                    add_seed_option, add_workers_option, autocast, build_model, check_model_options)
 from ...checkpoints import explain_mismatch, read_torch_file
 from ..loaders import (UnreadableImageError, build_dataset, build_loader, release_loader, report_unreadable,
-                   skip_unreadable_images)
+                       skip_unreadable_images)
+from ..model_builder import build_model
+from ..options import (POSITIVE, HelpFormatter, Real, add_amp_option, add_data_kwargs_option, add_model_options,
+                       add_seed_option, add_workers_option, autocast, check_model_options)
 
 __all__ = ["main", "parse_args", "warmup_cosine", "evaluate", "weights_digest", "read_checkpoint", "CHECKPOINT_KEYS"]
 
