@@ -26,7 +26,8 @@ from ..image_files import load_image
 from ..mosaic import tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Random, create_scorer
-from .demo import fit_to_multiple, fitted_size, nearest_valid_n_patches, save_mosaic
+from .fitting import fit_to_multiple, fitted_size, nearest_valid_n_patches
+from .mosaic_files import save_mosaic
 from .options import COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, add_device_option, json_object
 from .timing import device_name, format_throughput, kernel_label, median_seconds, throughput_row, time_tokenizer
 
@@ -253,7 +254,7 @@ def _mosaic(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _read_batch(parser: argparse.ArgumentParser, paths: Sequence[Path], size: tuple[int, int],
                 args: argparse.Namespace) -> Tensor:
-    """The images of ``paths``, each resized to ``size`` (:func:`mixres.demo.fit_to_multiple`), as one batch
+    """The images of ``paths``, each resized to ``size`` (:func:`mixres.apps.fitting.fit_to_multiple`), as one batch
     ``[B, 3, H, W]`` on the CPU, filled one image at a time (one alone is its own batch, without a copy)."""
     if len(paths) == 1:
         return fit_to_multiple(_read_image(parser, paths[0], False), args.max, args.size)[None]
@@ -399,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each image (any format Pillow reads, as RGB: 8-bit values / 255, 16-bit grey / 65535, "
                     "float as it is within [0, 1], alpha dropped; others refused): resize it so that both sides are "
                     "multiples of --max, tokenize it, and write OUT/<name>.png (its leaf borders on the photo, then "
-                    "the mosaic rendered from its tokens) and OUT/<name>.json (image, source_size, height, width, the patch "
-                    "sizes, n_patches, scorer, mode, leaves [[y, x, size], ...], leaves_per_size). Images of one "
+                    "the mosaic rendered from its tokens) and OUT/<name>.json (image, source_size, height, width, the "
+                    "patch sizes, n_patches, scorer, mode, leaves [[y, x, size], ...], leaves_per_size). Images of one "
                     "size are tokenized together; every image is checked before anything is written.")
     mosaic.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     mosaic.add_argument("-n", "--n-patches", type=POSITIVE, default=None,

@@ -14,27 +14,24 @@ mixres[demo]``); everything runs on the CPU, offline.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import warnings
 from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..mosaic import Mosaic, tokenize
+from ..mosaic import tokenize
 from ..pyramid import QuadtreeGeometry
 from ..scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Random, Scorer, Uniform
-from ..viz import save_mosaic_figure, save_mosaic_grid
+from ..viz import save_mosaic_grid
+from .fitting import fit_to_multiple, nearest_valid_n_patches
+from .mosaic_files import leaves_per_size, save_mosaic
 from .options import POSITIVE, Integer
 from .timing import format_throughput, time_tokenizer
 
-__all__ = ["main", "load_photo", "fit_to_multiple", "fitted_size", "nearest_valid_n_patches", "leaves_per_size",
-           "top_half_leaves", "save_mosaic", "compare_scorers"]
+__all__ = ["main", "build_parser", "load_photo", "top_half_leaves", "compare_scorers", "PHOTOS"]
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 MIN_PATCH, MAX_PATCH = 16, 64
@@ -48,38 +45,6 @@ def load_photo(name: str, short_side: int = 256, multiple: int = MAX_PATCH) -> T
     pixels = torch.from_numpy(getattr(skimage.data, name)()).float() / 255
     photo = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels[None].expand(3, -1, -1)
     return fit_to_multiple(photo, multiple, short_side)
-
-
-def fitted_size(height: int, width: int, multiple: int, short_side: int | None = None) -> tuple[int, int]:
-    """The size that :func:`fit_to_multiple` gives an ``height x width`` image."""
-    scale = 1 if short_side is None else short_side / min(height, width)
-    return tuple(max(multiple, math.floor(side * scale / multiple + 0.5) * multiple) for side in (height, width))
-
-
-def fit_to_multiple(image: Tensor, multiple: int, short_side: int | None = None) -> Tensor:
-    """``[C, H, W]`` in [0, 1] -> resized so that both sides are multiples of ``multiple``: each side becomes the
-    nearest multiple (halves round up, at least ``multiple``) of its length, or, given ``short_side``, of its
-    length once the image is scaled to that short side (a multiple of ``multiple``, so kept exactly). Bilinear with
-    antialiasing; an image that already fits is returned as it is."""
-    size = fitted_size(*image.shape[-2:], multiple, short_side)
-    if size == tuple(image.shape[-2:]):
-        return image
-    resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)
-    return resized[0].clamp_(0, 1)  # in place: the resized image is new, and may be large
-
-
-def nearest_valid_n_patches(geometry: QuadtreeGeometry, n_patches: float) -> int:
-    """The reachable budget closest to ``n_patches`` (the smaller one on a tie). Computed, not searched: the
-    budgets are ``n_roots + 3k`` up to ``max_patches``, millions of them for a large image and small leaves."""
-    lowest, highest = geometry.n_roots, geometry.max_patches
-    target = Fraction(n_patches)  # exact, for an int or a float
-    if target <= lowest:
-        return lowest
-    if target >= highest:
-        return highest
-    below = lowest + (math.floor(target) - lowest) // 3 * 3
-    above = below + 3  # at most highest: highest - lowest is a multiple of 3
-    return below if target - below <= above - target else above
 
 
 def _center_square(photo: Tensor, side: int) -> Tensor:
@@ -126,12 +91,6 @@ def compare_scorers(photo: Tensor, n_patches: int, path: Path, feature_weights: 
     return boxes
 
 
-def leaves_per_size(boxes: Tensor) -> dict[int, int]:
-    """``[N, 3]`` boxes -> {leaf side: count}, largest side first."""
-    sizes, counts = boxes[:, 2].unique(return_counts=True)
-    return {int(s): int(c) for s, c in sorted(zip(sizes, counts), key=lambda sc: -sc[0])}
-
-
 def top_half_leaves(boxes: Tensor, height: int) -> dict[str, float]:
     """How a mosaic shares its leaves between the top and the bottom half of an image of ``height`` rows (the
     rocket's sky and the rest): ``{"top_leaves": the number of leaves whose centre is in the top half,
@@ -142,34 +101,7 @@ def top_half_leaves(boxes: Tensor, height: int) -> dict[str, float]:
             "bottom_mean_side": side[~top].mean().item()}
 
 
-def save_mosaic(photo: Tensor, mosaic: Mosaic, out: Path, stem: str, max_patch_size: int, index: int = 0,
-                **info) -> dict:
-    """Writes ``out/<stem>.png`` (:func:`mixres.viz.save_mosaic_figure`: the photo with its leaf borders, then the
-    mosaic rendered from its tokens) and ``out/<stem>.json``: ``info``, then the image's ``height`` and ``width``,
-    ``min_patch_size``, ``max_patch_size``, ``n_patches``, the ``leaves`` ``[[y, x, size], ...]`` and
-    ``leaves_per_size`` (``{"64": count, ...}``, largest first).
-
-    Args:
-        photo: ``[C, H, W]`` in [0, 1], the image that ``mosaic[index]`` was made from.
-        mosaic: its mosaic (a batch of them); ``index`` picks the one.
-        out, stem: the folder (it must exist) and the files' name.
-        max_patch_size: the largest leaf side the mosaic was allowed.
-        **info: fields put first in the JSON record.
-
-    Returns:
-        The JSON record (with int keys in ``leaves_per_size``).
-    """
-    boxes = mosaic.boxes[index]
-    height, width = mosaic.image_size
-    record = {**info, "height": height, "width": width, "min_patch_size": mosaic.min_patch_size,
-              "max_patch_size": max_patch_size, "n_patches": mosaic.n_patches, "leaves": boxes.tolist(),
-              "leaves_per_size": leaves_per_size(boxes)}
-    save_mosaic_figure(photo, mosaic, out / f"{stem}.png", index)
-    (out / f"{stem}.json").write_text(json.dumps(record) + "\n")
-    return record
-
-
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixres.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
     parser.add_argument("--n-patches", type=POSITIVE, default=None,
@@ -194,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     photo: name, size, n_patches, leaves per size, files), ``scorers`` (each scorer's leaves per size on the
     rocket), ``top_half`` (each scorer's :func:`top_half_leaves` on the rocket) and ``throughput`` (images/s of
     ``tokenize``, ``reference`` and the ``pixel-blur`` scorer)."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     device = torch.device("cpu")
     scorer = PixelBlur(MIN_PATCH, MAX_PATCH)

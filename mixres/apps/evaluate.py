@@ -36,7 +36,7 @@ from .options import (COUNT, POSITIVE, HelpFormatter, IntegerList, add_amp_optio
 from .timing import device_name, median_seconds
 
 __all__ = ["evaluate_budgets", "count_macs", "default_budgets", "parse_budgets", "write_results", "plot_budgets",
-           "format_table", "main", "COLUMNS", "MACS_NOTE"]
+           "format_table", "main", "build_parser", "COLUMNS", "MACS_NOTE"]
 
 MACS_NOTE = ("GMACs per image from torch.utils.flop_counter.FlopCounterMode (MACs = FLOPs / 2): matmuls, linear "
              "layers, convolutions and attention, the scorer included (its share is shown apart). Not counted: "
@@ -262,7 +262,7 @@ def _head_classes(state: dict[str, Tensor]) -> int | None:
     return head.shape[0] if head is not None and head.dim() == 2 else None
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixres.evaluate", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     model = add_model_options(parser, quadformer_only=True,
@@ -301,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the sweep (see the module docstring) and returns its rows. Bad options exit with status 2 and a
     message naming the problem."""
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     check_model_options(parser, args, quadformer_only=True)
     require_file(parser, args, "checkpoint")
