@@ -68,8 +68,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def check_resumable(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: dict) -> None:
-    """A usage error where this run's options make another model than the checkpoint's (see :mod:`mixres.apps.train`'s
-    docstring): it names the option, the checkpoint's value and this run's."""
+    """A usage error where this run's options make another model than the checkpoint's (see
+    :mod:`mixres.apps.train.options`' docstring): it names the option, the checkpoint's value and this run's."""
     saved = checkpoint["args"]
     if saved["model"] != args.model:
         parser.error(f"--resume {args.resume} holds a {saved['model']}, not a {args.model}")

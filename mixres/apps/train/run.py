@@ -21,8 +21,8 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Trains as :mod:`mixres.apps.train`'s docstring says. Returns the last epoch's row of the log (the same on
-    every process), with ``best_val_top1``, ``weights_sha256`` (of the final weights) and, under DDP,
+    """Trains as :mod:`mixres.apps.train.options`' docstring says. Returns the last epoch's row of the log (the
+    same on every process), with ``best_val_top1``, ``weights_sha256`` (of the final weights) and, under DDP,
     ``replicas_identical`` (whether every process ended with the same weights)."""
     parser = build_parser()
     args = parse_args(argv, parser)
