@@ -16,7 +16,7 @@ mkdir -p "$out"
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$changes"
   "$PYTHON" -c "
 import torch, mixres
-from mixres._timing import device_name
+from mixres.apps.timing import device_name
 device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 print('torch:', torch.__version__)
 print('device:', device_name(device))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mixres._timing import device_name
+from mixres.apps.timing import device_name
 
 if torch.cuda.is_available():
     slug = "cuda-" + torch.cuda.get_device_name().lower().replace("nvidia", "")

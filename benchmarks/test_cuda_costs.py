@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import mixres
-from mixres._timing import median_seconds
+from mixres.apps.timing import median_seconds
 
 from conftest import CONFIGS, inputs, report
 

@@ -1,4 +1,4 @@
-"""``python -m mixres``: the ``mixres`` command (:mod:`mixres.cli`)."""
-from .cli import main
+"""``python -m mixres``: the ``mixres`` command (:mod:`mixres.apps.cli`)."""
+from .apps.cli import main
 
 raise SystemExit(main())

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 
-from mixres import evaluate, train
+from mixres.apps import evaluate, train
 from mixres.checkpoints import explain_mismatch, read_state_dict, read_torch_file
 from mixres.models import UniformGrid, create_model, load_weights
 

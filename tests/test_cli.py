@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 import mixres
-from mixres import cli, image_files
+from mixres import image_files
+from mixres.apps import cli
 
 from helpers import HANG_TIMEOUT, coverage
 
@@ -431,7 +432,7 @@ def test_budgets_at_the_limits_of_the_sizes(capsys):
 def test_budgets_memory_does_not_grow_with_the_list():
     """5 million budgets took 870 MB as a list and its text; printed as they are computed, they take nothing."""
     child = ("import resource, sys\n"
-             "from mixres import cli\n"
+             "from mixres.apps import cli\n"
              "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
              "cli.main(['budgets', '--size', '64'])\n"
              "before = peak()\n"

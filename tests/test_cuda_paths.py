@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mixres import train
-from mixres.data import build_dataset, build_loader
+from mixres.apps import train
+from mixres.apps.loaders import build_dataset, build_loader
+from mixres.apps.model_builder import build_model
+from mixres.apps.train import run as train_run
 
 import test_train
 from helpers import HANG_TIMEOUT
@@ -23,7 +25,6 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 def test_fp16_autocast_trains_through_the_gradient_scaler(colours, tmp_path, monkeypatch):
     head_outputs, scaler_updates, initial = set(), [], {}
-    build_model = train.build_model
 
     def build_and_watch(*args, **kwargs):
         model = build_model(*args, **kwargs)
@@ -38,7 +39,7 @@ def test_fp16_autocast_trains_through_the_gradient_scaler(colours, tmp_path, mon
         scaler_updates.append((scaler.is_enabled(), scaler.get_scale()))
         return update(scaler, *args, **kwargs)
 
-    monkeypatch.setattr(train, "build_model", build_and_watch)
+    monkeypatch.setattr(train_run, "build_model", build_and_watch)
     monkeypatch.setattr(torch.amp.GradScaler, "update", update_and_watch)
     # Two epochs of 5 steps: a step whose scaled gradients overflow is skipped and halves the scale, so some steps
     # must be left to move the weights. --grad-clip takes the path that unscales the gradients first.
@@ -86,10 +87,10 @@ def test_ddp_over_nccl_on_two_gpus_keeps_replicas_identical_and_matches_one_proc
     # Validation over shards of 10 and 9 images, summed over NCCL, counts each of the 19 once: the DDP row is the
     # single-process evaluation of the DDP weights.
     args = train.parse_args([*TINY, *options])
-    model = train.build_model(args, num_classes=4)
+    model = build_model(args, num_classes=4)
     model.load_state_dict(torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["model"])
     device = torch.device("cuda")
     val = build_dataset(colours, "val", 64, (0.5,) * 3, (0.5,) * 3, train=False)
-    metrics = train.evaluate(model.to(device), build_loader(val, 8, train=False), device)
+    metrics = train.validate(model.to(device), build_loader(val, 8, train=False), device)
     assert metrics["val_top1"] == pytest.approx(row["val_top1"])
     assert metrics["val_loss"] == pytest.approx(row["val_loss"], rel=1e-4)

@@ -1,4 +1,4 @@
-"""mixres.data: an image file that cannot be read names itself and the reason, read in the main process or in
+"""mixres.apps.loaders: an image file that cannot be read names itself and the reason, read in the main process or in
 DataLoader workers, and skip_unreadable_images leaves such files out, on one process and through a process group."""
 import io
 import multiprocessing
@@ -11,7 +11,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Subset
 
-from mixres.data import (UnreadableImageError, build_dataset, build_loader, read_image, release_loader,
+from mixres.apps.loaders import (UnreadableImageError, build_dataset, build_loader, read_image, release_loader,
                          skip_unreadable_images)
 
 NORMALISATION = ((0.5,) * 3, (0.5,) * 3)

@@ -178,7 +178,7 @@ def test_bad_argument_types_are_named():
 
 
 def test_build_dataset_passes_generator_arguments_to_small_objects(tmp_path):
-    from mixres.data import build_dataset
+    from mixres.apps.loaders import build_dataset
 
     dataset = build_dataset("small-objects", "val", 64, (0.5,) * 3, (0.5,) * 3, train=False, length=4,
                             generator_kwargs={"object_size": [20, 24]})

@@ -10,7 +10,7 @@ from PIL import Image
 
 pytest.importorskip("skimage")
 
-from mixres import demo  # noqa: E402  (after the skip: the demo needs scikit-image)
+from mixres.apps import demo, fitting  # noqa: E402  (after the skip: the demo needs scikit-image)
 from mixres.pyramid import QuadtreeGeometry  # noqa: E402
 
 
@@ -56,9 +56,9 @@ def test_demo_writes_figures_and_leaves(tmp_path, capsys):
 
 def test_nearest_valid_n_patches():
     geometry = QuadtreeGeometry(256, 384)  # 24 roots, at most 384 leaves
-    assert demo.nearest_valid_n_patches(geometry, 128) == 129
-    assert demo.nearest_valid_n_patches(geometry, 1) == 24
-    assert demo.nearest_valid_n_patches(geometry, 10_000) == 384
+    assert fitting.nearest_valid_n_patches(geometry, 128) == 129
+    assert fitting.nearest_valid_n_patches(geometry, 1) == 24
+    assert fitting.nearest_valid_n_patches(geometry, 10_000) == 384
 
 
 @settings(max_examples=200, deadline=None)
@@ -67,16 +67,16 @@ def test_nearest_valid_n_patches():
 def test_nearest_valid_n_patches_is_the_closest_of_the_list(rows, cols, levels, target):
     geometry = QuadtreeGeometry(rows * 32, cols * 32, 32 >> levels, 32)
     valid = range(geometry.n_roots, geometry.max_patches + 1, 3)  # the definition: roots + 3k up to the full grid
-    assert demo.nearest_valid_n_patches(geometry, target) == min(valid, key=lambda n: (abs(n - target), n))
+    assert fitting.nearest_valid_n_patches(geometry, target) == min(valid, key=lambda n: (abs(n - target), n))
 
 
 def test_nearest_valid_n_patches_of_a_huge_geometry_is_computed():
     geometry = QuadtreeGeometry(2**30, 2**30, 1, 2**30)  # 4**30 leaves at most: a list of them would not fit
-    third = demo.nearest_valid_n_patches(geometry, geometry.max_patches / 3)
+    third = fitting.nearest_valid_n_patches(geometry, geometry.max_patches / 3)
     assert (third - 1) % 3 == 0 and abs(Fraction(third) - Fraction(geometry.max_patches / 3)) <= Fraction(3, 2)
-    assert demo.nearest_valid_n_patches(geometry, 1 + 3 * 12345678901234567) == 1 + 3 * 12345678901234567
-    assert demo.nearest_valid_n_patches(geometry, 2 + 3 * 12345678901234567) == 1 + 3 * 12345678901234567
-    assert demo.nearest_valid_n_patches(geometry, 10**30) == 4**30
+    assert fitting.nearest_valid_n_patches(geometry, 1 + 3 * 12345678901234567) == 1 + 3 * 12345678901234567
+    assert fitting.nearest_valid_n_patches(geometry, 2 + 3 * 12345678901234567) == 1 + 3 * 12345678901234567
+    assert fitting.nearest_valid_n_patches(geometry, 10**30) == 4**30
 
 
 @pytest.mark.parametrize("size, multiple, short_side, fitted", [
@@ -84,8 +84,8 @@ def test_nearest_valid_n_patches_of_a_huge_geometry_is_computed():
     ((100, 150), 32, 64, (64, 96)), ((1000, 1000), 64, None, (1024, 1024)),
 ])
 def test_fitted_size_is_what_fit_to_multiple_gives(size, multiple, short_side, fitted):
-    assert demo.fitted_size(*size, multiple, short_side) == fitted
-    assert demo.fit_to_multiple(torch.rand(3, *size), multiple, short_side).shape[1:] == fitted
+    assert fitting.fitted_size(*size, multiple, short_side) == fitted
+    assert fitting.fit_to_multiple(torch.rand(3, *size), multiple, short_side).shape[1:] == fitted
 
 
 def test_top_half_leaves_counts_the_leaves_centred_above_the_middle():

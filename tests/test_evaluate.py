@@ -15,7 +15,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
 
-from mixres import evaluate
+from mixres.apps import evaluate
 from mixres.models import Quadformer, UniformGrid, grid_for_budget
 from mixres.pyramid import QuadtreeGeometry
 from mixres.scorers import FeatureBased

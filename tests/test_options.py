@@ -10,7 +10,10 @@ import re
 
 import pytest
 
-from mixres import _args, cli, demo, evaluate, train
+from mixres.apps import cli, demo, evaluate, train
+from mixres.apps.options import Integer, Real
+from mixres.apps.train import options as train_options
+from mixres.apps.train import run as train_run
 
 INT64 = 2**63 - 1
 SIDE = 2**31 - 1
@@ -53,16 +56,17 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     commands = next(action for action in cli.build_parser()._actions
                     if isinstance(action, argparse._SubParsersAction)).choices
     return {**{f"mixres {name}": parser for name, parser in commands.items()},
-            "python -m mixres.train": train._parser(), "python -m mixres.evaluate": evaluate._parser(),
-            "python -m mixres.demo": demo._parser()}
+            "python -m mixres.train": train.build_parser(), "python -m mixres.evaluate": evaluate.build_parser(),
+            "python -m mixres.demo": demo.build_parser()}
 
 
 def test_every_numeric_option_declares_its_range():
     for command, parser in parsers().items():
         plain = [action.option_strings for action in parser._actions if action.type in (int, float)]
-        assert not plain, f"{command}: {plain} take any int or float: give them a range (mixres._args.Integer...)"
+        assert not plain, f"{command}: {plain} take any int or float: give them a range " \
+                          f"(mixres.apps.options.Integer...)"
         numeric = {action.option_strings[-1]: action.type for action in parser._actions
-                   if isinstance(action.type, (_args.Integer, _args.Real))}
+                   if isinstance(action.type, (Integer, Real))}
         assert set(numeric) == set(RANGES[command]), f"{command}: update RANGES with its options"
         for option, (kind, lowest, highest, *inclusive) in RANGES[command].items():
             parse = numeric[option]
@@ -101,8 +105,8 @@ def test_out_of_range_values_are_usage_errors(command, option, value, capsys, mo
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the options were checked")
 
-    for module, name in ((cli, "_mosaic"), (cli, "_bench"), (cli, "_budgets"), (train, "build_dataset"),
-                         (train, "check_model_options"), (evaluate, "build_model"), (demo, "load_photo")):
+    for module, name in ((cli, "_mosaic"), (cli, "_bench"), (cli, "_budgets"), (train_run, "build_dataset"),
+                         (train_options, "check_model_options"), (evaluate, "build_model"), (demo, "load_photo")):
         monkeypatch.setattr(module, name, no_work)
     argv = [*REQUIRED.get(command, []), f"{option}={value}"]  # "=": a value such as -1 is not taken for an option
     with pytest.raises(SystemExit) as exit_:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import mixres
-from mixres.demo import top_half_leaves
+from mixres.apps.demo import top_half_leaves
 from mixres.scorers import Entropy, PixelBlur, Random, Uniform
 
 pytest.importorskip("skimage")
@@ -24,7 +24,7 @@ N_PATCHES = 129  # 24 roots of 64 px + 35 splits: about a third of the most (384
 
 @pytest.fixture(scope="module")
 def rocket():
-    from mixres.demo import load_photo
+    from mixres.apps.demo import load_photo
 
     return load_photo("rocket")[None]  # [1, 3, 256, 384]
 

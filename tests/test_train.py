@@ -20,8 +20,10 @@ from PIL import Image
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from mixres import train
-from mixres.data import MAX_SEED, ShardSampler, build_dataset, build_loader
+from mixres.apps import train
+from mixres.apps.loaders import MAX_SEED, ShardSampler, build_dataset, build_loader
+from mixres.apps.model_builder import build_model
+from mixres.apps.train import loop as train_loop
 
 from helpers import HANG_TIMEOUT
 
@@ -117,16 +119,16 @@ def test_a_resumed_run_computes_what_an_uninterrupted_one_does(colours, tmp_path
     class Interrupted(Exception):
         pass
 
-    save = train._save
+    save = train_loop.save_checkpoint
 
     def save_then_die(path, state):
         save(path, state)
         raise Interrupted
 
-    monkeypatch.setattr(train, "_save", save_then_die)
+    monkeypatch.setattr(train_loop, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):  # the first epoch's last.pt is written, then the run dies
         run(colours, tmp_path / "resumed", "--epochs", "2", "--resume", "auto")  # auto: nothing yet, from scratch
-    monkeypatch.setattr(train, "_save", save)
+    monkeypatch.setattr(train_loop, "save_checkpoint", save)
     resumed = run(colours, tmp_path / "resumed", "--epochs", "2", "--resume", "auto")
 
     # The same batches in the same order, the same per-epoch seeds, and the optimizer, scheduler and weights
@@ -280,7 +282,7 @@ def test_ddp_on_two_processes_keeps_replicas_identical_and_matches_one_process(c
     assert row["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
 
     args = train.parse_args([*TINY, *options])
-    model = train.build_model(args, num_classes=4)
+    model = build_model(args, num_classes=4)
     model.load_state_dict(ddp_weights)
     model.eval()
     val = build_dataset(colours, "val", 64, (0.5,) * 3, (0.5,) * 3, train=False)
@@ -311,7 +313,7 @@ def test_ddp_on_two_processes_keeps_replicas_identical_and_matches_one_process(c
     # Validation over shards of 10 and 9 images counts each of the 19 once: the DDP row is the single-process
     # evaluation of the DDP weights.
     model.load_state_dict(ddp_weights)
-    metrics = train.evaluate(model, build_loader(val, 8, train=False), torch.device("cpu"))
+    metrics = train.validate(model, build_loader(val, 8, train=False), torch.device("cpu"))
     assert metrics["val_top1"] == pytest.approx(row["val_top1"])
     assert metrics["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
 
@@ -347,7 +349,7 @@ def test_evaluation_shards_cover_each_item_once_and_metrics_are_exact():
             return logits[index]
 
     loader = torch.utils.data.DataLoader(list(zip(range(7), labels.tolist())), batch_size=3)
-    metrics = train.evaluate(Lookup(), loader, torch.device("cpu"))
+    metrics = train.validate(Lookup(), loader, torch.device("cpu"))
     top5 = logits.topk(5, dim=1).indices
     assert metrics["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
     assert metrics["val_top1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
@@ -361,10 +363,10 @@ def test_a_plain_vit_file_starts_a_quadformer_with_a_new_head_where_the_classes_
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
     args = train.parse_args([*TINY, "--data", "unused", "--pretrained-file", str(tmp_path / "vit.pth")])
     if num_classes == 4:
-        model = train.build_model(args, num_classes=num_classes)
+        model = build_model(args, num_classes=num_classes)
     else:
         with pytest.warns(UserWarning, match="vit.head.weight, vit.head.bias left at their random initialisation"):
-            model = train.build_model(args, num_classes=num_classes)
+            model = build_model(args, num_classes=num_classes)
     for name, value in vit.state_dict().items():
         if name.startswith("head.") and num_classes != 4:
             assert model.vit.state_dict()[name].shape[0] == num_classes
@@ -375,11 +377,11 @@ def test_a_plain_vit_file_starts_a_quadformer_with_a_new_head_where_the_classes_
 def test_a_quadformer_checkpoint_file_starts_a_quadformer_whole(tmp_path):
     args = train.parse_args([*TINY, "--data", "unused", "--pos-embed", "xy-learned"])
     torch.manual_seed(1)
-    source = train.build_model(args, num_classes=4)
+    source = build_model(args, num_classes=4)
     torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "last.pt")  # as this script saves them
     args = train.parse_args([*TINY, "--data", "unused", "--pos-embed", "xy-learned",
                              "--pretrained-file", str(tmp_path / "last.pt")])
-    model = train.build_model(args, num_classes=4)
+    model = build_model(args, num_classes=4)
     for name, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     assert model.xy_embed is not None
@@ -520,13 +522,12 @@ def test_resuming_from_a_file_that_is_no_whole_checkpoint_is_a_usage_error(colou
 
 
 def test_uniform_grid_baseline_trains_at_the_budgets_grid(tmp_path, capsys):
-    from mixres import _args
     from mixres.models import UniformGrid
 
     args = train.parse_args(["--model", "quadformer_vit_tiny_patch16_224", "--img-size", "128", "--model-kwargs",
                              '{"embed_dim": 32, "depth": 1, "num_heads": 2}', "--n-patches", "28", "--uniform-grid",
                              "--data", str(tmp_path), "--output", str(tmp_path / "out")])
-    model = _args.build_model(args, num_classes=3)
+    model = build_model(args, num_classes=3)
     assert isinstance(model, UniformGrid) and model.grid == (5, 5)  # about 28 tokens
     assert model(torch.randn(2, 3, 128, 128)).shape == (2, 3)
     assert model.num_classes == 3 and "quadformer.vit.cls_token" in model.no_weight_decay()

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import ops, reference
-from .mosaic import tokenize
+from .. import ops, reference
+from ..mosaic import tokenize
 
 __all__ = ["synchronize", "median_seconds", "device_name", "kernel_label", "time_tokenizer", "throughput_row",
            "format_throughput"]

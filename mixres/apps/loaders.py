@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from .image_files import EIGHT_BIT_MODES, load_image
+from ..image_files import EIGHT_BIT_MODES, load_image
 
 __all__ = ["build_dataset", "build_loader", "ShardSampler", "SMALL_OBJECTS", "MAX_SEED", "read_image",
            "UnreadableImageError", "release_loader", "skip_unreadable_images", "report_unreadable"]
@@ -178,7 +178,7 @@ def build_dataset(source: str | os.PathLike, split: str, image_size: int | tuple
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if str(source) == SMALL_OBJECTS:
-        from .datasets import SmallObjects
+        from ..datasets import SmallObjects
 
         if size[0] != size[1]:
             raise ValueError(f"small-objects images are square; got image_size {size}")

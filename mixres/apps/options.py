@@ -1,7 +1,8 @@
-"""The command-line pieces that ``python -m mixres.train``, ``python -m mixres.evaluate`` and ``mixres`` share: the
-model options and the model they build (by :func:`mixres.models.create_model`), JSON-object arguments, ``--amp``
-and its autocast, and numeric option types that declare their range once (:class:`Integer`, :class:`Real`,
-:class:`IntegerList`), so that any number out of range is a usage error naming the option and the range."""
+"""The command-line options that ``python -m mixres.train``, ``python -m mixres.evaluate``, ``python -m mixres.demo``
+and ``mixres`` share: the model options and their checks (the model itself: :mod:`mixres.apps.model_builder`),
+JSON-object arguments, ``--amp`` and its autocast, and numeric option types that declare their range once
+(:class:`Integer`, :class:`Real`, :class:`IntegerList`), so that any number out of range is a usage error naming
+the option and the range."""
 from __future__ import annotations
 
 import argparse
@@ -12,17 +13,15 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .data import MAX_SEED
-from .pyramid import MAX_IMAGE_SIDE
-from .scorers import SCORERS
+from ..pyramid import MAX_IMAGE_SIDE
+from ..scorers import SCORERS
+from .loaders import MAX_SEED
 
-__all__ = ["HelpFormatter", "add_model_options", "check_model_options", "build_model", "add_device_option",
-           "usable_device", "add_workers_option", "add_seed_option", "add_data_kwargs_option", "add_amp_option",
-           "autocast", "json_object", "require_file", "QUADFORMER_OPTIONS", "AMP_DTYPES",
-           "COMMAND_LINE_SCORERS", "Integer", "Real", "IntegerList", "INDEX_MAX", "SIDE_MAX", "SEED_MAX", "SIDE",
-           "COUNT", "POSITIVE"]
+__all__ = ["HelpFormatter", "add_model_options", "check_model_options", "add_device_option", "usable_device",
+           "add_workers_option", "add_seed_option", "add_data_kwargs_option", "add_amp_option", "autocast",
+           "json_object", "require_file", "QUADFORMER_OPTIONS", "AMP_DTYPES", "COMMAND_LINE_SCORERS", "Integer", "Real",
+           "IntegerList", "INDEX_MAX", "SIDE_MAX", "SEED_MAX", "SIDE", "COUNT", "POSITIVE"]
 
 # The options that configure a Quadformer, each named as the Quadformer argument it sets.
 QUADFORMER_OPTIONS = ("n_patches", "scorer", "scorer_kwargs", "pos_embed", "min_patch_size", "max_patch_size")
@@ -35,7 +34,7 @@ COMMAND_LINE_SCORERS = tuple(name for name in SCORERS if name not in ("gradcam",
 INDEX_MAX = 2 ** 63 - 1
 # The largest image side or patch size: the tokenizer's (its boxes (y, x, size) are int32).
 SIDE_MAX = MAX_IMAGE_SIDE
-# The largest seed: mixres.data's, which leaves room for the seeds derived from it (seed + epoch, seed + 1).
+# The largest seed: mixres.apps.loaders', which leaves room for the seeds derived from it (seed + epoch, seed + 1).
 SEED_MAX = MAX_SEED
 
 
@@ -152,7 +151,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, quadformer_only: bool 
     the Quadformer's. With ``quadformer_only``, the model is always a Quadformer (``--model`` is a ViT's name, the
     ``quadformer_`` prefix optional) and ``--n-patches`` is left out: the caller sets the budget per call.
     Returns the "model" group, for a caller's own options."""
-    from .models import POS_EMBEDS
+    from ..models import POS_EMBEDS
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True,
@@ -204,7 +203,7 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     ``args.model`` gets its ``quadformer_`` prefix; ``args.quadformer`` says whether the model is a Quadformer."""
     import timm
 
-    from .models.factory import QUADFORMER_PREFIX
+    from ..models.factory import QUADFORMER_PREFIX
 
     if quadformer_only and not args.model.startswith(QUADFORMER_PREFIX):
         args.model = QUADFORMER_PREFIX + args.model
@@ -221,29 +220,6 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.img_size is not None and "img_size" in args.model_kwargs:
         parser.error("give the image size once: --img-size or img_size in --model-kwargs")
     require_file(parser, args, "pretrained_file")
-
-
-def build_model(args: argparse.Namespace, num_classes: int | None = None, load_pretrained: bool = True) -> nn.Module:
-    """The model of the options that :func:`add_model_options` adds (checked by :func:`check_model_options`):
-    :func:`mixres.models.create_model` with ``--model-kwargs``, the image size, the Quadformer options and the
-    starting weights (``--pretrained``, ``--pretrained-file``; none when ``load_pretrained`` is False, as for a
-    resumed run that reads its own); wrapped in a :class:`mixres.models.UniformGrid` for ``--uniform-grid``.
-    ``num_classes``, where given, overrides ``--num-classes``."""
-    from .models import create_model
-
-    kwargs = dict(args.model_kwargs)
-    kwargs.update({name: getattr(args, name) for name in QUADFORMER_OPTIONS if getattr(args, name, None) is not None})
-    num_classes = args.num_classes if num_classes is None else num_classes
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    model = create_model(args.model, pretrained=args.pretrained and load_pretrained,
-                         pretrained_file=args.pretrained_file if load_pretrained else None, img_size=args.img_size,
-                         **kwargs)
-    if getattr(args, "uniform_grid", False):
-        from .models import UniformGrid, grid_for_budget
-
-        model = UniformGrid(model, grid=grid_for_budget(model.n_patches, (model.geometry.height, model.geometry.width)))
-    return model
 
 
 def usable_device(text: str) -> torch.device:

@@ -1,0 +1,376 @@
+"""A budget sweep: top-1, MACs and throughput of a Quadformer at several token budgets, against the uniform grid.
+
+    python -m mixres.evaluate --model quadformer_vit_base_patch16_224 --pretrained-file vit_b16.pth \\
+        --data /data/imagenet --budgets 49,64,100,145,196 --output out/eval
+
+For each budget N, two rows: the Quadformer at N leaves, and the uniform-grid baseline from the same ViT weights at
+about N tokens (the image resized to g x g patches, g = round(sqrt(N)), the position table resampled: see
+:class:`mixres.models.UniformGrid`). Each row holds top-1 (and top-5 with at least 5 classes), GMACs per image
+(the scorer's share apart), and the images/s and microseconds per image of the whole forward (scorer, tokenize,
+ViT) on the device. Writes ``budgets.csv``, ``budgets.json`` and ``budgets.png`` (accuracy and throughput against
+the number of tokens; needs matplotlib) to ``--output``, and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset, Subset
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from tqdm import tqdm
+
+from ..models import load_weights, read_state_dict
+from ..pyramid import QuadtreeGeometry
+from .loaders import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, release_loader,
+                      report_unreadable, skip_unreadable_images)
+from .model_builder import build_model
+from .options import (COUNT, POSITIVE, HelpFormatter, IntegerList, add_amp_option, add_data_kwargs_option,
+                      add_device_option, add_model_options, add_seed_option, add_workers_option, autocast,
+                      check_model_options, require_file)
+from .timing import device_name, median_seconds
+
+__all__ = ["evaluate_budgets", "count_macs", "default_budgets", "parse_budgets", "write_results", "plot_budgets",
+           "format_table", "main", "build_parser", "COLUMNS", "MACS_NOTE"]
+
+MACS_NOTE = ("GMACs per image from torch.utils.flop_counter.FlopCounterMode (MACs = FLOPs / 2): matmuls, linear "
+             "layers, convolutions and attention, the scorer included (its share is shown apart). Not counted: "
+             "normalisations, activations, pooling, image resizing and mixres's tokenize ops (quadtree, leaf "
+             "resize, position gathering), which are data movement.")
+COLUMNS = ("method", "budget", "n_patches", "grid", "image_size", "top1", "top5", "gmacs", "scorer_gmacs",
+           "images_per_s", "us_per_image", "n_images", "batch_size", "amp", "scorer", "device", "device_name",
+           "torch")
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# On the CPU, F.scaled_dot_product_attention (timm's attention) runs an op that FlopCounterMode has no formula
+# for, so the attention matmuls would go uncounted there and not on CUDA: count it as the other SDPA kernels are.
+_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+def count_macs(fn: Callable[[], object]) -> int:
+    """Multiply-accumulates of ``fn()`` as :class:`torch.utils.flop_counter.FlopCounterMode` counts them
+    (FLOPs / 2): matmuls, linear layers, convolutions and attention, on any device. See :data:`MACS_NOTE`."""
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def default_budgets(geometry: QuadtreeGeometry, count: int = 5) -> list[int]:
+    """``count`` valid budgets evenly spread from the fewest leaves (the root grid) to the most (the full grid)."""
+    # The valid budgets are roots + 3k up to the full grid: the i-th is computed, never the (long) list.
+    total = (geometry.max_patches - geometry.n_roots) // 3 + 1
+    picks = range(total) if total <= count else {round(i * (total - 1) / (count - 1)) for i in range(count)}
+    return sorted(geometry.n_roots + 3 * pick for pick in picks)
+
+
+_BUDGETS = IntegerList(1)  # the type of --budgets
+
+
+def parse_budgets(text: str | Sequence[int], geometry: QuadtreeGeometry) -> list[int]:
+    """``"49,64,100"`` (or the list that ``--budgets`` parses it to) -> ``[49, 64, 100]``, each checked against the
+    geometry: a ``ValueError`` names the nearest valid budgets of an unreachable one."""
+    try:
+        budgets = _BUDGETS(text) if isinstance(text, str) else list(text)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"budgets: {error}") from None
+    if not budgets:
+        raise ValueError("no budget given")
+    for budget in budgets:
+        geometry.check_n_patches(budget)
+    return budgets
+
+
+def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: str | torch.device = "cpu", *,
+                     limit: int | None = None, amp: str | None = None, warmup: int = 2, timed_batches: int = 5,
+                     progress: bool = True) -> list[dict]:
+    """Top-1/top-5, GMACs and throughput of a Quadformer at each budget and of its uniform-grid baseline.
+
+    One pass over the data evaluates every configuration on each batch. MACs are counted on one image
+    (:func:`count_macs`); the throughput is timed on the first batch, after ``warmup`` untimed calls, as the median
+    of ``timed_batches`` calls of the whole forward (scorer, tokenize and ViT; for the uniform grid, resize and
+    ViT), synchronising on CUDA.
+
+    Args:
+        model: a :class:`mixres.models.Quadformer`; it is moved to ``device`` and put in eval mode. The baseline
+            is a :class:`mixres.models.UniformGrid` on it, sharing its ViT.
+        loader: batches of ``(images [B, C, H, W] normalised for the model, labels [B])`` at the model's image size.
+        budgets: leaves per image, each valid for the model's geometry (``model.geometry.valid_n_patches()``).
+            The uniform grid of each is :func:`mixres.models.grid_for_budget`'s.
+        device: where to run.
+        limit: stop after this many images (the first ones of the loader).
+        amp: run under ``torch.autocast`` to ``"bf16"`` or ``"fp16"`` (the ``--amp`` values); None: not.
+        warmup, timed_batches: untimed and timed calls of the throughput measurement.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        One dict per (budget, method), budgets in the given order, the Quadformer first: the :data:`COLUMNS`
+        (``top5`` is None with fewer than 5 classes; ``scorer_gmacs`` is 0 for the uniform grid).
+    """
+    from ..models import UniformGrid, grid_for_budget
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    for budget in budgets:
+        model.geometry.check_n_patches(budget)
+    uniform = UniformGrid(model)
+    height, width, side = model.geometry.height, model.geometry.width, model.min_patch_size
+    scorer_name = type(model.scorer).__name__
+
+    configs = []
+    for budget in budgets:
+        configs.append(dict(method="quadformer", budget=budget, n_patches=budget, grid="",
+                            image_size=f"{height}x{width}", scorer=scorer_name,
+                            forward=lambda images, n=budget: model(images, n_patches=n)))
+        rows, cols = grid_for_budget(budget, (height, width))
+        configs.append(dict(method="uniform", budget=budget, n_patches=rows * cols, grid=f"{rows}x{cols}",
+                            image_size=f"{rows * side}x{cols * side}", scorer="",
+                            forward=lambda images, g=(rows, cols): uniform(images, g)))
+
+    top_k = (1, 5) if model.num_classes >= 5 else (1,)
+    correct = [dict.fromkeys(top_k, 0) for _ in configs]
+    seen, first = 0, None
+    with tqdm(loader, desc=f"{len(configs)} configurations", unit="batch", disable=not progress) as batches, \
+            torch.no_grad(), autocast(device, amp):
+        for images, labels in batches:
+            if limit is not None:
+                images, labels = images[:limit - seen], labels[:limit - seen]
+            images = images.to(device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(device, non_blocking=True)
+            if first is None:
+                first = images
+            for config, hits in zip(configs, correct):
+                predicted = config["forward"](images).topk(max(top_k), dim=1).indices
+                for k in top_k:
+                    hits[k] += int((predicted[:, :k] == labels[:, None]).any(dim=1).sum())
+            seen += images.shape[0]
+            if limit is not None and seen >= limit:
+                break
+    if first is None:
+        raise ValueError("the loader gave no images")
+
+    one = first[:1]
+    scorer_macs = count_macs(lambda: model.score(one))
+    name, results = device_name(device), []
+    for config, hits in zip(configs, correct):
+        forward = config.pop("forward")
+        with torch.no_grad():
+            macs = count_macs(lambda: forward(one))
+        with torch.no_grad(), autocast(device, amp):
+            seconds = median_seconds(lambda: forward(first), device, timed_batches, warmup)
+        results.append({
+            **config,
+            "top1": hits[1] / seen,
+            "top5": hits[5] / seen if 5 in hits else None,
+            "gmacs": macs / 1e9,
+            "scorer_gmacs": scorer_macs / 1e9 if config["method"] == "quadformer" else 0.0,
+            "images_per_s": first.shape[0] / seconds,
+            "us_per_image": seconds / first.shape[0] * 1e6,
+            "n_images": seen,
+            "batch_size": first.shape[0],
+            "amp": amp,
+            "device": str(device),
+            "device_name": name,
+            "torch": torch.__version__,
+        })
+    return [{column: row[column] for column in COLUMNS} for row in results]
+
+
+# ------------------------------------------------------------------------------------------------------- outputs
+def format_table(rows: Sequence[dict]) -> str:
+    """The rows as a fixed-width text table."""
+    lines = [f"{'method':<11}{'budget':>7}{'tokens':>7}{'grid':>7}{'top-1':>8}{'top-5':>8}{'GMACs':>9}"
+             f"{'scorer':>9}{'images/s':>11}{'us/image':>10}"]
+    for row in rows:
+        top5 = f"{100 * row['top5']:7.2f}%" if row["top5"] is not None else f"{'-':>8}"
+        lines.append(f"{row['method']:<11}{row['budget']:>7}{row['n_patches']:>7}{row['grid'] or '-':>7}"
+                     f"{100 * row['top1']:7.2f}%{top5}{row['gmacs']:9.4g}{row['scorer_gmacs']:9.4g}"
+                     f"{row['images_per_s']:11.1f}{row['us_per_image']:10.1f}")
+    return "\n".join(lines)
+
+
+def plot_budgets(rows: Sequence[dict], path: str | Path, title: str = "") -> Path | None:
+    """Draws ``path``: top-1 against the number of tokens and images/s against it, one line per method. Returns
+    None (and says how to install it) when matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f"matplotlib is not installed, so {Path(path).name} is not drawn: pip install matplotlib")
+        return None
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    accuracy, speed = figure.subplots(1, 2)
+    for method, style in (("quadformer", "o-"), ("uniform", "s--")):
+        points = sorted((row["n_patches"], row["top1"], row["images_per_s"]) for row in rows
+                        if row["method"] == method)
+        if points:
+            tokens, top1, rate = zip(*points)
+            accuracy.plot(tokens, [100 * value for value in top1], style, label=method)
+            speed.plot(tokens, rate, style, label=method)
+    for axes, label in ((accuracy, "top-1 (%)"), (speed, "images/s")):
+        axes.set_xlabel("tokens per image")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    if title:
+        figure.suptitle(title)
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def write_results(rows: Sequence[dict], output: str | Path, config: dict | None = None,
+                  title: str = "") -> dict[str, Path | None]:
+    """Writes ``budgets.csv`` (the rows), ``budgets.json`` (``{"config", "macs_note", "rows"}``) and
+    ``budgets.png`` (:func:`plot_budgets`) to the folder ``output``; returns their paths (png None when not
+    drawn)."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": output / "budgets.csv", "json": output / "budgets.json"}
+    with paths["csv"].open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["json"].write_text(json.dumps({"config": config or {}, "macs_note": MACS_NOTE, "rows": list(rows)},
+                                        indent=2) + "\n")
+    paths["png"] = plot_budgets(rows, output / "budgets.png", title)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------ command
+def _evenly_spaced(dataset, limit: int):
+    """At most ``limit`` items spread over the whole dataset: a folder sorted by class gives every class."""
+    if limit >= len(dataset):
+        return dataset
+    return Subset(dataset, [round(i * (len(dataset) - 1) / max(limit - 1, 1)) for i in range(limit)])
+
+
+def _head_classes(state: dict[str, Tensor]) -> int | None:
+    """The number of classes of a Quadformer's, a UniformGrid's or a plain ViT's state dict: its head's outputs
+    (None: no head)."""
+    head = next((state[key] for key in ("vit.head.weight", "quadformer.vit.head.weight", "head.weight")
+                 if key in state), None)
+    return head.shape[0] if head is not None and head.dim() == 2 else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mixres.evaluate", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    model = add_model_options(parser, quadformer_only=True,
+                              num_classes_default="the --checkpoint head's, else timm's")
+    model.add_argument("--checkpoint", type=Path, default=None,
+                       help="a trained Quadformer's weights (the forms of --pretrained-file), loaded last; every "
+                            "weight must match")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True,
+                      help=f"a folder of class sub-folders (or of split folders), {SMALL_OBJECTS!r}, or a timm "
+                           f"dataset name (torch/cifar10, read under $MIXRES_DATA)")
+    data.add_argument("--split", default="val", help="the split to evaluate")
+    data.add_argument("--val-length", type=POSITIVE, default=None, help="images of a generated split (small-objects)")
+    add_data_kwargs_option(data)
+    data.add_argument("--batch-size", type=POSITIVE, default=64, help="batch size, also of the throughput timing")
+    data.add_argument("--limit", type=POSITIVE, default=None,
+                      help="evaluate at most this many images, spread evenly over the dataset")
+    data.add_argument("--skip-bad-images", action="store_true",
+                      help="leave out image files that cannot be read (each file is read once first); the number "
+                           "left out is printed and saved in budgets.json. Without it, the first unreadable file "
+                           "stops the run with its name")
+    add_workers_option(data, "data-loading processes")
+    run = parser.add_argument_group("run")
+    run.add_argument("--budgets", type=_BUDGETS, default=None,
+                     help="comma-separated leaf budgets, e.g. 49,64,100,145,196 (default: 5 valid ones from the "
+                          "fewest to the most)")
+    add_device_option(run)
+    add_amp_option(run)
+    run.add_argument("--warmup", type=COUNT, default=2, help="untimed forward calls before timing")
+    run.add_argument("--timed-batches", type=POSITIVE, default=5, help="timed forward calls (the median is reported)")
+    add_seed_option(run, "seed of random initialisations (random scorer weights) and of generated data")
+    run.add_argument("--output", type=Path, default=Path("out/eval"), help="folder for budgets.csv, .json, .png")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Runs the sweep (see the module docstring) and returns its rows. Bad options exit with status 2 and a
+    message naming the problem."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_model_options(parser, args, quadformer_only=True)
+    require_file(parser, args, "checkpoint")
+
+    device = args.device
+    torch.manual_seed(args.seed)
+    try:
+        if args.num_classes is None and args.checkpoint is not None:
+            # A trained model's classes are in its checkpoint: its head says how many.
+            args.num_classes = _head_classes(read_state_dict(args.checkpoint))
+        model = build_model(args)
+        if args.checkpoint is not None:
+            load_weights(model, args.checkpoint)
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
+        parser.error(f"cannot build {args.model}: {error}")
+    geometry = model.geometry
+    try:
+        budgets = parse_budgets(args.budgets, geometry) if args.budgets else default_budgets(geometry)
+    except ValueError as error:
+        parser.error(f"--budgets: {error}")
+    try:
+        dataset = build_dataset(args.data, args.split, (geometry.height, geometry.width),
+                                model.input_mean.flatten().tolist(), model.input_std.flatten().tolist(),
+                                train=False, length=args.val_length, seed=args.seed,
+                                generator_kwargs=args.data_kwargs)
+    except (ValueError, TypeError, OSError) as error:
+        parser.error(f"--data: {error}")
+    classes = getattr(dataset, "classes", None)
+    if classes is not None and len(classes) > model.num_classes:
+        warnings.warn(f"the data has {len(classes)} classes but the model {model.num_classes}: set --num-classes",
+                      stacklevel=2)
+    if args.limit is not None and not isinstance(dataset, IterableDataset):
+        dataset = _evenly_spaced(dataset, args.limit)
+    unreadable = None
+    if args.skip_bad_images:
+        size = len(dataset)
+        try:
+            dataset, unreadable = skip_unreadable_images(dataset, args.workers)
+        except ValueError as error:
+            parser.error(f"--skip-bad-images: {error} (--data {args.data})")
+        print(report_unreadable(unreadable, size, "images"))
+    loader = build_loader(dataset, args.batch_size, train=False, workers=args.workers)
+
+    print(f"{args.model}: {type(model.scorer).__name__} scorer, {model.min_patch_size}-{model.max_patch_size} px "
+          f"leaves, pos_embed={model.pos_embed_kind}, {geometry.height}x{geometry.width} images; budgets "
+          f"{', '.join(map(str, budgets))}; on {device} ({device_name(device)}), torch {torch.__version__}"
+          f"{f', autocast to {args.amp}' if args.amp else ''}")
+    try:
+        rows = evaluate_budgets(model, loader, budgets, device, limit=args.limit, amp=args.amp, warmup=args.warmup,
+                                timed_batches=args.timed_batches)
+    except UnreadableImageError as error:
+        release_loader(error)
+        parser.error(f"--data: {error.brief} (--skip-bad-images leaves unreadable files out)")
+    config = {key: str(value) if isinstance(value, (Path, torch.device)) else value
+              for key, value in vars(args).items()}
+    config.update(budgets=budgets, scorer_class=type(model.scorer).__name__, min_patch_size=model.min_patch_size,
+                  max_patch_size=model.max_patch_size, image_size=[geometry.height, geometry.width])
+    if unreadable is not None:
+        config["unreadable_skipped"] = unreadable
+    paths = write_results(rows, args.output, config,
+                          title=f"{args.model}, {type(model.scorer).__name__} scorer, {rows[0]['device_name']}")
+    print(format_table(rows))
+    print(MACS_NOTE)
+    print(f"images/s and us/image: the whole forward (scorer, tokenize, ViT) on batches of {rows[0]['batch_size']}, "
+          f"median of {args.timed_batches} after {args.warmup} warm-up calls; top-1 over {rows[0]['n_images']} "
+          f"images" + (f" ({len(unreadable)} unreadable ones left out)" if unreadable else ""))
+    print("Wrote " + ", ".join(str(path) for path in paths.values() if path is not None))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
