@@ -21,7 +21,7 @@ device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 print('torch:', torch.__version__)
 print('device:', device_name(device))
 print('cpu:', device_name(torch.device('cpu')))
-print('mixres kernels:', sorted(mixres.ops._KERNEL_DEVICES), '| built with CUDA', mixres.ops.cuda_version())"
+print('mixres kernels:', [d for d in ('cpu', 'cuda') if mixres.ops.has_kernel(d)], '| built with CUDA', mixres.ops.cuda_version())"
   echo "command: benchmarks/bench.sh $*"
 } > "$out/env.txt"
 cat "$out/env.txt"

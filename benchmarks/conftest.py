@@ -4,8 +4,8 @@ import torch
 
 import mixres
 
-# DESIGN.md's reference setting is 224 px with 16-64 px patches, but 224 is not a multiple of 64 (the root grid
-# must tile the image): 224 px runs with 16-32 px patches, and 256 px with 16-64 px patches.
+# The targets' first setting (docs/design.md) was 224 px with 16-64 px patches, but 224 is not a multiple of 64 (the
+# root grid must tile the image): 224 px runs with 16-32 px patches, and 256 px with 16-64 px patches.
 # name: (image side, min_patch_size, max_patch_size, n_patches)
 CONFIGS = {"224px-16to32-N100": (224, 16, 32, 100), "256px-16to64-N100": (256, 16, 64, 100)}
 

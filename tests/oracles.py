@@ -1,4 +1,4 @@
-"""Independent oracles for mixres, written from the design notes (DESIGN.md) and the documented contracts, with
+"""Independent oracles for mixres, written from the design notes (docs/design.md) and the documented contracts, with
 plain Python and torch primitives.
 
 Nothing here imports mixres: a bug in the package (its checks, its pyramid helpers, its reference implementation,
@@ -66,7 +66,7 @@ def unpack(packed: torch.Tensor, height: int, width: int, min_patch_size: int, m
 
 def quadtree(pyramid, height: int, width: int, min_patch_size: int, max_patch_size: int, n_patches: int,
              batch: int | None = None) -> torch.Tensor:
-    """Boxes [B, n_patches, 3] int32 by DESIGN.md's greedy, one image at a time, with a heap of Python tuples.
+    """Boxes [B, n_patches, 3] int32 by docs/design.md's greedy, one image at a time, with a heap of Python tuples.
 
     From the grid of s_max roots, repeatedly split the splittable leaf (side > s_min) of the highest score, ties
     to the smallest top-left corner (y, x), into its four quadrants; then list the leaves by (y, x). Leaves are
@@ -167,7 +167,7 @@ def per_patch_pyramid(images: torch.Tensor, min_patch_size: int, max_patch_size:
 
 
 def pixel_blur_pyramid(images: torch.Tensor, min_patch_size: int, max_patch_size: int) -> list[torch.Tensor]:
-    """DESIGN.md's pixel-blur scores in float64: blur(p) = bilinear upsampling of p's area downsampling to s_min,
+    """docs/design.md's pixel-blur scores in float64: blur(p) = bilinear upsampling of p's area downsampling to s_min,
     and the score MSE(p, blur(p)) * s."""
     def score(crops, size):
         small = F.interpolate(crops, size=(min_patch_size, min_patch_size), mode="area")
@@ -193,7 +193,7 @@ def resize_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def tokenize(images: torch.Tensor, scores, n_patches: int, min_patch_size: int = 16, max_patch_size: int = 64,
              patch_size: int | None = None, mode: str = "area") -> Mosaic:
-    """DESIGN.md's tokenize from the oracles above: ``scores`` a pyramid (list or dict) or a dense saliency map
+    """docs/design.md's tokenize from the oracles above: ``scores`` a pyramid (list or dict) or a dense saliency map
     [B, h, w]; tokens resized in :func:`resize_dtype` of the images'."""
     batch, _, height, width = images.shape
     if isinstance(scores, torch.Tensor):

@@ -318,7 +318,7 @@ def blur_tolerance(dtype):
 
 
 def assert_blur_matches_the_oracle(scores, images, lo, hi):
-    """Against DESIGN.md's formula patch by patch, in float64 on the CPU, from the same (rounded) pixels."""
+    """Against docs/design.md's formula patch by patch, in float64 on the CPU, from the same (rounded) pixels."""
     rtol, atol = blur_tolerance(images.dtype)
     rows = oracle_rows(images.shape[0])
     expected = oracles.pack(oracles.pixel_blur_pyramid(images.cpu()[rows], lo, hi), len(rows)).double()

@@ -46,7 +46,7 @@ class TinyNet(nn.Module):
 
 
 def per_patch_feature_scores(backbone, images, min_patch_size, max_patch_size, normalize=True, autocast_dtype=None):
-    """The oracle: DESIGN.md's definition in float64, one blurred image through the backbone at a time, one
+    """The oracle: docs/design.md's definition in float64, one blurred image through the backbone at a time, one
     candidate patch at a time: the mean of the importance map over the patch's cells where the map is at least as
     fine as the patch, else the map's bilinear sample at the patch's centre. With ``autocast_dtype``, the backbone
     alone runs in float32 under ``torch.autocast`` (which leaves float64 alone), on the float64 input rounded to

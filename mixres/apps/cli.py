@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..checks import RESIZE_MODES
 from ..image_files import load_image
 from ..mosaic import tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
@@ -58,7 +59,7 @@ def _add_patch_options(parser: argparse.ArgumentParser, max_default: int | None 
 
 
 def _add_mode_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", default="area", choices=("area", "bilinear"), help="how leaves are resized to tokens")
+    parser.add_argument("--mode", default="area", choices=RESIZE_MODES, help="how leaves are resized to tokens")
 
 
 def _geometry(parser: argparse.ArgumentParser, args: argparse.Namespace, height: int, width: int,
