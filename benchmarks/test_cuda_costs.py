@@ -14,7 +14,6 @@ At B=256 (MIXRES_BENCH_BATCH), N=100, 16 px tokens, RGB, ``mode="area"``, random
 Medians throughout. Images are 200 MB per batch at 256 px float32, far beyond the L2 cache.
 """
 import os
-import statistics
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import mixres
 from mixres.apps.timing import median_seconds
 
 from conftest import CONFIGS, inputs, report
+from timers import device_ms, graphed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,32 +30,6 @@ DEVICE = torch.device("cuda")
 BATCH = int(os.environ.get("MIXRES_BENCH_BATCH", "256"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _vit_ms: dict[str, dict[str, float]] = {}
-
-
-def device_ms(fn, reps: int = 30, warmup: int = 3) -> float:
-    """Median device time of one ``fn()``, between CUDA events recorded around each call."""
-    for _ in range(warmup):
-        fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
-
-
-def graphed(fn):
-    """``fn`` captured in a CUDA graph: a replay launches its kernels with no Python or launch overhead."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up on a side stream, as torch.cuda.graphs requires
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def wall_ms(fn, reps: int = 30, warmup: int = 3) -> float:

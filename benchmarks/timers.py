@@ -1,0 +1,31 @@
+"""CUDA timers shared by the benchmarks: the device time of a call between CUDA events, and a call captured in a
+CUDA graph."""
+import statistics
+
+import torch
+
+
+def device_ms(fn, reps: int = 30, warmup: int = 3) -> float:
+    """Median device time of one ``fn()``, between CUDA events recorded around each call."""
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def graphed(fn):
+    """``fn`` captured in a CUDA graph: a replay launches its kernels with no Python or launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up on a side stream, as torch.cuda.graphs requires
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
