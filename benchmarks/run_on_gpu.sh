@@ -11,6 +11,9 @@ out=${OUT_DIR:-$(python3 benchmarks/results_dir.py)}
 mkdir -p "$out"
 steps=${*:-tests bench}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# The end-to-end benchmark's torch.compile variant compiles three models per setting (tens of minutes in all):
+# more than a lent GPU's session allows. MIXRES_BENCH_COMPILE=1 runs it.
+export MIXRES_BENCH_COMPILE=${MIXRES_BENCH_COMPILE:-0}
 # Machine code for the GPU at hand only: a faster build than the portable default.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c \
   "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
