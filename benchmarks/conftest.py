@@ -1,8 +1,13 @@
 """Prints, after the run, the throughput of each tokenize config with the speed-up of the C++/CUDA ops over the
 reference, then the cost lines the other benchmarks report (share of a ViT forward, bandwidth, scorers)."""
+import os
+
 import torch
 
 import mixres
+
+# The device every benchmark but test_cuda_costs.py runs on (MIXRES_BENCH_DEVICE; default cuda where there is one).
+DEVICE = torch.device(os.environ.get("MIXRES_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 
 # The targets' first setting (docs/design.md) was 224 px with 16-64 px patches, but 224 is not a multiple of 64 (the
 # root grid must tile the image): 224 px runs with 16-32 px patches, and 256 px with 16-64 px patches.

@@ -40,10 +40,9 @@ import torch
 from mixres.apps.timing import synchronize
 from mixres.models import Quadformer
 
-from conftest import report
+from conftest import DEVICE, report
 from timers import graphed
 
-DEVICE = torch.device(os.environ.get("MIXRES_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 CUDA = DEVICE.type == "cuda"
 DTYPE_NAME = os.environ.get("MIXRES_BENCH_DTYPE", "bfloat16" if CUDA else "float32")
 DTYPE = getattr(torch, DTYPE_NAME)

@@ -14,9 +14,8 @@ import torch
 
 import mixres
 
-from conftest import inputs, report
+from conftest import DEVICE, inputs, report
 
-DEVICE = torch.device(os.environ.get("MIXRES_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 BATCH = int(os.environ.get("MIXRES_BENCH_BATCH", "256" if DEVICE.type == "cuda" else "16"))
 SIZE, MIN_SIZE, MAX_SIZE, N_PATCHES = 256, 16, 64, 100
 

@@ -13,9 +13,8 @@ import torch
 
 import mixres
 
-from conftest import CONFIGS, inputs, record
+from conftest import CONFIGS, DEVICE, inputs, record
 
-DEVICE = torch.device(os.environ.get("MIXRES_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 BATCH = int(os.environ.get("MIXRES_BENCH_BATCH", "256" if DEVICE.type == "cuda" else "64"))
 IMPLS = {"ops": mixres.tokenize, "reference": mixres.reference.tokenize}
 
