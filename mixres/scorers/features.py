@@ -1,6 +1,8 @@
 """The feature-based scorer of the Quadformer paper: how much a small CNN's features change under a blur."""
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 import warnings
 from collections import OrderedDict
@@ -64,6 +66,17 @@ class FeatureBased(Scorer):
             ``torch.float16``); None runs it in the backbone's own dtype. The squared differences are always
             taken in float32.
 
+    Speed: the images go through a copy of the backbone prepared for inference, with the same function: each
+    BatchNorm folded into the convolution before it (``torch.fx.experimental.optimization.fuse``, where torch.fx can
+    trace the backbone), weights and activations channels-last. On a 2-core AVX2 CPU that is about 2x faster for
+    ShuffleNetV2 (``benchmarks/RESULTS.md``, issue 14). The copy is made at the first call, and again whenever a parameter or
+    buffer of the backbone has changed since (in place, or replaced, or moved). The scores then differ from the
+    backbone's own by float32 rounding, and are as close to the float64 definition: against it, both are within
+    1e-6 to 1e-5 of each level's largest score for ShuffleNetV2, ResNet-18 and MobileNetV3 with BatchNorm statistics
+    of random images (``tests/test_scorer_features.py``). The backbone itself
+    is used where a forward hook or pre-hook is registered on it or on one of its modules (the hook then sees every
+    call), and under ``torch.compile``.
+
     The scorer owns its backbone: it puts it in eval mode at every call, and moves it to the images' device at the
     first call on that device. The images are converted to the backbone's dtype (float16 and bfloat16 images to a
     float32 backbone, for example); they must have the channels its first convolution takes (3 for the named
@@ -116,6 +129,8 @@ class FeatureBased(Scorer):
         self.normalize = normalize
         self.autocast_dtype = autocast_dtype
         self._device = None  # where the backbone is; None until the first call
+        self._prepared = None  # (the backbone's tensors when it was copied, the copy prepared for inference)
+        self._normalisation = {}  # (device, dtype) -> (mean, std): made once, so that a call copies nothing from the host
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(backbone={self.backbone_name!r}, min_patch_size={self.min_patch_size}, "
@@ -141,15 +156,15 @@ class FeatureBased(Scorer):
         images = images.to(next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32))
         if self.normalize:
             # Before the blur: both are linear and the blur's weights sum to 1, so the order does not matter.
-            mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-            std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
+            mean, std = self._mean_and_std(images)
             images = (images - mean) / std
         pixels = images
         images = without_non_finite(images)
         versions = [images] + [_blur(images, size // self.min_patch_size) for size in sizes]
+        batch = torch.cat(versions).contiguous(memory_format=torch.channels_last)
         with torch.autocast(images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None), \
                 explaining_channel_mismatch(backbone, images, f"backbone {self.backbone_name!r}"):
-            features = self._feature_map(backbone, torch.cat(versions))
+            features = self._feature_map(self._for_inference(backbone), batch)
         features = features.float().unflatten(0, (len(versions), images.shape[0]))
         importance = (features[1:] - features[0]).square_().mean(dim=2)  # [L, B, h, w]
         pyramid = [_to_grid(level, geometry.grid(size)) for level, size in zip(importance, sizes)]
@@ -160,6 +175,28 @@ class FeatureBased(Scorer):
             self.backbone.to(device)
             self._device = device
         return self.backbone.eval()
+
+    def _mean_and_std(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        key = (images.device, images.dtype)
+        if key not in self._normalisation:
+            self._normalisation[key] = (images.new_tensor(IMAGENET_MEAN).view(3, 1, 1),
+                                        images.new_tensor(IMAGENET_STD).view(3, 1, 1))
+        return self._normalisation[key]
+
+    def _for_inference(self, backbone: nn.Module) -> nn.Module:
+        """The module the images go through: the copy of ``backbone`` prepared for inference, made again if the
+        backbone's tensors have changed since; the backbone itself under torch.compile (which fuses on its own),
+        where a hook watches it, or where its tensors' versions cannot be read (inference tensors)."""
+        if torch.compiler.is_compiling() or _has_hooks(backbone):
+            return backbone
+        tensors = list(itertools.chain(backbone.parameters(), backbone.buffers()))
+        if any(tensor.is_inference() for tensor in tensors):
+            return backbone
+        # In-place changes bump a tensor's version; a replaced or moved tensor has another address.
+        state = [(tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in tensors]
+        if self._prepared is None or self._prepared[0] != state:
+            self._prepared = (state, _prepared_for_inference(backbone))
+        return self._prepared[1]
 
     def _feature_map(self, backbone: nn.Module, images: Tensor) -> Tensor:
         output = backbone(images)
@@ -172,6 +209,29 @@ class FeatureBased(Scorer):
             raise ValueError(f"backbone {self.backbone_name!r} must map images {list(images.shape)} to a feature "
                              f"map [B, K, h, w] (or a list of them), got {got}")
         return output
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def _prepared_for_inference(backbone: nn.Module) -> nn.Module:
+    """A copy of ``backbone`` (in eval mode) that computes the same function faster: BatchNorm folded into the
+    convolution before it where torch.fx can trace the backbone (one convolution instead of a convolution and a
+    pass over its output), and channels-last weights, which oneDNN and cuDNN run faster than NCHW for these
+    small-channel networks (benchmarks/profile_feature_scorer.py shows where the time goes). The backbone itself
+    where it cannot be copied."""
+    try:
+        prepared = copy.deepcopy(backbone).eval()
+    except Exception:  # noqa: BLE001 (a user's module may hold anything)
+        return backbone
+    from torch.fx.experimental.optimization import fuse  # here: it imports sympy, slow for `import mixres`
+
+    try:
+        prepared = fuse(prepared, inplace=True)
+    except Exception:  # noqa: BLE001 (tracing runs the module's Python on proxies, which raises whatever it raises)
+        pass  # not traceable: the BatchNorms stay
+    return prepared.to(memory_format=torch.channels_last)
 
 
 def _blur(images: Tensor, factor: int) -> Tensor:
