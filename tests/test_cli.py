@@ -230,14 +230,17 @@ def test_bench_end_to_end_refuses_a_default_model_that_is_no_vit(monkeypatch, tm
 
 
 def test_end_to_end_quadformer_is_a_copy_of_the_vit_and_its_figures_agree():
+    random_state = torch.get_rng_state()
     vit = end_to_end.random_vit(TINY_VIT, 32, 64, "cpu", torch.float32)
+    assert torch.equal(torch.get_rng_state(), random_state), "the global random state must be left as it was"
+    assert not vit.training and tuple(vit.patch_embed.img_size) == (32, 64)
     # The finest leaves only (min = max = the ViT's patch size): the Quadformer must compute what the ViT computes,
     # which it can only do with the same weights.
     finest = end_to_end.quadformer_around(vit, 8, "uniform", 16, 16)
     images = end_to_end.normalised_random_images(vit, 2, 32, 64)
     mean, std = (torch.tensor(vit.pretrained_cfg[key]).view(3, 1, 1) for key in ("mean", "std"))
-    unnormalised = images * std + mean
-    assert images.shape == (2, 3, 32, 64) and 0 <= unnormalised.min() and unnormalised.max() <= 1
+    expected = (torch.rand(2, 3, 32, 64, generator=torch.Generator().manual_seed(0)) - mean) / std
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(finest(images), vit(images), rtol=1e-5, atol=1e-5)
 
