@@ -20,6 +20,8 @@ batch size, one precision.
   replayed from CUDA graphs (their kernels without Python and launch overhead). The feature scorer is not
   graphed: it copies its normalisation constants from the host on each call, which a capture cannot hold.
 - Inputs: uniform random [0, 1] images, normalised with the ViT's mean and std, in the benchmark's dtype.
+- The models, the inputs and the interleaved rounds are ``mixres.apps.end_to_end``'s, which ``mixres bench
+  --end-to-end`` runs too; this file adds the variants, the cases and pytest-benchmark (which times the Quadformer).
 
 Environment: MIXRES_BENCH_DEVICE (default: cuda if available, else cpu); MIXRES_BENCH_BATCH (default 256 on cuda;
 on the cpu 32, 16, 8 for ViT-Ti, -S, -B); MIXRES_BENCH_DTYPE (default bfloat16 on cuda, float32 on the cpu);
@@ -28,17 +30,13 @@ ViT x budget x scorer. Without it, on CUDA each ViT runs every scorer at N=100 a
 the CPU only ViT-Ti does, and ViT-S and ViT-B run pixel-blur at N=100 (about 3 minutes on 2 cores). Rounds: 20
 after 3 warm-up ones on CUDA, 3 after 1 on the CPU.
 """
-import copy
 import os
-import statistics
-import time
-import warnings
 
 import pytest
 import torch
 
-from mixres.apps.timing import synchronize
-from mixres.models import Quadformer
+from mixres.apps.end_to_end import (end_to_end_calls, end_to_end_row, interleaved_ms, normalised_random_images,
+                                    quadformer_around, random_vit)
 
 from conftest import DEVICE, report
 from timers import graphed
@@ -93,37 +91,14 @@ _plain_vits: dict[str, torch.nn.Module] = {}
 def plain_vit(name: str) -> torch.nn.Module:
     """The ViT with random weights, built once per run: the Quadformers are built around copies of it."""
     if name not in _plain_vits:
-        timm = pytest.importorskip("timm")
-        torch.manual_seed(0)
         _plain_vits.clear()  # one ViT at a time: ViT-B is 350 MB in float32
-        _plain_vits[name] = timm.create_model(VITS[name][0]).to(DEVICE, DTYPE).eval()
+        _plain_vits[name] = random_vit(VITS[name][0], SIZE, SIZE, DEVICE, DTYPE)
     return _plain_vits[name]
 
 
-def quadformer(vit: torch.nn.Module, n_patches: int, scorer: str) -> Quadformer:
-    scorer_kwargs = {}
-    if scorer == "feature":
-        scorer_kwargs["random_init"] = True
-        if DTYPE in (torch.bfloat16, torch.float16):
-            scorer_kwargs["autocast_dtype"] = DTYPE
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # FeatureBased's random weights, on purpose
-        model = Quadformer(copy.deepcopy(vit), n_patches=n_patches, scorer=scorer, min_patch_size=MIN_SIZE,
-                           max_patch_size=MAX_SIZE, pos_embed="resample", scorer_kwargs=scorer_kwargs)
-    return model.to(DEVICE, DTYPE).eval()
-
-
-def normalised_images(vit: torch.nn.Module, batch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(batch, 3, SIZE, SIZE, generator=generator)
-    mean = torch.tensor(vit.pretrained_cfg["mean"]).view(3, 1, 1)
-    std = torch.tensor(vit.pretrained_cfg["std"]).view(3, 1, 1)
-    return ((images - mean) / std).to(DEVICE, DTYPE)
-
-
-def variant_calls(variant: str, vit, model: Quadformer, images: torch.Tensor) -> dict:
+def variant_calls(variant: str, vit, model, images: torch.Tensor) -> dict:
     """The three calls to time, as ``variant`` runs them."""
-    calls = {"vit": lambda: vit(images), "scorer": lambda: model.score(images), "quadformer": lambda: model(images)}
+    calls = end_to_end_calls(vit, model, images)
     if variant == "compile":
         torch._dynamo.reset()  # every test compiles new modules: keep the recompile limit out of the way
         compiled = {"vit": torch.compile(vit), "scorer": torch.compile(model.score), "quadformer": torch.compile(model)}
@@ -135,47 +110,33 @@ def variant_calls(variant: str, vit, model: Quadformer, images: torch.Tensor) ->
     return calls
 
 
-def interleaved_ms(benchmark, calls: dict) -> tuple[dict, dict]:
-    """Median ms of each call over rounds of ViT, scorer, Quadformer; pytest-benchmark times the Quadformer (its
-    ``setup`` runs the other two, timed here), so its statistics are the Quadformer's. Also the last outputs."""
-    times = {name: [] for name in calls}
-    outputs = {}
-
-    def timed(name):
-        start = time.perf_counter()
-        outputs[name] = calls[name]()
-        synchronize(DEVICE)
-        times[name].append(time.perf_counter() - start)
-
-    def vit_then_scorer():
-        timed("vit")
-        timed("scorer")
-
-    benchmark.pedantic(timed, args=("quadformer",), setup=vit_then_scorer, warmup_rounds=WARMUP, rounds=ROUNDS,
-                       iterations=1)
-    # The warm-up rounds ran the setup too: the last ROUNDS are the timed ones.
-    return {name: 1e3 * statistics.median(values[-ROUNDS:]) for name, values in times.items()}, outputs
+def pedantic_runner(benchmark):
+    """The rounds of :func:`mixres.apps.end_to_end.interleaved_ms` run by pytest-benchmark, which times the last
+    call (the Quadformer) itself: its ``setup`` runs the other two, so its statistics are the Quadformer's. Its
+    warm-up rounds run the setup too."""
+    def run(before, last, rounds, warmup):
+        benchmark.pedantic(last, setup=before, warmup_rounds=warmup, rounds=rounds, iterations=1)
+    return run
 
 
 @pytest.mark.parametrize("vit_name, n_patches, scorer, variant", cases())
 def test_vit_vs_quadformer(benchmark, vit_name, n_patches, scorer, variant):
     batch = batch_for(vit_name)
     vit = plain_vit(vit_name)
-    model = quadformer(vit, n_patches, scorer)
-    images = normalised_images(vit, batch)
+    model = quadformer_around(vit, n_patches, scorer, MIN_SIZE, MAX_SIZE)
+    images = normalised_random_images(vit, batch, SIZE, SIZE)
     benchmark.group = f"end-to-end {vit_name} B={batch} {DEVICE.type} {DTYPE_NAME} {variant}"
     with torch.inference_mode():
         calls = variant_calls(variant, vit, model, images)
-        ms, outputs = interleaved_ms(benchmark, calls)
+        ms, outputs = interleaved_ms(calls, DEVICE, ROUNDS, WARMUP, pedantic_runner(benchmark))
     if variant != "cuda-graph":  # a replay returns nothing
         assert outputs["quadformer"].shape == outputs["vit"].shape == (batch, vit.num_classes)
-    ratio, share = ms["vit"] / ms["quadformer"], ms["scorer"] / ms["quadformer"]
+    row = end_to_end_row(ms, batch)
+    ratio, share = row["ratio"], row["scorer_share"]
     benchmark.extra_info.update(
         model=VITS[vit_name][0], n_patches=n_patches, scorer=scorer, variant=variant, batch=batch, dtype=DTYPE_NAME,
-        device=str(DEVICE), vit_tokens=(SIZE // MIN_SIZE) ** 2, vit_ms=ms["vit"], quadformer_ms=ms["quadformer"],
-        scorer_ms=ms["scorer"], ratio=ratio, scorer_share=share, vit_images_per_s=1e3 * batch / ms["vit"],
-        quadformer_images_per_s=1e3 * batch / ms["quadformer"])
+        device=str(DEVICE), vit_tokens=(SIZE // MIN_SIZE) ** 2, **row)
     report(f"{vit_name} N={n_patches} {scorer} B={batch} {DEVICE.type} {DTYPE_NAME} {variant}: ViT 196 tokens "
            f"{ms['vit']:.1f} ms, Quadformer {ms['quadformer']:.1f} ms, ratio {ratio:.2f}x "
-           f"(Quadformer {1e3 * batch / ms['quadformer']:,.1f} images/s, ViT {1e3 * batch / ms['vit']:,.1f}), "
+           f"(Quadformer {row['quadformer_images_per_s']:,.1f} images/s, ViT {row['vit_images_per_s']:,.1f}), "
            f"scorer {100 * share:.1f}% of the Quadformer")

@@ -2,6 +2,7 @@
 the table of ``bench``, the list of ``budgets``, and each usage error's status and message."""
 import gc
 import json
+import math
 import re
 import struct
 import subprocess
@@ -17,7 +18,7 @@ from PIL import Image
 
 import mixres
 from mixres import image_files
-from mixres.apps import cli
+from mixres.apps import cli, end_to_end
 
 from helpers import HANG_TIMEOUT, coverage
 
@@ -165,6 +166,130 @@ def test_bench_feature_scorer_and_vit_are_labelled(capsys):
     assert re.search(r"mixres.tokenize costs [\d.]+% of the vit_tiny_patch16_224 forward over its 7 tokens", printed)
 
 
+# ----------------------------------------------------------------------------------------------- end to end
+END_TO_END_KEYS = {"scorer", "model", "dtype", "vit_tokens", "n_patches", "vit_ms", "quadformer_ms", "scorer_ms",
+                   "ratio", "scorer_share", "vit_images_per_s", "quadformer_images_per_s"}
+TINY_VIT = "vit_tiny_patch16_224"
+
+
+def test_bench_end_to_end_prints_and_writes_a_row_per_scorer(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    status, printed, _ = run(capsys, "bench", "--device", "cpu", "--batch", 2, "--repeats", 1, "--size", 64, "--width",
+                             96, "--max", 32, "-n", 9, "--scorers", "pixel-blur,uniform", "--end-to-end", "--vit",
+                             TINY_VIT, "--json", results)
+    assert status == 0
+    assert (f"end to end: {TINY_VIT} (float32, random weights) on its 24 tokens of 16 px against the Quadformer "
+            f"around the same weights\non n_patches=9 leaves of 16-32 px resized to 16 px") in printed
+    # scorer, ViT ms, Quadformer ms, ratio, scorer share, ViT images/s, Quadformer images/s
+    printed_rows = {match[1]: match.groups()[1:] for match in
+                    re.finditer(r"^(\S+) +([\d.]+) +([\d.]+) +([\d.]+)x +([\d.]+)% +([\d,.]+) +([\d,.]+)$",
+                                printed, flags=re.M)}
+    assert list(printed_rows) == ["pixel-blur", "uniform"]
+
+    written = json.loads(results.read_text())
+    rows = written["end_to_end"]
+    assert [row["scorer"] for row in rows] == ["pixel-blur", "uniform"]
+    for row in rows:
+        assert set(row) == END_TO_END_KEYS
+        assert (row["model"], row["dtype"], row["vit_tokens"], row["n_patches"]) == (TINY_VIT, "float32", 4 * 6, 9)
+        times = [row[key] for key in ("vit_ms", "quadformer_ms", "scorer_ms")]
+        assert all(math.isfinite(ms) and ms > 0 for ms in times)
+        assert row["ratio"] == pytest.approx(row["vit_ms"] / row["quadformer_ms"], rel=1e-12)
+        assert row["scorer_share"] == pytest.approx(row["scorer_ms"] / row["quadformer_ms"], rel=1e-12)
+        assert row["vit_images_per_s"] == pytest.approx(2e3 / row["vit_ms"], rel=1e-12)
+        assert row["quadformer_images_per_s"] == pytest.approx(2e3 / row["quadformer_ms"], rel=1e-12)
+        vit_ms, quadformer_ms, ratio, share, vit_rate, quadformer_rate = printed_rows[row["scorer"]]
+        assert (vit_ms, quadformer_ms, ratio) == (f"{row['vit_ms']:.2f}", f"{row['quadformer_ms']:.2f}",
+                                                  f"{row['ratio']:.2f}")
+        assert (share, vit_rate) == (f"{100 * row['scorer_share']:.1f}", f"{row['vit_images_per_s']:,.1f}")
+        assert quadformer_rate == f"{row['quadformer_images_per_s']:,.1f}"
+    # The tokenizer's table is still there, and --vit still adds its forward over the tokens.
+    assert [row["name"] for row in written["rows"]] == ["tokenize", "reference", "pixel-blur", "uniform", "vit"]
+
+
+def test_bench_end_to_end_without_vit_times_the_default_vit_alone(tmp_path, capsys, monkeypatch):
+    status, printed, _ = run(capsys, "bench", "--help")
+    assert status == 0 and "(without --vit: vit_base_patch16_224, as --vit alone)" in " ".join(printed.split())
+    monkeypatch.setattr(cli, "DEFAULT_VIT", TINY_VIT)  # ViT-B's random initialisation alone takes seconds here
+    results = tmp_path / "results.json"
+    status, printed, _ = run(capsys, "bench", "--device", "cpu", "--batch", 1, "--repeats", 1, "--size", 32, "-n", 1,
+                             "--scorers", "uniform", "--end-to-end", "--json", results)
+    assert status == 0 and f"end to end: {TINY_VIT} (float32, random weights) on its 4 tokens" in printed
+    written = json.loads(results.read_text())
+    assert [row["model"] for row in written["end_to_end"]] == [TINY_VIT]
+    assert "vit" not in [row["name"] for row in written["rows"]], "--end-to-end alone adds no --vit row"
+
+
+def test_bench_end_to_end_refuses_a_default_model_that_is_no_vit(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "DEFAULT_VIT", "resnet18")
+    status, printed, errors = run(capsys, "bench", "--device", "cpu", "--size", 32, "-n", 1, "--end-to-end",
+                                  "--json", tmp_path / "results.json")
+    assert status == 2 and printed == "" and not (tmp_path / "results.json").exists()
+    assert ("mixres bench: error: --end-to-end (its default --vit resnet18): not a timm ViT that "
+            "mixres.models.Quadformer can wrap") in errors
+
+
+def test_end_to_end_quadformer_is_a_copy_of_the_vit_and_its_figures_agree():
+    random_state = torch.get_rng_state()
+    vit = end_to_end.random_vit(TINY_VIT, 32, 64, "cpu", torch.float32)
+    assert torch.equal(torch.get_rng_state(), random_state), "the global random state must be left as it was"
+    assert not vit.training and tuple(vit.patch_embed.img_size) == (32, 64)
+    # The finest leaves only (min = max = the ViT's patch size): the Quadformer must compute what the ViT computes,
+    # which it can only do with the same weights.
+    finest = end_to_end.quadformer_around(vit, 8, "uniform", 16, 16)
+    images = end_to_end.normalised_random_images(vit, 2, 32, 64)
+    mean, std = (torch.tensor(vit.pretrained_cfg[key]).view(3, 1, 1) for key in ("mean", "std"))
+    expected = (torch.rand(2, 3, 32, 64, generator=torch.Generator().manual_seed(0)) - mean) / std
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(finest(images), vit(images), rtol=1e-5, atol=1e-5)
+
+    model = end_to_end.quadformer_around(vit, 5, "pixel-blur", 16, 32)
+    assert not model.training and (model.n_patches, model.min_patch_size, model.max_patch_size) == (5, 16, 32)
+    assert model.pos_embed_kind == "resample" and model.patch_size == 16
+    own, copied = dict(vit.named_parameters()), dict(model.vit.named_parameters())
+    assert own.keys() == copied.keys()
+    for name, parameter in own.items():
+        assert torch.equal(copied[name], parameter), name
+        assert copied[name].data_ptr() != parameter.data_ptr(), f"{name} is shared, not copied"
+    assert not {id(module) for module in vit.modules()} & {id(module) for module in model.modules()}
+
+    row, outputs = end_to_end.time_end_to_end(vit, model, images, rounds=2, warmup=1)
+    assert outputs["vit"].shape == outputs["quadformer"].shape == (2, vit.num_classes)
+    assert all(math.isfinite(row[key]) and row[key] > 0 for key in ("vit_ms", "scorer_ms", "quadformer_ms"))
+    assert row["ratio"] == row["vit_ms"] / row["quadformer_ms"]
+    assert row["scorer_share"] == row["scorer_ms"] / row["quadformer_ms"]
+    assert row["quadformer_images_per_s"] == 2e3 / row["quadformer_ms"]
+
+
+def test_interleaved_rounds_run_in_order_and_take_the_median_of_the_timed_rounds(monkeypatch):
+    order = []
+    calls = {name: (lambda name=name: order.append(name) or name.upper()) for name in ("vit", "scorer", "quadformer")}
+    # Scripted clock: each call's times in the order it runs; the warm-up round's are far off, so that a median
+    # that took them in would show.
+    scripted = {"vit": [9.0, 0.004, 0.001, 0.002], "scorer": [9.0, 0.003, 0.005, 0.001],
+                "quadformer": [9.0, 0.010, 0.030, 0.020]}
+
+    def timed_call(fn, device):
+        result = fn()
+        return scripted[result.lower()].pop(0), result
+
+    monkeypatch.setattr(end_to_end, "timed_call", timed_call)
+    runs = []
+
+    def runner(before, last, rounds, warmup):
+        runs.append((rounds, warmup))
+        end_to_end.run_rounds(before, last, rounds, warmup)
+
+    ms, outputs = end_to_end.interleaved_ms(calls, "cpu", rounds=3, warmup=1, runner=runner)
+    assert runs == [(3, 1)] and order == ["vit", "scorer", "quadformer"] * 4
+    assert ms == pytest.approx({"vit": 2.0, "scorer": 3.0, "quadformer": 20.0}, rel=1e-12)
+    assert outputs == {"vit": "VIT", "scorer": "SCORER", "quadformer": "QUADFORMER"}
+    row = end_to_end.end_to_end_row(ms, batch=4)
+    assert row["ratio"] == pytest.approx(0.1) and row["scorer_share"] == pytest.approx(0.15)
+    assert row["vit_images_per_s"] == pytest.approx(2000) and row["quadformer_images_per_s"] == pytest.approx(200)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["mosaic", "{missing}"], "missing.png: no such file"),
     (["mosaic", "{text}"], "notes.png: cannot read it as an image"),
@@ -184,6 +309,13 @@ def test_bench_feature_scorer_and_vit_are_labelled(capsys):
                                       "nearest valid: 100 or 103"),
     (["bench", "--scorers", "pixel-blur,gradcam"], "argument --scorers: unknown scorer 'gradcam'"),
     (["bench", "--json", "{tmp}"], "a folder; give a file name"),
+    (["bench", "--end-to-end", "--vit", TINY_VIT, "--size", "72", "--min", "8", "--max", "8", "-n", "81"],
+     f"--size/--width: {TINY_VIT} (--end-to-end) cuts images into 16 px patches, which do not tile 72x72 px: give "
+     f"sides that are multiples of 16 (of 16 and --max 8)"),
+    (["bench", "--end-to-end", "--vit", "resnet18", "--size", "64", "-n", "16"],
+     "--vit resnet18: not a timm ViT that mixres.models.Quadformer can wrap"),
+    (["bench", "--end-to-end", "--vit", "no_such_vit", "--size", "64", "-n", "16"],
+     "--vit: unknown timm model 'no_such_vit'"),
     (["budgets", "--size", "224", "--max", "64"], "224x224 px with --min 16 --max 64: image height 224 is not a "
                                                   "multiple of max_patch_size 64: resize or crop it to 192 or 256; or "
                                                   "max_patch_size=32"),

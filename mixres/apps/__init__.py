@@ -7,7 +7,8 @@
 - their support: :mod:`~mixres.apps.options` (the command-line options they share),
   :mod:`~mixres.apps.model_builder` (the model that train's and evaluate's options describe),
   :mod:`~mixres.apps.loaders` (datasets and DataLoaders for training and evaluation), :mod:`~mixres.apps.timing`
-  (wall-clock timing), :mod:`~mixres.apps.fitting` (images and budgets fitted to a quadtree) and
+  (wall-clock timing), :mod:`~mixres.apps.end_to_end` (a ViT against the Quadformer around it, for ``mixres bench
+  --end-to-end`` and the benchmarks), :mod:`~mixres.apps.fitting` (images and budgets fitted to a quadtree) and
   :mod:`~mixres.apps.mosaic_files` (a mosaic's PNG and JSON), the last two for ``mixres mosaic`` and the demo.
 
 The ``python -m`` commands keep their names: ``mixres/{train,evaluate,demo,cli}.py`` are their stable entry points.

@@ -2,6 +2,7 @@
 
     mixres mosaic photo.jpg scans/*.png -n 100 --scorer pixel-blur -o out/mosaic
     mixres bench --device cuda --batch 256 --vit
+    mixres bench --end-to-end --vit vit_small_patch16_224 --scorers pixel-blur,feature
     mixres budgets --size 224 --min 16 --max 32
 
 ``python -m mixres`` is the same command. Bad options, missing or unreadable images and an output folder that cannot
@@ -266,6 +267,12 @@ def _read_batch(parser: argparse.ArgumentParser, paths: Sequence[Path], size: tu
 
 
 # ---------------------------------------------------------------------------------------------------------- bench
+def _vit_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the ViTs that ``mixres bench`` times: bf16 on CUDA (as benchmarks/test_cuda_costs.py times
+    them), float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def _vit(parser: argparse.ArgumentParser, name: str, geometry: QuadtreeGeometry, n_patches: int,
          device: torch.device) -> torch.nn.Module:
     """The Quadformer on timm's ``name`` with random weights, for the images' geometry: bf16 on CUDA (as
@@ -283,12 +290,71 @@ def _vit(parser: argparse.ArgumentParser, name: str, geometry: QuadtreeGeometry,
                              max_patch_size=geometry.max_patch_size, scorer="uniform")
     except (ValueError, TypeError, RuntimeError) as error:
         parser.error(f"--vit {name}: not a timm ViT that mixres.models.Quadformer can wrap: {error}")
-    return model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    return model.to(device, _vit_dtype(device)).eval()
+
+
+def _end_to_end_vit(parser: argparse.ArgumentParser, args: argparse.Namespace, geometry: QuadtreeGeometry,
+                    device: torch.device) -> tuple[str, torch.nn.Module, int]:
+    """(name, ViT, patch size) for ``--end-to-end``: the ``--vit`` model (:data:`DEFAULT_VIT` without ``--vit``)
+    for the images' size, random weights, in :func:`_vit_dtype`. Usage errors, before anything is timed, for a
+    model that is no timm ViT that a Quadformer can wrap, or whose patches do not tile the images."""
+    import timm
+
+    from ..models.quadformer import check_vit
+    from .end_to_end import quadformer_around, random_vit
+
+    name, (height, width) = args.vit or DEFAULT_VIT, (geometry.height, geometry.width)
+    option = f"--vit {name}" if args.vit else f"--end-to-end (its default --vit {name})"
+    if not timm.is_model(name):
+        parser.error(f"{option}: unknown timm model")
+    try:
+        vit = random_vit(name, height, width, device, _vit_dtype(device))
+        patch_size = check_vit(vit)[0]
+    except (ValueError, TypeError, RuntimeError) as error:
+        parser.error(f"{option}: not a timm ViT that mixres.models.Quadformer can wrap: {error}")
+    if height % patch_size or width % patch_size:
+        # timm would silently drop the pixels beyond the last whole patch.
+        multiple = math.lcm(patch_size, geometry.max_patch_size)
+        parser.error(f"--size/--width: {name} (--end-to-end) cuts images into {patch_size} px patches, which do not "
+                     f"tile {height}x{width} px: give sides that are multiples of {multiple} (of {patch_size} and "
+                     f"--max {geometry.max_patch_size})")
+    try:  # what the timed Quadformers will be; the checks of the ViT that check_vit leaves to the Quadformer
+        quadformer_around(vit, args.n_patches, "uniform", geometry.min_patch_size, geometry.max_patch_size, args.mode)
+    except (ValueError, TypeError, RuntimeError) as error:
+        parser.error(f"{option}: not a timm ViT that mixres.models.Quadformer can wrap: {error}")
+    return name, vit, patch_size
+
+
+def _end_to_end(args: argparse.Namespace, name: str, vit: torch.nn.Module, patch_size: int,
+                geometry: QuadtreeGeometry, batch: int) -> list[dict]:
+    """``--end-to-end``: for each of ``--scorers``, the ViT on its uniform grid against the Quadformer around a copy
+    of it, timed in interleaved rounds (:mod:`mixres.apps.end_to_end`); prints the table and returns its rows."""
+    from .end_to_end import format_end_to_end, normalised_random_images, quadformer_around, time_end_to_end
+
+    height, width = geometry.height, geometry.width
+    dtype = str(_vit_dtype(args.device)).removeprefix("torch.")
+    vit_tokens = (height // patch_size) * (width // patch_size)
+    images = normalised_random_images(vit, batch, height, width)
+    print(f"\nend to end: {name} ({dtype}, random weights) on its {vit_tokens} tokens of {patch_size} px against "
+          f"the Quadformer around the same weights\non n_patches={args.n_patches} leaves of {args.min}-{args.max} px "
+          f"resized to {patch_size} px (pos_embed=resample, mode={args.mode}), {batch} random images a batch; "
+          f"median of {args.repeats} interleaved rounds (ViT, scorer alone, Quadformer) after a warm-up")
+    rows = []
+    for scorer in args.scorers:
+        model = quadformer_around(vit, args.n_patches, scorer, args.min, args.max, args.mode)
+        row, _ = time_end_to_end(vit, model, images, args.repeats)
+        rows.append({"scorer": scorer, "model": name, "dtype": dtype, "vit_tokens": vit_tokens,
+                     "n_patches": args.n_patches, **row})
+        del model  # one copy of the ViT at a time
+    print(format_end_to_end(rows))
+    print("ratio = ViT ms / Quadformer ms, the Quadformer's images/s over the ViT's (above 1: the Quadformer is "
+          "faster);\nscorer share = the scorer's ms over the Quadformer's")
+    return rows
 
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``mixres bench``: times the tokenizer, the reference, the scorers and optionally a ViT forward on one batch
-    of random images, and prints the table."""
+    of random images, and prints the table; with ``--end-to-end``, then the ViT against the Quadformer."""
     geometry = _size_geometry(parser, args)
     height, width, device = geometry.height, geometry.width, args.device
     batch = args.batch or (256 if device.type == "cuda" else 16)
@@ -304,6 +370,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(f"--json {args.json}: a folder; give a file name")
         _writable_folder(parser, args.json.parent, "--json")
     model = _vit(parser, args.vit, geometry, args.n_patches, device) if args.vit else None
+    end_to_end_vit = _end_to_end_vit(parser, args, geometry, device) if args.end_to_end else None
 
     scorers = {}
     for name in args.scorers:
@@ -334,6 +401,9 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         summary.append(f"mixres.tokenize costs {100 / rows[-1]['vs_tokenize']:.1f}% of the {args.vit} forward "
                        f"over its {args.n_patches} tokens")
     print("\n".join([format_throughput(rows), *summary]))
+    results = {"rows": rows}
+    if end_to_end_vit is not None:
+        results["end_to_end"] = _end_to_end(args, *end_to_end_vit, geometry, batch)
 
     if args.json is not None:
         config = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
@@ -341,7 +411,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                   "n_patches": args.n_patches, "min_patch_size": args.min, "max_patch_size": args.max,
                   "mode": args.mode, "repeats": args.repeats}
         try:
-            args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=2) + "\n")
+            args.json.write_text(json.dumps({"config": config, **results}, indent=2) + "\n")
         except OSError as error:
             parser.exit(1, f"{parser.prog}: error: cannot write {args.json}: {error}\n")
     return 0
@@ -433,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Times, on one batch of random images and random score pyramids: mixres.tokenize (the compiled "
                     "ops) against mixres.reference.tokenize (plain PyTorch), each scorer, and with --vit a ViT "
                     "forward over the tokens; prints ms per batch, images/s and each time over the tokenizer's. "
+                    "With --end-to-end, then the whole forward of a ViT against the Quadformer around the same "
+                    "weights, for each scorer. "
                     "CUDA work is waited for before each time is read. The benchmarks/ suite (pytest-benchmark) "
                     "measures more.")
     add_device_option(bench)
@@ -451,7 +523,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vit", nargs="?", const=DEFAULT_VIT, default=None, metavar="MODEL",
                        help=f"also time a timm ViT's forward over the tokens (random weights; bf16 on CUDA, float32 "
                             f"elsewhere) and the tokenizer's share of it; --vit alone is {DEFAULT_VIT}")
-    bench.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results to PATH")
+    bench.add_argument("--end-to-end", action="store_true",
+                       help=f"then, for each of --scorers, time the whole forward of the --vit model (without --vit: "
+                            f"{DEFAULT_VIT}, as --vit alone) on its uniform grid of (H/p)(W/p) tokens of its patch "
+                            f"size p, against the Quadformer around a copy of the same random weights reading -n "
+                            f"leaves of --min to --max px resized to p px (pos_embed=resample, --mode), on random "
+                            f"images normalised as the ViT's inputs; bf16 on CUDA (the feature scorer under bf16 "
+                            f"autocast), float32 elsewhere. Rounds of ViT, scorer alone, Quadformer, --repeats of them "
+                            f"after a warm-up; prints each one's median ms and images/s, ratio = ViT ms / Quadformer "
+                            f"ms and the scorer's share of the Quadformer's ms. p must divide --size and --width; "
+                            f"--min need not be p")
+    bench.add_argument("--json", type=Path, default=None, metavar="PATH",
+                       help="also write the results to PATH (with --end-to-end, its rows under \"end_to_end\")")
     bench.set_defaults(run=_bench, parser=bench)
 
     budgets = commands.add_parser(

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import ops, reference
 from ..mosaic import tokenize
 
-__all__ = ["synchronize", "median_seconds", "device_name", "kernel_label", "time_tokenizer", "throughput_row",
+__all__ = ["synchronize", "timed_call", "median_seconds", "device_name", "kernel_label", "time_tokenizer", "throughput_row",
            "format_throughput"]
 
 
@@ -26,6 +26,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_call(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """(wall-clock seconds, result) of one ``fn()``, the clock stopped once ``device`` has finished its work."""
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
 def median_seconds(fn: Callable[[], object], device: torch.device | str, repeats: int = 5, warmup: int = 1) -> float:
     """The median wall-clock time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones, each call
     waiting for ``device`` to finish it."""
@@ -33,13 +41,7 @@ def median_seconds(fn: Callable[[], object], device: torch.device | str, repeats
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_call(fn, device)[0] for _ in range(repeats))
 
 
 def device_name(device: torch.device) -> str:
