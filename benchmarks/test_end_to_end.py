@@ -17,8 +17,7 @@ batch size, one precision.
   the Quadformer's images/s over the ViT's; the scorer's share is its time over the Quadformer's.
 - Variants: ``eager``; ``compile`` (torch.compile, inductor, of the ViT, the Quadformer and ``model.score``; by
   default on CUDA only: compiling takes minutes on a few CPU cores); on CUDA, ``cuda-graph``: the eager calls
-  replayed from CUDA graphs (their kernels without Python and launch overhead). The feature scorer is not
-  graphed: it copies its normalisation constants from the host on each call, which a capture cannot hold.
+  replayed from CUDA graphs (their kernels without Python and launch overhead).
 - Inputs: uniform random [0, 1] images, normalised with the ViT's mean and std, in the benchmark's dtype.
 - The models, the inputs and the interleaved rounds are ``mixres.apps.end_to_end``'s, which ``mixres bench
   --end-to-end`` runs too; this file adds the variants, the cases and pytest-benchmark (which times the Quadformer).
@@ -76,11 +75,7 @@ def cases() -> list:
                 if not (FULL or default_case(vit, n_patches, scorer)):
                     continue
                 for variant in VARIANTS:
-                    marks = ()
-                    if variant == "cuda-graph" and scorer == "feature":
-                        marks = pytest.mark.skip(reason="FeatureBased copies its mean and std from the host on each "
-                                                        "call: not capturable in a CUDA graph")
-                    params.append(pytest.param(vit, n_patches, scorer, variant, marks=marks,
+                    params.append(pytest.param(vit, n_patches, scorer, variant,
                                                id=f"{vit}-N{n_patches}-{scorer}-{variant}"))
     return params
 
