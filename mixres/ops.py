@@ -198,7 +198,7 @@ def _rounded_threshold(value, dtype: torch.dtype, where: str = "") -> float:
         raise ValueError(f"{_ADAPTIVE_OP}: thresholds must be finite, got {value}{where}")
     if dtype == torch.float32:
         try:  # struct rounds to the nearest float32, and refuses a value that rounds to infinity
-            value = struct.unpack("f", struct.pack("f", value))[0]
+            value = struct.unpack("<f", struct.pack("<f", value))[0]
         except OverflowError:
             raise ValueError(f"{_ADAPTIVE_OP}: thresholds must be finite in the scores' dtype float32, got "
                              f"{value}{where}, which overflows it") from None
@@ -238,6 +238,11 @@ if _IMPORT_ERROR is None:
     @torch.library.register_fake("mixres::build_quadtree_adaptive")
     def _(scores, height, width, min_patch_size, max_patch_size, max_patches, budgets, thresholds):
         torch._check(scores.dim() == 2, lambda: "scores must be [B, P]")
+        # A meta tensor among real ones sends the call here: without this, its outputs would be uninitialised.
+        for name, value in (("budgets", budgets), ("thresholds", thresholds)):
+            if value is not None and value.device != scores.device:
+                raise ValueError(f"{_ADAPTIVE_OP}: {name} is on {value.device} but scores are on {scores.device}: "
+                                 f"put both on one device")
         return (scores.new_empty(scores.shape[0], max_patches, 3, dtype=torch.int32),
                 scores.new_empty(scores.shape[0], dtype=torch.int32))
 

@@ -37,12 +37,12 @@ bool lower_priority(const Candidate<scalar_t>& a, const Candidate<scalar_t>& b) 
 }
 
 template <typename scalar_t>
-void check_finite(const scalar_t* scores, const PyramidLayout& layout, int64_t image) {
+void check_finite(const scalar_t* scores, const PyramidLayout& layout, int64_t image, const char* op) {
   for (int l = 0; l < layout.n_splittable(); ++l) {
     for (int64_t i = layout.offset[l]; i < layout.offset[l + 1]; ++i) {
       const int64_t cell = i - layout.offset[l];
       TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(scores[i])),
-                        "mixres.build_quadtree: scores must be finite, found ", scores[i], " in image ", image,
+                        op, ": scores must be finite, found ", scores[i], " in image ", image,
                         " at patch size ", layout.size(l), ", cell (", cell / layout.cols(l), ", ",
                         cell % layout.cols(l), ")");
     }
@@ -99,9 +99,10 @@ int64_t build_one(const scalar_t* scores, const scalar_t* thresholds, const Pyra
 
 // Trees of every image of a contiguous packed pyramid, in parallel. Image b stops at budgets[b] leaves (at n_boxes
 // when budgets is null), or earlier at thresholds; its leaf count goes to lengths[b] unless lengths is null. The
-// budgets must be reachable and at most n_boxes, and the thresholds finite: checked by the callers.
+// budgets must be reachable and at most n_boxes, and the thresholds finite: checked by the callers. The scores are
+// checked here, in errors that name `op`.
 void build_quadtrees(const at::Tensor& packed, const PyramidLayout& layout, int64_t n_boxes, const int64_t* budgets,
-                     const at::Tensor* thresholds, const at::Tensor& boxes, int32_t* lengths) {
+                     const at::Tensor* thresholds, const at::Tensor& boxes, int32_t* lengths, const char* op) {
   const int64_t batch = packed.size(0);
   AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "mixres_build_quadtree_cpu", [&] {
     const scalar_t* scores_ptr = packed.const_data_ptr<scalar_t>();
@@ -114,7 +115,7 @@ void build_quadtrees(const at::Tensor& packed, const PyramidLayout& layout, int6
       leaves.reserve(n_boxes);
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* image_scores = scores_ptr + b * layout.n_scores();
-        check_finite(image_scores, layout, b);
+        check_finite(image_scores, layout, b, op);
         const int64_t budget = budgets != nullptr ? budgets[b] : n_boxes;
         const int64_t n_leaves = build_one(image_scores, thresholds_ptr, layout, (budget - layout.n_roots()) / 3,
                                            n_boxes, boxes_ptr + b * n_boxes, heap, leaves);
@@ -130,7 +131,7 @@ at::Tensor build_quadtree_cpu(const at::Tensor& scores, int64_t height, int64_t 
       check_quadtree_args(scores, height, width, min_patch_size, max_patch_size, n_patches);
   auto boxes = at::empty({scores.size(0), n_patches, 3}, scores.options().dtype(at::kInt));
   if (scores.size(0) == 0) return boxes;
-  build_quadtrees(scores.contiguous(), layout, n_patches, nullptr, nullptr, boxes, nullptr);
+  build_quadtrees(scores.contiguous(), layout, n_patches, nullptr, nullptr, boxes, nullptr, "mixres.build_quadtree");
   return boxes;
 }
 
@@ -182,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> build_quadtree_adaptive_cpu(const at::Tensor&
   build_quadtrees(scores.contiguous(), layout, max_patches,
                   budget_values.defined() ? budget_values.const_data_ptr<int64_t>() : nullptr,
                   threshold_values.defined() ? &threshold_values : nullptr, boxes,
-                  lengths.mutable_data_ptr<int32_t>());
+                  lengths.mutable_data_ptr<int32_t>(), kAdaptiveOp);
   return {boxes, lengths};
 }
 
