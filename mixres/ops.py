@@ -101,7 +101,8 @@ def build_quadtree_adaptive(scores: Tensor, height: int, width: int, min_patch_s
             the outputs.
         budgets: ``[B]`` int32 or int64, each reachable and at most ``max_patches`` (a bad one is an error, never
             clamped); or a sequence of ints. On the CPU: on CPU scores the op checks them; for scores on a GPU they
-            are checked here, on the host, then copied to the scores' device without blocking. On the scores' GPU:
+            are checked here, on the host, then copied to the scores' device (``non_blocking=True``: no stream
+            synchronisation, though CUDA graphs cannot capture a copy from pageable memory). On the scores' GPU:
             checked on the device, where a bad budget trips a device-side assert (as non-finite scores do), since an
             error would need a host synchronisation.
         thresholds: one per splittable patch size, coarse to fine (s_max, s_max / 2, ..., 2 s_min): a tensor
@@ -126,7 +127,7 @@ def build_quadtree_adaptive(scores: Tensor, height: int, width: int, min_patch_s
 def _budgets_for(scores: Tensor, budgets, height, width, min_patch_size, max_patch_size, max_patches):
     """``budgets`` as the op takes them: a tensor on the scores' device. A sequence of ints is checked here and
     becomes an int64 tensor; a tensor on the CPU for scores elsewhere is checked here (free on the host) and copied
-    without blocking."""
+    with ``non_blocking=True``."""
     if budgets is None:
         return None
     if not isinstance(budgets, Tensor):
@@ -157,8 +158,8 @@ def _check_on_cpu(name: str, value: Tensor, scores: Tensor):
 
 def _thresholds_for(scores: Tensor, thresholds, height, width, min_patch_size, max_patch_size):
     """``thresholds`` as the op takes them: a tensor ``[L]`` on the scores' device. Numbers are checked and rounded
-    to the scores' dtype here; a tensor on the CPU for scores elsewhere is checked here and copied without
-    blocking."""
+    to the scores' dtype here; a tensor on the CPU for scores elsewhere is checked here and copied with
+    ``non_blocking=True``."""
     if thresholds is None:
         return None
     if isinstance(thresholds, Tensor) and thresholds.dim() > 0 and thresholds.device == scores.device:
