@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <limits>
+#include <optional>
 #include <string>
 
 #include "quadtree_layout.h"
@@ -32,15 +34,53 @@ inline bool is_float_image_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
+// `op` and `budget_name` name the operator and its budget argument in the errors: build_quadtree's n_patches, or
+// build_quadtree_adaptive's max_patches.
 inline PyramidLayout check_quadtree_args(const at::Tensor& scores, int64_t height, int64_t width,
-                                         int64_t min_patch_size, int64_t max_patch_size, int64_t n_patches) {
+                                         int64_t min_patch_size, int64_t max_patch_size, int64_t n_patches,
+                                         const char* op = "mixres.build_quadtree",
+                                         const char* budget_name = "n_patches") {
   const PyramidLayout layout = make_layout(height, width, min_patch_size, max_patch_size);
-  check_budget(layout, n_patches);
-  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) == layout.n_scores(),
-                    "mixres.build_quadtree: scores must be the packed pyramid [B, ", layout.n_scores(), "], got ",
-                    scores.sizes());
-  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
-                   "mixres.build_quadtree: scores must be float32 or float64, got ", scores.scalar_type());
+  check_budget(layout, n_patches, budget_name);
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) == layout.n_scores(), op,
+                    ": scores must be the packed pyramid [B, ", layout.n_scores(), "], got ", scores.sizes());
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
+                   ": scores must be float32 or float64, got ", scores.scalar_type());
+  return layout;
+}
+
+// The shapes, dtypes and devices of build_quadtree_adaptive's arguments. The values of budgets and thresholds are
+// the kernels' to check: on the CPU with an error, on CUDA with a device-side assert (an error would need a host
+// synchronisation).
+inline PyramidLayout check_adaptive_args(const at::Tensor& scores, int64_t height, int64_t width,
+                                         int64_t min_patch_size, int64_t max_patch_size, int64_t max_patches,
+                                         const std::optional<at::Tensor>& budgets,
+                                         const std::optional<at::Tensor>& thresholds) {
+  constexpr const char* op = "mixres.build_quadtree_adaptive";
+  const PyramidLayout layout =
+      check_quadtree_args(scores, height, width, min_patch_size, max_patch_size, max_patches, op, "max_patches");
+  TORCH_CHECK_VALUE(max_patches <= std::numeric_limits<int32_t>::max(), op, ": max_patches must be at most ",
+                    std::numeric_limits<int32_t>::max(), " (lengths are int32), got ", max_patches);
+  if (budgets.has_value()) {
+    TORCH_CHECK_VALUE(budgets->dim() == 1 && budgets->size(0) == scores.size(0), op,
+                      ": budgets must be [B] = [", scores.size(0), "], one budget per image, got ", budgets->sizes());
+    TORCH_CHECK_TYPE(budgets->scalar_type() == at::kInt || budgets->scalar_type() == at::kLong, op,
+                     ": budgets must be int32 or int64, got ", budgets->scalar_type());
+    TORCH_CHECK_VALUE(budgets->device() == scores.device(), op, ": budgets is on ", budgets->device(),
+                      " but scores are on ", scores.device(), ": put both on one device");
+  }
+  if (thresholds.has_value()) {
+    std::string sizes;
+    for (int l = 0; l < layout.n_splittable(); ++l) sizes += (l ? ", " : "") + std::to_string(layout.size(l));
+    TORCH_CHECK_VALUE(thresholds->dim() == 1 && thresholds->size(0) == layout.n_splittable(), op,
+                      ": thresholds must be [", layout.n_splittable(), "], one per splittable patch size (", sizes,
+                      "), got ", thresholds->sizes());
+    TORCH_CHECK_TYPE(thresholds->scalar_type() == scores.scalar_type(), op,
+                     ": thresholds must have the scores' dtype ", scores.scalar_type(), ", got ",
+                     thresholds->scalar_type());
+    TORCH_CHECK_VALUE(thresholds->device() == scores.device(), op, ": thresholds is on ", thresholds->device(),
+                      " but scores are on ", scores.device(), ": put both on one device");
+  }
   return layout;
 }
 

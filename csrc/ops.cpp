@@ -29,6 +29,15 @@ TORCH_LIBRARY(mixres, m) {
   // scores: [B, P] the packed pyramid (see quadtree_layout.h). Returns boxes [B, n_patches, 3] int32 (y, x, size).
   m.def("build_quadtree(Tensor scores, int height, int width, int min_patch_size, int max_patch_size, "
         "int n_patches) -> Tensor");
+  // The greedy of build_quadtree, stopped per image: image b stops before the first split that would take it past
+  // budgets[b] leaves (max_patches without budgets), or whose leaf scores at or below thresholds[level of the leaf]
+  // (levels coarse to fine, one per splittable patch size; no threshold without them). Its leaves are then
+  // build_quadtree's for n_patches = lengths[b]. budgets: [B] int32 or int64, reachable budgets <= max_patches;
+  // thresholds: [L] finite, the scores' dtype; both on the scores' device. Returns boxes [B, max_patches, 3] int32,
+  // the lengths[b] leaves of image b in canonical order then (0, 0, 0) boxes (size 0: no leaf has it), and
+  // lengths [B] int32.
+  m.def("build_quadtree_adaptive(Tensor scores, int height, int width, int min_patch_size, int max_patch_size, "
+        "int max_patches, Tensor? budgets, Tensor? thresholds) -> (Tensor boxes, Tensor lengths)");
   // images: [B, C, H, W], boxes: [B, N, 3] int32. Returns tokens [B, N, C, p, p]; mode is "area" or "bilinear".
   m.def("extract_patches(Tensor images, Tensor boxes, int patch_size, str mode) -> Tensor");
   // grad_tokens: [B, N, C, p, p]. Returns the gradient of the images, [B, C, height, width].

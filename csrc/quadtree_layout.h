@@ -65,10 +65,17 @@ inline PyramidLayout make_layout(int64_t height, int64_t width, int64_t min_size
   return layout;
 }
 
-inline void check_budget(const PyramidLayout& layout, int64_t n_patches) {
+// Whether a tree of n_leaves leaves is reachable: the roots plus 3 leaves a split, at most one leaf per min_size cell.
+C10_HOST_DEVICE inline bool reachable(const PyramidLayout& layout, int64_t n_leaves) {
   const int64_t n_roots = layout.n_roots();
-  TORCH_CHECK_VALUE(n_patches >= n_roots && n_patches <= layout.max_leaves() && (n_patches - n_roots) % 3 == 0,
-                    "mixres: n_patches must be ", n_roots, " + 3k and at most ", layout.max_leaves(), " for a ",
+  return n_leaves >= n_roots && n_leaves <= layout.max_leaves() && (n_leaves - n_roots) % 3 == 0;
+}
+
+// `name` is the budget's argument: n_patches, or max_patches for the adaptive op.
+inline void check_budget(const PyramidLayout& layout, int64_t n_patches, const char* name = "n_patches") {
+  const int64_t n_roots = layout.n_roots();
+  TORCH_CHECK_VALUE(reachable(layout, n_patches),
+                    "mixres: ", name, " must be ", n_roots, " + 3k and at most ", layout.max_leaves(), " for a ",
                     layout.height, "x", layout.width, " image with patches of ", layout.min_size, " to ",
                     layout.max_size, " px, got ", n_patches);
 }

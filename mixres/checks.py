@@ -6,14 +6,17 @@ own take its name as ``op`` and start their messages with it, as the op's errors
 """
 from __future__ import annotations
 
+import math
 import operator
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["FLOAT_DTYPES", "RESIZE_MODES", "NAN_POLICIES", "check_int", "check_plain_int", "check_tensor",
            "check_rank", "check_float_dtype", "check_floating", "check_device", "check_batch", "check_images",
-           "check_map", "check_boxes", "check_boxes_inside", "check_resize_mode", "check_nan_policy"]
+           "check_map", "check_boxes", "check_boxes_inside", "check_budgets", "check_budget_values",
+           "check_thresholds", "check_threshold_values", "check_resize_mode", "check_nan_policy"]
 
 # The dtypes of images and tokens.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -158,6 +161,56 @@ def check_boxes_inside(boxes: Tensor, height: int, width: int, op: str) -> Tenso
         raise ValueError(f"{op}: boxes[{b}, {n}] (y={y}, x={x}, size={size}) is not inside the {height}x{width} "
                          f"image: need size >= 1, 0 <= y <= {height} - size and 0 <= x <= {width} - size")
     return boxes
+
+
+def check_budgets(budgets, batch: int, op: str, device: torch.device | None = None) -> Tensor:
+    """Per-image budgets ``[batch]`` int32 or int64 (on ``device`` unless None): the C++ check_adaptive_args, with
+    its messages. Their values are :func:`check_budget_values`'."""
+    check_tensor("budgets", budgets, op)
+    if budgets.dim() != 1 or budgets.shape[0] != batch:
+        raise ValueError(f"{op}: budgets must be [B] = [{batch}], one budget per image, got {list(budgets.shape)}")
+    if budgets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: budgets must be int32 or int64, got {budgets.dtype}")
+    if device is not None and budgets.device != device:
+        raise ValueError(f"{op}: budgets is on {budgets.device} but scores are on {device}: put both on one device")
+    return budgets
+
+
+def check_budget_values(budgets: Tensor | Sequence[int], n_roots: int, max_patches: int, op: str):
+    """Every budget (of a tensor ``[B]`` or a sequence of ints) reachable (``n_roots + 3k``) and at most
+    ``max_patches``; the error names the first image that has another. Reads a tensor's values on the host: a
+    synchronisation where they are on a GPU."""
+    for image, budget in enumerate(budgets.tolist() if isinstance(budgets, Tensor) else budgets):
+        if not (n_roots <= budget <= max_patches and (budget - n_roots) % 3 == 0):
+            raise ValueError(f"{op}: budgets[{image}] = {budget} is unreachable: each budget must be {n_roots} + 3k, "
+                             f"from {n_roots} to max_patches = {max_patches}")
+    return budgets
+
+
+def check_thresholds(thresholds, sizes: list[int], dtype: torch.dtype, op: str,
+                     device: torch.device | None = None) -> Tensor:
+    """Stopping thresholds ``[L]``, one per splittable patch size in ``sizes`` (coarse to fine), of the scores'
+    ``dtype`` (on ``device`` unless None): the C++ check_adaptive_args, with its messages. Their values are
+    :func:`check_threshold_values`'."""
+    check_tensor("thresholds", thresholds, op)
+    if thresholds.dim() != 1 or thresholds.shape[0] != len(sizes):
+        raise ValueError(f"{op}: thresholds must be [{len(sizes)}], one per splittable patch size "
+                         f"({', '.join(map(str, sizes))}), got {list(thresholds.shape)}")
+    if thresholds.dtype != dtype:
+        raise TypeError(f"{op}: thresholds must have the scores' dtype {dtype}, got {thresholds.dtype}")
+    if device is not None and thresholds.device != device:
+        raise ValueError(f"{op}: thresholds is on {thresholds.device} but scores are on {device}: put both on one "
+                         f"device")
+    return thresholds
+
+
+def check_threshold_values(thresholds: Tensor, sizes: list[int], op: str) -> Tensor:
+    """Every threshold finite; the error names the first other and its patch size. Reads the values on the host."""
+    for level, (value, size) in enumerate(zip(thresholds.tolist(), sizes, strict=True)):
+        if not math.isfinite(value):
+            raise ValueError(f"{op}: thresholds must be finite, got {value} for patch size {size} "
+                             f"(thresholds[{level}])")
+    return thresholds
 
 
 def check_resize_mode(mode, name: str = "mode") -> str:

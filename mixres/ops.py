@@ -9,19 +9,23 @@ and the autograd formulas:
   backward is ``extract_patches`` again (double backward, e.g. a gradient penalty, is exact).
 - ``pixel_blur_scores``: not differentiable. Where the images require grad, a backward through the scores raises
   ``NotImplementedError``: their gradient exists, and dropping it silently would be wrong.
-- ``build_quadtree`` and ``leaf_centers``: the boxes are int32 and the centres come from them, so neither carries a
-  gradient; scores that require grad reach the boxes only through discrete choices.
+- ``build_quadtree``, ``build_quadtree_adaptive`` and ``leaf_centers``: the boxes are int32 and the centres come
+  from them, so none carries a gradient; scores that require grad reach the boxes only through discrete choices.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import struct
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from . import reference
-from .checks import check_tensor
-from .pyramid import packed_length
+from .checks import check_budget_values, check_budgets, check_tensor, check_threshold_values, check_thresholds
+from .pyramid import QuadtreeGeometry, packed_length
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.mixres)
@@ -30,9 +34,11 @@ except ImportError as error:  # a source checkout that was never built, or a bro
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["build_quadtree", "extract_patches", "leaf_centers", "pixel_blur_scores", "has_kernel", "cuda_version"]
+__all__ = ["build_quadtree", "build_quadtree_adaptive", "extract_patches", "leaf_centers", "pixel_blur_scores",
+           "has_kernel", "cuda_version"]
 
-_OP_NAMES = ("build_quadtree", "extract_patches", "leaf_centers", "pixel_blur_scores")
+_OP_NAMES = ("build_quadtree", "build_quadtree_adaptive", "extract_patches", "leaf_centers", "pixel_blur_scores")
+_ADAPTIVE_OP = "mixres.build_quadtree_adaptive"
 _warned: set[str] = set()
 
 
@@ -79,6 +85,127 @@ def build_quadtree(scores: Tensor, height: int, width: int, min_patch_size: int,
     return impl(scores, height, width, min_patch_size, max_patch_size, n_patches)
 
 
+def build_quadtree_adaptive(scores: Tensor, height: int, width: int, min_patch_size: int, max_patch_size: int,
+                            max_patches: int, budgets: Tensor | Sequence[int] | None = None,
+                            thresholds: Tensor | float | Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
+    """Greedy quadtree with a budget per image and a stopping rule: the greedy of :func:`build_quadtree`, which image
+    b stops before the first split that would take it past ``budgets[b]`` leaves (``max_patches`` without budgets),
+    or whose leaf (the best splittable one) scores at or below the threshold of its patch size. So its leaves are
+    ``build_quadtree(..., n_patches=lengths[b])``'s for that image (the prefix property), and lie between the roots
+    and its budget. No host synchronisation on CUDA when budgets and thresholds are tensors on the scores' device or
+    Python numbers; every output shape is static.
+
+    Args:
+        scores: the packed pyramid ``[B, P]`` float32 or float64 (:func:`mixres.pyramid.pack_scores`), finite.
+        max_patches: N_max, a reachable budget (``n_roots + 3k``, at most one leaf per s_min cell): the width of
+            the outputs.
+        budgets: ``[B]`` int32 or int64, each reachable and at most ``max_patches`` (a bad one is an error, never
+            clamped); or a sequence of ints. On the CPU: on CPU scores the op checks them; for scores on a GPU they
+            are checked here, on the host, then copied to the scores' device (``non_blocking=True``: no stream
+            synchronisation, though CUDA graphs cannot capture a copy from pageable memory). On the scores' GPU:
+            checked on the device, where a bad budget trips a device-side assert (as non-finite scores do), since an
+            error would need a host synchronisation.
+        thresholds: one per splittable patch size, coarse to fine (s_max, s_max / 2, ..., 2 s_min): a tensor
+            ``[L]`` of the scores' dtype, or a sequence of L numbers; or one number (or a 0-dim tensor) for every
+            size. Finite (NaN and Inf are errors: on a GPU tensor, a device-side assert); compared with the scores in
+            the scores' dtype, so Python numbers are rounded to it (one that overflows it is an error). A tensor on
+            the CPU for scores on a GPU is checked and copied as budgets are.
+
+    Returns:
+        ``(boxes, lengths)``: boxes ``[B, max_patches, 3]`` int32 (y, x, size), the ``lengths[b]`` leaves of image b
+        in raster order of their corners, then padding boxes ``(0, 0, 0)``: size 0, which no leaf has (their centres
+        by :func:`leaf_centers` are (-0.5, -0.5), and every leaf's are >= 0); lengths ``[B]`` int32.
+    """
+    check_tensor("scores", scores, _ADAPTIVE_OP)
+    budgets = _budgets_for(scores, budgets, height, width, min_patch_size, max_patch_size, max_patches)
+    thresholds = _thresholds_for(scores, thresholds, height, width, min_patch_size, max_patch_size)
+    impl = torch.ops.mixres.build_quadtree_adaptive if _use_kernel("scores", scores) else \
+        reference.build_quadtree_adaptive
+    return impl(scores, height, width, min_patch_size, max_patch_size, max_patches, budgets, thresholds)
+
+
+def _budgets_for(scores: Tensor, budgets, height, width, min_patch_size, max_patch_size, max_patches):
+    """``budgets`` as the op takes them: a tensor on the scores' device. A sequence of ints is checked here and
+    becomes an int64 tensor; a tensor on the CPU for scores elsewhere is checked here (free on the host) and copied
+    with ``non_blocking=True``."""
+    if budgets is None:
+        return None
+    if not isinstance(budgets, Tensor):
+        if isinstance(budgets, str) or not isinstance(budgets, Sequence) or not all(
+                isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in budgets):
+            raise TypeError(f"{_ADAPTIVE_OP}: budgets must be a Tensor [B] or a sequence of ints, got {budgets!r}")
+        geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
+        geometry.check_n_patches(max_patches, name="max_patches")
+        # Before the conversion, which would overflow on an int past int64.
+        check_budget_values(budgets, geometry.n_roots, max_patches, _ADAPTIVE_OP)
+        budgets = torch.tensor(budgets, dtype=torch.int64)
+    if budgets.device == scores.device or scores.dim() != 2:  # the op's to check (a bad scores first)
+        return budgets
+    _check_on_cpu("budgets", budgets, scores)
+    geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
+    geometry.check_n_patches(max_patches, name="max_patches")
+    check_budgets(budgets, scores.shape[0], _ADAPTIVE_OP)
+    check_budget_values(budgets, geometry.n_roots, max_patches, _ADAPTIVE_OP)
+    return budgets.to(scores.device, non_blocking=True)
+
+
+def _check_on_cpu(name: str, value: Tensor, scores: Tensor):
+    """Off the scores' device, ``value`` may be on the CPU only (to be checked on the host and copied)."""
+    if value.device.type != "cpu":
+        raise ValueError(f"{_ADAPTIVE_OP}: {name} is on {value.device} but scores are on {scores.device}: put it "
+                         f"on the scores' device or on the CPU")
+
+
+def _thresholds_for(scores: Tensor, thresholds, height, width, min_patch_size, max_patch_size):
+    """``thresholds`` as the op takes them: a tensor ``[L]`` on the scores' device. Numbers are checked and rounded
+    to the scores' dtype here; a tensor on the CPU for scores elsewhere is checked here and copied with
+    ``non_blocking=True``."""
+    if thresholds is None:
+        return None
+    if isinstance(thresholds, Tensor) and thresholds.dim() > 0 and thresholds.device == scores.device:
+        return thresholds  # the op's to check
+    sizes = QuadtreeGeometry(height, width, min_patch_size, max_patch_size).splittable_sizes
+    if isinstance(thresholds, Tensor):
+        if thresholds.dim() == 0:
+            thresholds = thresholds.expand(len(sizes))
+        if thresholds.device == scores.device:
+            return thresholds
+        _check_on_cpu("thresholds", thresholds, scores)
+        check_thresholds(thresholds, sizes, scores.dtype, _ADAPTIVE_OP)
+        check_threshold_values(thresholds, sizes, _ADAPTIVE_OP)
+        return thresholds.to(scores.device, non_blocking=True)
+    dtype = scores.dtype if scores.dtype in (torch.float32, torch.float64) else torch.float64  # else the op refuses
+    if _is_number(thresholds):
+        return torch.full((len(sizes),), _rounded_threshold(thresholds, dtype), dtype=dtype, device=scores.device)
+    if not isinstance(thresholds, Sequence) or isinstance(thresholds, str) or not all(map(_is_number, thresholds)):
+        raise TypeError(f"{_ADAPTIVE_OP}: thresholds must be a number, a sequence of numbers or a Tensor, got "
+                        f"{thresholds!r}")
+    if len(thresholds) != len(sizes):
+        raise ValueError(f"{_ADAPTIVE_OP}: thresholds must be [{len(sizes)}], one per splittable patch size "
+                         f"({', '.join(map(str, sizes))}), got {len(thresholds)} numbers")
+    values = [_rounded_threshold(t, dtype, f" for patch size {s} (thresholds[{i}])")
+              for i, (t, s) in enumerate(zip(thresholds, sizes))]
+    return torch.tensor(values, dtype=dtype).to(scores.device, non_blocking=True)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _rounded_threshold(value, dtype: torch.dtype, where: str = "") -> float:
+    """A finite Python number as the scores' ``dtype`` holds it (rounded to nearest), or a ValueError."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{_ADAPTIVE_OP}: thresholds must be finite, got {value}{where}")
+    if dtype == torch.float32:
+        try:  # struct rounds to the nearest float32, and refuses a value that rounds to infinity
+            value = struct.unpack("<f", struct.pack("<f", value))[0]
+        except OverflowError:
+            raise ValueError(f"{_ADAPTIVE_OP}: thresholds must be finite in the scores' dtype float32, got "
+                             f"{value}{where}, which overflows it") from None
+    return value
+
+
 def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str = "area") -> Tensor:
     """``images [B, C, H, W]``, ``boxes [B, N, 3]`` int32 -> tokens ``[B, N, C, p, p]``; differentiable with respect
     to the images, to any order. Every box must be a square of side >= 1 inside the image (on CUDA a box outside
@@ -108,6 +235,17 @@ if _IMPORT_ERROR is None:
     def _(scores, height, width, min_patch_size, max_patch_size, n_patches):
         torch._check(scores.dim() == 2, lambda: "scores must be [B, P]")
         return scores.new_empty(scores.shape[0], n_patches, 3, dtype=torch.int32)
+
+    @torch.library.register_fake("mixres::build_quadtree_adaptive")
+    def _(scores, height, width, min_patch_size, max_patch_size, max_patches, budgets, thresholds):
+        torch._check(scores.dim() == 2, lambda: "scores must be [B, P]")
+        # A meta tensor among real ones sends the call here: without this, its outputs would be uninitialised.
+        for name, value in (("budgets", budgets), ("thresholds", thresholds)):
+            if value is not None and value.device != scores.device:
+                raise ValueError(f"{_ADAPTIVE_OP}: {name} is on {value.device} but scores are on {scores.device}: "
+                                 f"put both on one device")
+        return (scores.new_empty(scores.shape[0], max_patches, 3, dtype=torch.int32),
+                scores.new_empty(scores.shape[0], dtype=torch.int32))
 
     @torch.library.register_fake("mixres::extract_patches")
     def _(images, boxes, patch_size, mode):

@@ -104,10 +104,11 @@ class QuadtreeGeometry:
     def valid_n_patches(self) -> list[int]:
         return list(range(self.n_roots, self.max_patches + 1, 3))
 
-    def check_n_patches(self, n_patches) -> int:
+    def check_n_patches(self, n_patches, name: str = "n_patches") -> int:
         """``n_patches`` as a Python int (integer scalars such as ``np.int64`` are taken), if it is reachable;
-        a ``ValueError`` naming the nearest valid budgets otherwise."""
-        n_patches = check_int("n_patches", n_patches, valid="an int")
+        a ``ValueError`` naming the nearest valid budgets otherwise. ``name`` is the argument's name in the errors
+        (``max_patches`` for an adaptive budget's cap)."""
+        n_patches = check_int(name, n_patches, valid="an int")
         lo, hi = self.n_roots, self.max_patches
         if lo <= n_patches <= hi and (n_patches - lo) % 3 == 0:
             return n_patches
@@ -115,7 +116,7 @@ class QuadtreeGeometry:
         below = lo + (clamped - lo) // 3 * 3
         nearest = sorted({below, min(below + 3, hi)} - {n_patches})
         raise ValueError(
-            f"n_patches={n_patches} is unreachable for a {self.height}x{self.width} image with patches of "
+            f"{name}={n_patches} is unreachable for a {self.height}x{self.width} image with patches of "
             f"{self.min_patch_size} to {self.max_patch_size} px: it must be {lo} + 3k (each split adds 3 leaves) "
             f"and at most {hi}; nearest valid: {' or '.join(map(str, nearest))}")
 

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import (check_boxes, check_boxes_inside, check_float_dtype, check_plain_int, check_resize_mode,
-                     check_tensor)
+from .checks import (check_boxes, check_boxes_inside, check_budget_values, check_budgets, check_float_dtype,
+                     check_plain_int, check_resize_mode, check_tensor, check_threshold_values, check_thresholds)
 from .pyramid import QuadtreeGeometry, pack_pyramid
 
-__all__ = ["build_quadtree", "extract_patches", "leaf_centers", "pixel_blur_scores"]
+__all__ = ["build_quadtree", "build_quadtree_adaptive", "extract_patches", "leaf_centers", "pixel_blur_scores"]
 
 # The C++ ops' limit on a token's side and on a pixel-blur patch's (op_checks.h).
 MAX_PATCH_SIDE = 1 << 15
@@ -57,39 +57,112 @@ def _cell_table(geometry: QuadtreeGeometry) -> tuple[Tensor, Tensor, int]:
     return torch.cat(cells), children, geometry.n_roots
 
 
-def build_quadtree(scores: Tensor, height: int, width: int, min_patch_size: int, max_patch_size: int,
-                   n_patches: int) -> Tensor:
-    """Greedy quadtree from a packed score pyramid ``[B, P]``. Returns boxes ``[B, n_patches, 3]`` int32."""
-    geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
-    geometry.check_n_patches(n_patches)
-    check_tensor("scores", scores, "mixres.build_quadtree")
+def _check_scores(scores, geometry: QuadtreeGeometry, op: str) -> Tensor:
+    """The packed pyramid ``[B, P]``, float32 or float64: the C++ ops' checks. Finiteness is
+    :func:`_check_finite_scores`'."""
+    check_tensor("scores", scores, op)
     if scores.dim() != 2 or scores.shape[1] != geometry.n_scores:
         raise ValueError(f"scores must be the packed pyramid [B, {geometry.n_scores}], got {list(scores.shape)}")
     if scores.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"mixres.build_quadtree: scores must be float32 or float64, got {scores.dtype}")
+        raise TypeError(f"{op}: scores must be float32 or float64, got {scores.dtype}")
+    return scores
+
+
+def _check_finite_scores(scores: Tensor, op: str) -> Tensor:
     if not torch.isfinite(scores).all():
-        raise ValueError("mixres.build_quadtree: scores must be finite, found NaN or Inf")
+        raise ValueError(f"{op}: scores must be finite, found NaN or Inf")
+    return scores
+
+
+def _greedy(scores: Tensor, geometry: QuadtreeGeometry, n_splits: int, budgets: Tensor | int | None = None,
+            thresholds: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``n_splits`` greedy splits of every image at once. With ``budgets`` (per image ``[B]``, or one int for all),
+    an image skips the split that would take it past its budget or, given ``thresholds [L]``, whose leaf scores at
+    or below its level's threshold; its tree then stays as it is (the next best leaf is the same one), so it has
+    stopped for good. Returns ``is_leaf [B, Q]`` over the cells of :func:`_cell_table`, the cells, and the number of
+    leaves of each image (None without budgets, where every image has ``n_roots + 3 n_splits``)."""
     batch, n_scores = scores.shape
-    # The output first, as the C++ op allocates it: a size that cannot be allocated fails here, and an empty batch
-    # returns before the cell table, which grows with the image (a leaf per min_patch_size cell), not the batch.
-    boxes = torch.empty(batch, n_patches, 3, dtype=torch.int32, device=scores.device)
-    if batch == 0:
-        return boxes
     cells, children, n_roots = (t.to(scores.device) if isinstance(t, Tensor) else t
                                 for t in _cell_table(geometry))
     rows = torch.arange(batch, device=scores.device)
     is_leaf = torch.zeros(batch, len(cells), dtype=torch.bool, device=scores.device)
     is_leaf[:, :n_roots] = True
+    adaptive = budgets is not None
+    n_leaves = torch.full((batch,), n_roots, device=scores.device) if adaptive else None
+    if thresholds is not None:  # each packed cell's threshold: that of its level
+        cell_threshold = torch.cat([thresholds[level:level + 1].expand(n_rows * n_cols) for level, (n_rows, n_cols)
+                                    in enumerate(map(geometry.grid, geometry.splittable_sizes))] + [thresholds[:0]])
     unset = torch.iinfo(torch.long).max
-    for _ in range((n_patches - n_roots) // 3):
+    for _ in range(n_splits):
         candidates = torch.where(is_leaf[:, :n_scores], scores, float("-inf"))
         best = candidates.amax(dim=1, keepdim=True)
         # Ties go to the leaf that comes first in raster order of its top-left corner.
         pick = torch.where(candidates == best, cells[:n_scores, 3], unset).argmin(dim=1)
-        is_leaf[rows, pick] = False
-        is_leaf[rows[:, None], children[pick]] = True
-    order = torch.where(is_leaf, cells[:, 3], unset).argsort(dim=1)[:, :n_patches]
+        if not adaptive:
+            is_leaf[rows, pick] = False
+            is_leaf[rows[:, None], children[pick]] = True
+            continue
+        split = n_leaves + 3 <= budgets
+        if thresholds is not None:
+            split &= best[:, 0] > cell_threshold[pick]
+        is_leaf[rows, pick] &= ~split
+        is_leaf[rows[:, None], children[pick]] |= split[:, None]
+        n_leaves += 3 * split
+    return is_leaf, cells, n_leaves
+
+
+def build_quadtree(scores: Tensor, height: int, width: int, min_patch_size: int, max_patch_size: int,
+                   n_patches: int) -> Tensor:
+    """Greedy quadtree from a packed score pyramid ``[B, P]``. Returns boxes ``[B, n_patches, 3]`` int32."""
+    geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
+    geometry.check_n_patches(n_patches)
+    _check_finite_scores(_check_scores(scores, geometry, "mixres.build_quadtree"), "mixres.build_quadtree")
+    batch = scores.shape[0]
+    # The output first, as the C++ op allocates it: a size that cannot be allocated fails here, and an empty batch
+    # returns before the cell table, which grows with the image (a leaf per min_patch_size cell), not the batch.
+    boxes = torch.empty(batch, n_patches, 3, dtype=torch.int32, device=scores.device)
+    if batch == 0:
+        return boxes
+    is_leaf, cells, _ = _greedy(scores, geometry, (n_patches - geometry.n_roots) // 3)
+    order = torch.where(is_leaf, cells[:, 3], torch.iinfo(torch.long).max).argsort(dim=1)[:, :n_patches]
     return boxes.copy_(cells[order][..., :3])
+
+
+def build_quadtree_adaptive(scores: Tensor, height: int, width: int, min_patch_size: int, max_patch_size: int,
+                            max_patches: int, budgets: Tensor | None = None,
+                            thresholds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The greedy of :func:`build_quadtree`, stopped per image at ``budgets [B]`` leaves (``max_patches`` without)
+    or before splitting a leaf that scores at or below ``thresholds [L]`` at its level. Returns boxes
+    ``[B, max_patches, 3]`` int32 (the leaves in canonical order, then ``(0, 0, 0)``) and lengths ``[B]`` int32."""
+    op = "mixres.build_quadtree_adaptive"
+    geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
+    geometry.check_n_patches(max_patches, name="max_patches")
+    if max_patches > torch.iinfo(torch.int32).max:
+        raise ValueError(f"{op}: max_patches must be at most {torch.iinfo(torch.int32).max} (lengths are int32), "
+                         f"got {max_patches}")
+    _check_scores(scores, geometry, op)
+    batch = scores.shape[0]
+    sizes = geometry.splittable_sizes
+    # In the C++ op's order: shapes, dtypes and devices, then values.
+    if budgets is not None:
+        check_budgets(budgets, batch, op, scores.device)
+    if thresholds is not None:
+        check_thresholds(thresholds, sizes, scores.dtype, op, scores.device)
+    if budgets is not None:
+        check_budget_values(budgets, geometry.n_roots, max_patches, op)
+    if thresholds is not None:
+        check_threshold_values(thresholds, sizes, op)
+    _check_finite_scores(scores, op)
+    boxes = torch.empty(batch, max_patches, 3, dtype=torch.int32, device=scores.device)
+    lengths = torch.empty(batch, dtype=torch.int32, device=scores.device)
+    if batch == 0:
+        return boxes, lengths
+    is_leaf, cells, n_leaves = _greedy(scores, geometry, (max_patches - geometry.n_roots) // 3,
+                                       max_patches if budgets is None else budgets.long(), thresholds)
+    order = torch.where(is_leaf, cells[:, 3], torch.iinfo(torch.long).max).argsort(dim=1)[:, :max_patches]
+    valid = torch.arange(max_patches, device=scores.device) < n_leaves[:, None]
+    boxes.copy_(torch.where(valid[..., None], cells[order][..., :3], 0))
+    return boxes, lengths.copy_(n_leaves)
 
 
 def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str) -> Tensor:

@@ -64,41 +64,84 @@ def unpack(packed: torch.Tensor, height: int, width: int, min_patch_size: int, m
     return [chunk.reshape(packed.shape[0], *grid) for chunk, grid in zip(chunks, grids, strict=True)]
 
 
+def greedy_leaves(score, height: int, width: int, min_patch_size: int, max_patch_size: int, n_splits: int,
+                  thresholds=None) -> list[tuple[int, int, int]]:
+    """One image's leaves (y, x, size), sorted by (y, x), after docs/design.md's greedy with a heap of Python tuples:
+    from the grid of s_max roots, up to ``n_splits`` times, split the splittable leaf (side > s_min) of the highest
+    score, ties to the smallest top-left corner (y, x), into its four quadrants. With ``thresholds`` (a list, one
+    per splittable size coarse to fine), the loop stops at the first step whose best leaf scores at or below the
+    threshold of its size (DESIGN.md's stopping rule). ``score[size][row][col]``: the maps as nested lists.
+
+    Leaves are disjoint, so no two share a corner and (-score, y, x) orders the heap exactly. Scores and thresholds
+    are compared as Python floats, which hold float16, bfloat16, float32 and float64 values exactly."""
+    sizes = patch_sizes(min_patch_size, max_patch_size)
+    heap, final = [], []
+
+    def add(y, x, size):
+        if size > min_patch_size:
+            heapq.heappush(heap, (-score[size][y // size][x // size], y, x, size))
+        else:
+            final.append((y, x, size))
+
+    for y in range(0, height, max_patch_size):
+        for x in range(0, width, max_patch_size):
+            add(y, x, max_patch_size)
+    for _ in range(n_splits):
+        negated, y, x, size = heap[0]
+        if thresholds is not None and -negated <= thresholds[sizes.index(size)]:
+            break
+        heapq.heappop(heap)
+        half = size // 2
+        for dy, dx in ((0, 0), (0, half), (half, 0), (half, half)):
+            add(y + dy, x + dx, half)
+    return sorted(final + [leaf[1:] for leaf in heap])
+
+
+def _score_lists(pyramid, min_patch_size: int, max_patch_size: int, b: int) -> dict:
+    maps = as_maps(pyramid, min_patch_size, max_patch_size)
+    return {size: m[b].tolist() for size, m in zip(patch_sizes(min_patch_size, max_patch_size)[:-1], maps,
+                                                   strict=True)}
+
+
 def quadtree(pyramid, height: int, width: int, min_patch_size: int, max_patch_size: int, n_patches: int,
              batch: int | None = None) -> torch.Tensor:
-    """Boxes [B, n_patches, 3] int32 by docs/design.md's greedy, one image at a time, with a heap of Python tuples.
-
-    From the grid of s_max roots, repeatedly split the splittable leaf (side > s_min) of the highest score, ties
-    to the smallest top-left corner (y, x), into its four quadrants; then list the leaves by (y, x). Leaves are
-    disjoint, so no two share a corner and (-score, y, x) orders the heap exactly. Scores are compared as Python
-    floats, which hold float16, bfloat16, float32 and float64 values exactly.
-    """
-    sizes = patch_sizes(min_patch_size, max_patch_size)
-    maps = as_maps(pyramid, min_patch_size, max_patch_size)
-    batch = maps[0].shape[0] if batch is None else batch
+    """Boxes [B, n_patches, 3] int32 by docs/design.md's greedy (:func:`greedy_leaves`), one image at a time."""
+    batch = as_maps(pyramid, min_patch_size, max_patch_size)[0].shape[0] if batch is None else batch
     n_roots = (height // max_patch_size) * (width // max_patch_size)
     assert n_patches >= n_roots and (n_patches - n_roots) % 3 == 0, "unreachable n_patches"
-    boxes = []
-    for b in range(batch):
-        score = {size: m[b].tolist() for size, m in zip(sizes[:-1], maps, strict=True)}
-        heap, final = [], []
-
-        def add(y, x, size):
-            if size > min_patch_size:
-                heapq.heappush(heap, (-score[size][y // size][x // size], y, x, size))
-            else:
-                final.append((y, x, size))
-
-        for y in range(0, height, max_patch_size):
-            for x in range(0, width, max_patch_size):
-                add(y, x, max_patch_size)
-        for _ in range((n_patches - n_roots) // 3):
-            _, y, x, size = heapq.heappop(heap)
-            half = size // 2
-            for dy, dx in ((0, 0), (0, half), (half, 0), (half, half)):
-                add(y + dy, x + dx, half)
-        boxes.append(sorted(final + [leaf[1:] for leaf in heap]))
+    boxes = [greedy_leaves(_score_lists(pyramid, min_patch_size, max_patch_size, b), height, width, min_patch_size,
+                           max_patch_size, (n_patches - n_roots) // 3) for b in range(batch)]
     return torch.tensor(boxes, dtype=torch.int32).reshape(batch, n_patches, 3)
+
+
+def quadtree_adaptive(pyramid, height: int, width: int, min_patch_size: int, max_patch_size: int, max_patches: int,
+                      budgets=None, thresholds=None, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DESIGN.md's adaptive budgets: the greedy of :func:`quadtree`, which for image b also stops before a split that
+    would take it past ``budgets[b]`` leaves (``max_patches`` without budgets), and at the first step whose best
+    leaf scores at or below ``thresholds`` (one number, or one per splittable size coarse to fine).
+
+    Returns boxes [B, max_patches, 3] int32, image b's leaves in raster order then (0, 0, 0) boxes, and lengths [B]
+    int32, its number of leaves."""
+    maps = as_maps(pyramid, min_patch_size, max_patch_size)
+    batch = maps[0].shape[0] if batch is None else batch
+    n_levels = len(patch_sizes(min_patch_size, max_patch_size)) - 1
+    if thresholds is not None:
+        thresholds = thresholds.tolist() if isinstance(thresholds, torch.Tensor) else thresholds
+        thresholds = [float(thresholds)] * n_levels if isinstance(thresholds, (int, float)) else \
+            [float(t) for t in thresholds]
+        assert len(thresholds) == n_levels
+    budgets = [max_patches] * batch if budgets is None else [int(b) for b in budgets]
+    n_roots = (height // max_patch_size) * (width // max_patch_size)
+    boxes = torch.zeros(batch, max_patches, 3, dtype=torch.int32)
+    lengths = torch.zeros(batch, dtype=torch.int32)
+    for b in range(batch):
+        assert n_roots <= budgets[b] <= max_patches and (budgets[b] - n_roots) % 3 == 0, "unreachable budget"
+        leaves = greedy_leaves(_score_lists(pyramid, min_patch_size, max_patch_size, b), height, width,
+                               min_patch_size, max_patch_size, (budgets[b] - n_roots) // 3, thresholds)
+        lengths[b] = len(leaves)
+        if leaves:
+            boxes[b, :len(leaves)] = torch.tensor(leaves, dtype=torch.int32)
+    return boxes, lengths
 
 
 @one_thread()

@@ -153,6 +153,251 @@ def test_build_quadtree_rejects_bad_inputs_on_the_host():
         ops.build_quadtree(scores, 100, 192, 16, 64, geo.n_roots)
 
 
+# ------------------------------------------------------------------------------------------- adaptive quadtree
+
+
+def image_budgets(geometry: QuadtreeGeometry, batch: int, max_patches: int, seed: int = 0) -> torch.Tensor:
+    """A reachable budget per image, at most max_patches, int64 on the CPU."""
+    n_budgets = (max_patches - geometry.n_roots) // 3 + 1
+    k = torch.randint(0, n_budgets, (batch,), generator=torch.Generator().manual_seed(seed))
+    return geometry.n_roots + 3 * k
+
+
+def level_quantiles(pyramid, quantile: float, dtype=torch.float32) -> torch.Tensor:
+    """A threshold per level, on the CPU: the level's quantile of the scores, so that some images stop early."""
+    if not pyramid:
+        return torch.zeros(0, dtype=dtype)
+    return torch.stack([m.flatten().double().quantile(quantile) for m in pyramid]).to(dtype)
+
+
+def adaptive_oracle(pyramid, rows, geometry: QuadtreeGeometry, max_patches, image_budget, thresholds):
+    """The oracle's (boxes, lengths) for the images ``rows``, from CPU copies of the op's arguments."""
+    return oracles.quadtree_adaptive(
+        [m[rows] for m in pyramid], geometry.height, geometry.width, geometry.min_patch_size, geometry.max_patch_size,
+        max_patches, budgets=None if image_budget is None else image_budget.cpu()[rows],
+        thresholds=None if thresholds is None else thresholds.cpu(), batch=len(rows))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("batch", [1, 7, 64, 512])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_build_quadtree_adaptive_matches_the_oracle_cpu_and_reference(geometry, batch, ties):
+    height, width, lo, hi = geometry
+    geo = QuadtreeGeometry(height, width, lo, hi)
+    pyramid, scores = random_scores(geo, batch, seed=batch, ties=ties)
+    rows = oracle_rows(batch)
+    valid = geo.valid_n_patches()
+    max_patches = valid[len(valid) // 2]  # the root grid alone for a single patch size
+    image_budget = image_budgets(geo, batch, max_patches, seed=batch).to(DEVICE)
+    thresholds = level_quantiles(pyramid, 0.7).to(DEVICE)
+    for image_budget, thresholds in ((None, None), (image_budget, None), (None, thresholds),
+                                     (image_budget.int(), thresholds)):
+        args = (height, width, lo, hi, max_patches)
+        boxes, lengths = ops.build_quadtree_adaptive(scores, *args, image_budget, thresholds)
+        assert boxes.device == scores.device and boxes.dtype == torch.int32 and boxes.shape == (batch, max_patches, 3)
+        assert lengths.device == scores.device and lengths.dtype == torch.int32 and lengths.shape == (batch,)
+        expected_boxes, expected_lengths = adaptive_oracle(pyramid, rows, geo, max_patches, image_budget, thresholds)
+        assert torch.equal(lengths.cpu()[rows], expected_lengths)
+        assert torch.equal(boxes.cpu()[rows], expected_boxes)
+        on_cpu = ops.build_quadtree_adaptive(scores.cpu(), *args, None if image_budget is None else image_budget.cpu(),
+                                             None if thresholds is None else thresholds.cpu())
+        assert torch.equal(boxes.cpu(), on_cpu[0]) and torch.equal(lengths.cpu(), on_cpu[1])
+        by_reference = reference.build_quadtree_adaptive(scores, *args, image_budget, thresholds)
+        assert torch.equal(boxes, by_reference[0]) and torch.equal(lengths, by_reference[1])
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_build_quadtree_adaptive_prefix_property_and_padding(ties):
+    """Image b's leaves are build_quadtree's for n_patches = lengths[b], then (0, 0, 0) boxes."""
+    height, width, lo, hi = 256, 448, 16, 64
+    geo = QuadtreeGeometry(height, width, lo, hi)
+    pyramid, scores = random_scores(geo, 64, seed=3, ties=ties)
+    image_budget = image_budgets(geo, 64, geo.max_patches, seed=3).to(DEVICE)
+    for thresholds in (None, level_quantiles(pyramid, 0.8).to(DEVICE), level_quantiles(pyramid, 0.2).to(DEVICE)):
+        boxes, lengths = ops.build_quadtree_adaptive(scores, height, width, lo, hi, geo.max_patches, image_budget,
+                                                     thresholds)
+        assert (lengths <= image_budget).all() and (lengths >= geo.n_roots).all()
+        for n in lengths.unique().tolist():
+            rows = (lengths == n).nonzero()[:, 0]
+            assert torch.equal(boxes[rows, :n], ops.build_quadtree(scores[rows], height, width, lo, hi, n))
+            assert not boxes[rows, n:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_build_quadtree_adaptive_extreme_thresholds(dtype):
+    """Below every score and without budgets: build_quadtree(max_patches) exactly; at the highest score: the roots."""
+    height, width, lo, hi = 256, 448, 16, 64
+    geo = QuadtreeGeometry(height, width, lo, hi)
+    scores = packed_scores(geo, 64, seed=4, ties=True, dtype=dtype)
+    args = (height, width, lo, hi, budgets(geo)[1])
+    below = torch.nextafter(scores.min(), torch.tensor(-float("inf"), dtype=dtype, device=DEVICE)).expand(2)
+    boxes, lengths = ops.build_quadtree_adaptive(scores, *args, None, below.contiguous())
+    assert (lengths == args[-1]).all() and torch.equal(boxes, ops.build_quadtree(scores, *args))
+    boxes, lengths = ops.build_quadtree_adaptive(scores, *args, None, scores.max().expand(2).contiguous())
+    roots = ops.build_quadtree(scores, height, width, lo, hi, geo.n_roots)
+    assert (lengths == geo.n_roots).all() and torch.equal(boxes[:, :geo.n_roots], roots)
+    assert not boxes[:, geo.n_roots:].any()
+
+
+# The three memory paths of the kernel (test_build_quadtree_large_trees), each stopped by budgets and thresholds.
+@pytest.mark.parametrize("lo, max_patches", [(16, 4096), (4, 256 + 3 * 5000), (4, 65536)],
+                         ids=["opt-in", "unstaged", "workspace"])
+def test_build_quadtree_adaptive_large_trees(lo, max_patches):
+    height = width = 1024
+    geo = QuadtreeGeometry(height, width, lo, 64)
+    pyramid, scores = random_scores(geo, 2, seed=1, ties=True)
+    args = (height, width, lo, 64, max_patches)
+    # Image 0 may use every leaf, image 1 about half; scores are 0, 1 or 2, so a threshold of 1 stops somewhere.
+    image_budget = torch.tensor([max_patches, geo.n_roots + 3 * ((max_patches - geo.n_roots) // 6)], device=DEVICE)
+    thresholds = torch.ones(len(pyramid), device=DEVICE)
+    for image_budget, thresholds in ((image_budget, None), (None, thresholds)):
+        boxes, lengths = ops.build_quadtree_adaptive(scores, *args, image_budget, thresholds)
+        expected = adaptive_oracle(pyramid, torch.arange(2), geo, max_patches, image_budget, thresholds)
+        assert torch.equal(lengths.cpu(), expected[1]) and torch.equal(boxes.cpu(), expected[0])
+        on_cpu = ops.build_quadtree_adaptive(scores.cpu(), *args, None if image_budget is None else image_budget.cpu(),
+                                             None if thresholds is None else thresholds.cpu())
+        assert torch.equal(boxes.cpu(), on_cpu[0]) and torch.equal(lengths.cpu(), on_cpu[1])
+
+
+def test_build_quadtree_adaptive_float64_thresholds():
+    height, width, lo, hi = 128, 128, 32, 64
+    # Root (0, 64) scores just above the threshold, beyond what float32 resolves: it alone is split.
+    scores = torch.tensor([[1.0, 1.0 + 1e-12, 0.0, 0.0]], dtype=torch.float64, device=DEVICE)
+    thresholds = torch.tensor([1.0], dtype=torch.float64, device=DEVICE)
+    boxes, lengths = ops.build_quadtree_adaptive(scores, height, width, lo, hi, 13, None, thresholds)
+    assert lengths.tolist() == [7] and boxes[0, :7, 2].tolist().count(32) == 4 and not boxes[0, 7:].any()
+
+
+def test_build_quadtree_adaptive_wrapper_takes_cpu_budgets_and_numbers():
+    """Budgets and thresholds on the CPU are checked on the host and copied; numbers become device tensors."""
+    height, width, lo, hi = 128, 192, 16, 64
+    geo = QuadtreeGeometry(height, width, lo, hi)
+    scores = packed_scores(geo, 7, seed=6)
+    args = (height, width, lo, hi, 60)
+    image_budget = image_budgets(geo, 7, 60, seed=6)
+    thresholds = torch.tensor([0.5, 0.25])
+    expected = ops.build_quadtree_adaptive(scores, *args, image_budget.to(DEVICE), thresholds.to(DEVICE))
+    for budget_form, threshold_form in ((image_budget, thresholds), (image_budget.tolist(), [0.5, 0.25]),
+                                        (image_budget.int(), thresholds.tolist())):
+        got = mixres.ops.build_quadtree_adaptive(scores, *args, budget_form, threshold_form)
+        assert got[0].device == scores.device and got[1].device == scores.device
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    same = ops.build_quadtree_adaptive(scores, *args, None, torch.full((2,), 0.5, device=DEVICE))
+    for threshold in (0.5, torch.tensor(0.5), torch.tensor(0.5, device=DEVICE)):
+        got = mixres.ops.build_quadtree_adaptive(scores, *args, None, threshold)
+        assert torch.equal(got[0], same[0]) and torch.equal(got[1], same[1])
+    bad = image_budget.clone()
+    bad[3] = 61
+    with pytest.raises(ValueError, match=r"budgets\[3\] = 61 is unreachable: each budget must be 6 \+ 3k"):
+        mixres.ops.build_quadtree_adaptive(scores, *args, bad, None)
+    with pytest.raises(ValueError, match=r"thresholds must be finite, got nan for patch size 32"):
+        mixres.ops.build_quadtree_adaptive(scores, *args, None, torch.tensor([0.0, float("nan")]))
+
+
+def test_build_quadtree_adaptive_rejects_bad_inputs_on_the_host():
+    geo = QuadtreeGeometry(128, 192, 16, 64)
+    scores = packed_scores(geo, 2)
+    args = (128, 192, 16, 64, 30)
+    on_device = torch.tensor([6, 9], device=DEVICE)
+    with pytest.raises(ValueError, match="budgets is on cpu but scores are on cuda"):
+        ops.build_quadtree_adaptive(scores, *args, on_device.cpu(), None)
+    with pytest.raises(ValueError, match="thresholds is on cpu but scores are on cuda"):
+        ops.build_quadtree_adaptive(scores, *args, None, torch.zeros(2))
+    with pytest.raises(ValueError, match="budgets is on cuda:0 but scores are on cpu"):
+        ops.build_quadtree_adaptive(scores.cpu(), *args, on_device, None)
+    with pytest.raises(ValueError, match=r"budgets must be \[B\] = \[2\]"):
+        ops.build_quadtree_adaptive(scores, *args, on_device[:1], None)
+    with pytest.raises(TypeError, match="budgets must be int32 or int64"):
+        ops.build_quadtree_adaptive(scores, *args, on_device.float(), None)
+    with pytest.raises(ValueError, match=r"thresholds must be \[2\]"):
+        ops.build_quadtree_adaptive(scores, *args, None, torch.zeros(3, device=DEVICE))
+    with pytest.raises(TypeError, match="thresholds must have the scores' dtype"):
+        ops.build_quadtree_adaptive(scores, *args, None, torch.zeros(2, device=DEVICE, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_patches"):
+        ops.build_quadtree_adaptive(scores, 128, 192, 16, 64, 31, None, None)
+
+
+@pytest.mark.parametrize("bad", ["budgets", "thresholds"])
+def test_build_quadtree_adaptive_checks_values_on_the_device(bad):
+    """Checking a CUDA tensor's values on the host would need a synchronisation: an unreachable budget or a NaN
+    threshold trips a device-side assert, which ends the process's CUDA context: in a subprocess. Where asserts are
+    compiled out, the image of the bad budget gets no leaf (lengths 0), and a NaN threshold never stops."""
+    run_script(f"""
+import torch, mixres
+scores = torch.rand(2, 30, device="cuda")
+budgets = torch.tensor([6, 7], device="cuda") if "{bad}" == "budgets" else None
+# Scores are in [0, 1): level 0's threshold never stops, level 1's NaN one stops nothing either (or asserts).
+thresholds = torch.tensor([-1.0, float("nan")], device="cuda") if "{bad}" == "thresholds" else None
+try:
+    boxes, lengths = torch.ops.mixres.build_quadtree_adaptive(scores, 128, 192, 16, 64, 30, budgets, thresholds)
+    torch.cuda.synchronize()
+except RuntimeError as error:
+    assert "device-side assert" in str(error) or "CUDA error" in str(error), error
+else:
+    if "{bad}" == "budgets":
+        assert lengths.tolist() == [6, 0] and not boxes[1].any(), (lengths, boxes)
+    else:
+        assert lengths.tolist() == [30, 30], lengths
+""")
+
+
+def test_build_quadtree_adaptive_does_not_synchronize():
+    height, width, lo, hi = 128, 192, 16, 64
+    geo = QuadtreeGeometry(height, width, lo, hi)
+    scores = packed_scores(geo, 8)
+    args = (height, width, lo, hi, 60)
+    image_budget = image_budgets(geo, 8, 60).to(DEVICE, torch.int32)
+    thresholds = torch.tensor([0.5, 0.0], device=DEVICE)
+    calls = [lambda: ops.build_quadtree_adaptive(scores, *args, image_budget, thresholds),
+             lambda: mixres.ops.build_quadtree_adaptive(scores, *args, image_budget, thresholds),
+             lambda: mixres.ops.build_quadtree_adaptive(scores, *args, None, 0.25),
+             lambda: mixres.ops.build_quadtree_adaptive(scores, *args, image_budget, thresholds[0])]
+    expected = [call() for call in calls]  # warm-up: lazy initialisation may synchronize once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [call() for call in calls]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, want in zip(results, expected, strict=True):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_build_quadtree_adaptive_cuda_graph_replay_and_compile():
+    height, width, lo, hi, batch = 128, 192, 16, 64, 8
+    geo = QuadtreeGeometry(height, width, lo, hi)
+    scores = packed_scores(geo, batch)
+    image_budget = image_budgets(geo, batch, 60).to(DEVICE, torch.int32)  # converted to int64 inside the graph
+    thresholds = torch.tensor([0.5, 0.0], device=DEVICE)
+
+    def run():
+        return ops.build_quadtree_adaptive(scores, height, width, lo, hi, 60, image_budget, thresholds)
+
+    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graph's documentation asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run()
+    for seed in range(1, 4):
+        scores.copy_(packed_scores(geo, batch, seed=seed, ties=seed == 2))
+        image_budget.copy_(image_budgets(geo, batch, 60, seed=seed).to(DEVICE, torch.int32))
+        thresholds.copy_(torch.tensor([0.25 * seed, -0.5 + 0.5 * seed]))
+        graph.replay()
+        for replayed, eager in zip(static, run(), strict=True):
+            assert torch.equal(replayed, eager)
+
+    def wrapped(scores, image_budget, thresholds):
+        return mixres.ops.build_quadtree_adaptive(scores, height, width, lo, hi, 60, image_budget, thresholds)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(wrapped, fullgraph=True)
+    for got, expected in zip(compiled(scores, image_budget, thresholds), run(), strict=True):
+        assert torch.equal(got, expected)
+
+
 # ------------------------------------------------------------------------------------------------ extract_patches
 
 
@@ -405,6 +650,10 @@ def test_empty_inputs():
     geo = QuadtreeGeometry(64, 128, 16, 64)
     scores = torch.zeros(0, geo.n_scores, device=DEVICE)
     assert ops.build_quadtree(scores, 64, 128, 16, 64, geo.n_roots).shape == (0, geo.n_roots, 3)
+    boxes_and_lengths = ops.build_quadtree_adaptive(scores, 64, 128, 16, 64, geo.n_roots,
+                                                    torch.zeros(0, dtype=torch.int32, device=DEVICE),
+                                                    torch.zeros(2, device=DEVICE))
+    assert [t.shape for t in boxes_and_lengths] == [(0, geo.n_roots, 3), (0,)]
     images = random_images(2, 3, 64, 128)
     no_boxes = torch.zeros(2, 0, 3, dtype=torch.int32, device=DEVICE)
     assert ops.extract_patches(images, no_boxes, 16, "area").shape == (2, 0, 3, 16, 16)
@@ -515,6 +764,17 @@ def test_opcheck_build_quadtree():
     for dtype in (torch.float32, torch.float64):
         scores = packed_scores(geo, 3, ties=True, dtype=dtype)
         torch.library.opcheck(ops.build_quadtree.default, (scores, 128, 192, 16, 64, budgets(geo)[1]))
+
+
+def test_opcheck_build_quadtree_adaptive():
+    geo = QuadtreeGeometry(128, 192, 16, 64)
+    max_patches = budgets(geo)[1]
+    for dtype in (torch.float32, torch.float64):
+        scores = packed_scores(geo, 3, ties=True, dtype=dtype)
+        image_budget = image_budgets(geo, 3, max_patches).to(DEVICE, torch.int32)
+        thresholds = torch.tensor([1.0, 0.0], dtype=dtype, device=DEVICE)
+        for extra in ((image_budget, thresholds), (None, thresholds), (image_budget.long(), None), (None, None)):
+            torch.library.opcheck(ops.build_quadtree_adaptive.default, (scores, 128, 192, 16, 64, max_patches, *extra))
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -19,6 +19,16 @@ def test_build_quadtree():
     torch.library.opcheck(torch.ops.mixres.build_quadtree.default, (packed, 128, 192, 16, 64, 30))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_build_quadtree_adaptive(dtype):
+    packed, _, _ = sample()
+    packed = packed.to(dtype)
+    budgets = torch.tensor([30, 18], dtype=torch.int32)
+    thresholds = packed.quantile(0.6, dim=1).to(dtype)[:1].expand(2).contiguous()
+    for args in ((budgets, thresholds), (budgets.long(), None), (None, thresholds), (None, None)):
+        torch.library.opcheck(torch.ops.mixres.build_quadtree_adaptive.default, (packed, 128, 192, 16, 64, 30, *args))
+
+
 @pytest.mark.parametrize("mode", ["area", "bilinear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_extract_patches(mode, dtype):
@@ -40,5 +50,8 @@ def test_leaf_centers():
 def test_empty_inputs_need_no_special_case_in_the_ops():
     packed, boxes, images = sample()
     assert torch.ops.mixres.build_quadtree(packed[:0], 128, 192, 16, 64, 30).shape == (0, 30, 3)
+    boxes_and_lengths = torch.ops.mixres.build_quadtree_adaptive(packed[:0], 128, 192, 16, 64, 30,
+                                                                 torch.zeros(0, dtype=torch.int32), None)
+    assert [t.shape for t in boxes_and_lengths] == [(0, 30, 3), (0,)]
     assert torch.ops.mixres.extract_patches(images[:, :0], boxes, 16, "area").shape == (2, 30, 0, 16, 16)
     assert torch.ops.mixres.leaf_centers(boxes[:, :0], 16).shape == (2, 0, 2)

@@ -1,4 +1,5 @@
-// Greedy quadtree on CUDA: one thread block per image, the image's leaves in shared memory.
+// Greedy quadtree on CUDA, with a fixed budget or adaptive: one thread block per image, the image's leaves in
+// shared memory.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -10,6 +11,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
+#include <tuple>
 
 #include "../box.h"
 #include "../op_checks.h"
@@ -58,15 +61,21 @@ __device__ __forceinline__ bool is_finite_score(double v) { return isfinite(v); 
 // Shared (or workspace) memory of one image: leaves[sort_size] | leaf_scores[n_patches] | staged pyramid[n_scores].
 // Slot s holds a leaf and, when it can still be split, its score. sort_size is n_patches rounded up to a power of
 // two, for the bitonic sort at the end.
+//
+// Image b stops before the split that would take it past budgets[b] leaves (n_patches when budgets is null), or
+// before splitting a leaf that scores at or below thresholds[its level] (never when thresholds is null). Its leaves
+// go to boxes in canonical order, then (0, 0, 0) boxes up to n_patches; their count to lengths[b] (unless null).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout layout, int32_t n_patches,
-                      int32_t n_splits, int32_t sort_size, bool stage_pyramid, unsigned char* __restrict__ workspace,
-                      int64_t workspace_stride, Box* __restrict__ boxes) {
+                      const int64_t* __restrict__ budgets, const scalar_t* __restrict__ thresholds,
+                      int32_t sort_size, bool stage_pyramid, unsigned char* __restrict__ workspace,
+                      int64_t workspace_stride, Box* __restrict__ boxes, int32_t* __restrict__ lengths) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   __shared__ scalar_t warp_score[kWarps];
   __shared__ int64_t warp_leaf[kWarps];
   __shared__ int32_t warp_slot[kWarps];
+  __shared__ scalar_t level_threshold[kMaxLevels];
 
   const int64_t image = blockIdx.x;
   unsigned char* memory = workspace != nullptr ? workspace + image * workspace_stride : shared_bytes;
@@ -92,8 +101,21 @@ build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout l
     if (stage_pyramid) staged[i] = v;
   }
   const scalar_t* pyramid = stage_pyramid ? staged : image_scores;
+  // The thresholds, finite as the CPU op requires, staged for the split loop (n_splittable < kMaxLevels <= 32
+  // threads); the barrier after the roots publishes them.
+  if (thresholds != nullptr && tid < layout.n_splittable()) {
+    const scalar_t threshold = thresholds[tid];
+    CUDA_KERNEL_ASSERT(is_finite_score(threshold) && "mixres.build_quadtree_adaptive: thresholds must be finite");
+    level_threshold[tid] = threshold;
+  }
 
   const int32_t n_roots = static_cast<int32_t>(layout.n_roots());
+  // The CPU op rejects an unreachable budget; here a device assert, like non-finite scores. Where asserts are
+  // compiled out, the image gets no leaf at all (lengths 0, every box padding), which no valid budget gives.
+  const int64_t budget = budgets != nullptr ? budgets[image] : n_patches;
+  const bool budget_ok = budget <= n_patches && reachable(layout, budget);
+  CUDA_KERNEL_ASSERT(budget_ok && "mixres.build_quadtree_adaptive: budgets must be n_roots + 3k <= max_patches");
+  const int32_t n_splits = budget_ok ? static_cast<int32_t>((budget - n_roots) / 3) : 0;
   const int64_t root_cols = layout.cols(0);
   for (int32_t i = tid; i < n_roots; i += n_threads) {
     const int64_t y = (i / root_cols) * layout.max_size;
@@ -133,6 +155,8 @@ build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout l
     }
     // check_budget guarantees a candidate at every step; only NaN scores (already asserted on) can leave none.
     if (best.slot < 0) break;  // uniform: every thread read the same winners
+    // The stopping rule, uniform too. The winners stay unread from here on, so no barrier is missing.
+    if (thresholds != nullptr && best.score <= level_threshold[best.leaf & kLevelMask]) break;
     if (tid < 4) {
       const int64_t key = best.leaf >> kLevelBits;
       const int32_t level = static_cast<int32_t>(best.leaf & kLevelMask) + 1;
@@ -150,8 +174,10 @@ build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout l
     __syncthreads();
   }
 
+  // Slots [0, count) hold the leaves; an early stop leaves the slots after them unwritten.
+  if (!budget_ok) count = 0;
   // Bitonic sort of the packed leaves, padded to a power of two.
-  for (int32_t i = n_patches + tid; i < sort_size; i += n_threads) leaves[i] = kPadLeaf;
+  for (int32_t i = count + tid; i < sort_size; i += n_threads) leaves[i] = kPadLeaf;
   __syncthreads();
   for (int32_t k = 2; k <= sort_size; k <<= 1) {
     for (int32_t j = k >> 1; j > 0; j >>= 1) {
@@ -171,11 +197,16 @@ build_quadtree_kernel(const scalar_t* __restrict__ scores, const PyramidLayout l
 
   Box* out = boxes + image * n_patches;
   for (int32_t i = tid; i < n_patches; i += n_threads) {
-    const int64_t leaf = leaves[i];
-    const int64_t key = leaf >> kLevelBits;
-    out[i] = Box{static_cast<int32_t>(key / width), static_cast<int32_t>(key % width),
-                 static_cast<int32_t>(layout.size(static_cast<int>(leaf & kLevelMask)))};
+    if (i < count) {
+      const int64_t leaf = leaves[i];
+      const int64_t key = leaf >> kLevelBits;
+      out[i] = Box{static_cast<int32_t>(key / width), static_cast<int32_t>(key % width),
+                   static_cast<int32_t>(layout.size(static_cast<int>(leaf & kLevelMask)))};
+    } else {
+      out[i] = Box{0, 0, 0};  // padding: no leaf has size 0
+    }
   }
+  if (lengths != nullptr && tid == 0) lengths[image] = count;
 }
 
 int64_t round_up_pow2(int64_t v) {
@@ -184,23 +215,21 @@ int64_t round_up_pow2(int64_t v) {
   return p;
 }
 
-at::Tensor build_quadtree_cuda(const at::Tensor& scores, int64_t height, int64_t width, int64_t min_patch_size,
-                               int64_t max_patch_size, int64_t n_patches) {
-  const PyramidLayout layout =
-      check_quadtree_args(scores, height, width, min_patch_size, max_patch_size, n_patches);
-  TORCH_CHECK_VALUE(scores.is_cuda(), "mixres.build_quadtree: scores must be a CUDA tensor, got ", scores.device());
-  // The packed leaf holds y * width + x above the level bits; slots and sort indices are int32.
-  TORCH_CHECK_VALUE(height * width < (int64_t{1} << (62 - kLevelBits)) && n_patches <= (int64_t{1} << 29),
-                    "mixres.build_quadtree: a ", height, "x", width, " image with ", n_patches,
-                    " patches is too large for the CUDA kernel");
-  const int64_t batch = scores.size(0);
-  TORCH_CHECK_VALUE(batch <= std::numeric_limits<int32_t>::max(), "mixres.build_quadtree: batch too large: ",
-                    batch);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  auto boxes = at::empty({batch, n_patches, 3}, scores.options().dtype(at::kInt));
-  if (batch == 0) return boxes;
+// The limits of the kernel's packed leaves (y * width + x above the level bits) and int32 slots and sort indices.
+void check_cuda_limits(const at::Tensor& scores, int64_t height, int64_t width, int64_t n_patches, const char* op) {
+  TORCH_CHECK_VALUE(scores.is_cuda(), op, ": scores must be a CUDA tensor, got ", scores.device());
+  TORCH_CHECK_VALUE(height * width < (int64_t{1} << (62 - kLevelBits)) && n_patches <= (int64_t{1} << 29), op,
+                    ": a ", height, "x", width, " image with ", n_patches, " patches is too large for the CUDA kernel");
+  TORCH_CHECK_VALUE(scores.size(0) <= std::numeric_limits<int32_t>::max(), op, ": batch too large: ",
+                    scores.size(0));
+}
 
-  const int64_t n_splits = (n_patches - layout.n_roots()) / 3;
+// Runs the kernel over every image of a non-empty batch on the current device. budgets (int64, contiguous),
+// thresholds (contiguous) and lengths may be undefined: see build_quadtree_kernel.
+void launch_build_quadtree(const at::Tensor& scores, const PyramidLayout& layout, int64_t n_patches,
+                           const at::Tensor& budgets, const at::Tensor& thresholds, const at::Tensor& boxes,
+                           const at::Tensor& lengths) {
+  const int64_t batch = scores.size(0);
   const int64_t sort_size = round_up_pow2(n_patches);
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, sort_size / 2)));
 
@@ -209,7 +238,8 @@ at::Tensor build_quadtree_cuda(const at::Tensor& scores, int64_t height, int64_t
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "mixres_build_quadtree_cuda", [&] {
-    const int64_t static_bytes = kWarps * static_cast<int64_t>(sizeof(scalar_t) + sizeof(int64_t) + sizeof(int32_t));
+    const int64_t static_bytes = kWarps * static_cast<int64_t>(sizeof(scalar_t) + sizeof(int64_t) + sizeof(int32_t)) +
+                                 kMaxLevels * static_cast<int64_t>(sizeof(scalar_t));
     const int64_t dynamic_limit = shared_limit - static_bytes;
     const int64_t leaf_bytes = sort_size * static_cast<int64_t>(sizeof(int64_t)) +
                                n_patches * static_cast<int64_t>(sizeof(scalar_t));
@@ -233,16 +263,52 @@ at::Tensor build_quadtree_cuda(const at::Tensor& scores, int64_t height, int64_t
     allow_dynamic_shared_bytes(kernel, shared_bytes);
     kernel<<<static_cast<unsigned int>(batch), threads, static_cast<size_t>(shared_bytes), stream>>>(
         packed.const_data_ptr<scalar_t>(), layout, static_cast<int32_t>(n_patches),
-        static_cast<int32_t>(n_splits), static_cast<int32_t>(sort_size), stage_pyramid,
-        workspace.defined() ? static_cast<unsigned char*>(workspace.mutable_data_ptr()) : nullptr,
-        workspace_stride, mutable_box_data(boxes));
+        budgets.defined() ? budgets.const_data_ptr<int64_t>() : nullptr,
+        thresholds.defined() ? thresholds.const_data_ptr<scalar_t>() : nullptr, static_cast<int32_t>(sort_size),
+        stage_pyramid, workspace.defined() ? static_cast<unsigned char*>(workspace.mutable_data_ptr()) : nullptr,
+        workspace_stride, mutable_box_data(boxes),
+        lengths.defined() ? lengths.mutable_data_ptr<int32_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor build_quadtree_cuda(const at::Tensor& scores, int64_t height, int64_t width, int64_t min_patch_size,
+                               int64_t max_patch_size, int64_t n_patches) {
+  const PyramidLayout layout =
+      check_quadtree_args(scores, height, width, min_patch_size, max_patch_size, n_patches);
+  check_cuda_limits(scores, height, width, n_patches, "mixres.build_quadtree");
+  const c10::cuda::CUDAGuard guard(scores.device());
+  auto boxes = at::empty({scores.size(0), n_patches, 3}, scores.options().dtype(at::kInt));
+  if (scores.size(0) == 0) return boxes;
+  launch_build_quadtree(scores, layout, n_patches, at::Tensor(), at::Tensor(), boxes, at::Tensor());
   return boxes;
+}
+
+std::tuple<at::Tensor, at::Tensor> build_quadtree_adaptive_cuda(const at::Tensor& scores, int64_t height,
+                                                                int64_t width, int64_t min_patch_size,
+                                                                int64_t max_patch_size, int64_t max_patches,
+                                                                const std::optional<at::Tensor>& budgets,
+                                                                const std::optional<at::Tensor>& thresholds) {
+  const PyramidLayout layout = check_adaptive_args(scores, height, width, min_patch_size, max_patch_size,
+                                                   max_patches, budgets, thresholds);
+  check_cuda_limits(scores, height, width, max_patches, "mixres.build_quadtree_adaptive");
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const int64_t batch = scores.size(0);
+  auto boxes = at::empty({batch, max_patches, 3}, scores.options().dtype(at::kInt));
+  auto lengths = at::empty({batch}, scores.options().dtype(at::kInt));
+  if (batch == 0) return {boxes, lengths};
+  // Converted on the device (no host synchronisation); the kernel asserts on their values.
+  const at::Tensor budget_values = budgets.has_value() ? budgets->to(at::kLong).contiguous() : at::Tensor();
+  const at::Tensor threshold_values = thresholds.has_value() ? thresholds->contiguous() : at::Tensor();
+  launch_build_quadtree(scores, layout, max_patches, budget_values, threshold_values, boxes, lengths);
+  return {boxes, lengths};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mixres, CUDA, m) { m.impl("build_quadtree", &build_quadtree_cuda); }
+TORCH_LIBRARY_IMPL(mixres, CUDA, m) {
+  m.impl("build_quadtree", &build_quadtree_cuda);
+  m.impl("build_quadtree_adaptive", &build_quadtree_adaptive_cuda);
+}
 
 }  // namespace mixres
