@@ -264,11 +264,14 @@ void resize_leaf_backward(const scalar_t* grad_token, int64_t channels, int64_t 
 }
 
 // How many pieces each image's leaves are cut into, one task each: one when the images alone keep every thread
-// busy, otherwise enough that the tasks split evenly among the threads (a single image into one piece per thread).
-int64_t pieces_per_image(int64_t batch, int64_t n_leaves) {
+// busy, otherwise enough that the tasks split evenly among the threads (a single image into one piece per thread),
+// but no more than keep a piece worth a task (a thread's start costs microseconds).
+int64_t pieces_per_image(int64_t batch, int64_t n_leaves, int64_t image_numel) {
+  constexpr int64_t kMinPiecePixels = 16384;
   const int64_t threads = at::get_num_threads();
   if (batch >= 8 * threads) return 1;
-  return std::max<int64_t>(1, std::min(n_leaves, threads / std::gcd(batch, threads)));
+  const int64_t even = threads / std::gcd(batch, threads);
+  return std::max<int64_t>(1, std::min({even, n_leaves, image_numel / kMinPiecePixels}));
 }
 
 // The leaves of one image by their top row, so that a task reads the image from top to bottom: the quadtree's
@@ -339,10 +342,14 @@ class RowSweep {
   void reach(const Box& box) {
     const int64_t bottom = static_cast<int64_t>(box.y) + box.size;
     if (!enabled_ || bottom <= swept_end_) return;
+    const int64_t top = std::max<int64_t>(swept_end_, box.y);
     for (int64_t c = 0; c < channels_; ++c) {
-      for (int64_t y = std::max<int64_t>(swept_end_, box.y); y < bottom; ++y) {
-        warm_cache(image_ + c * plane_ + y * width_ + left_, columns_ * sizeof(scalar_t));
+      const scalar_t* rows = image_ + c * plane_ + top * width_ + left_;
+      if (columns_ == width_) {  // the rows are contiguous: one stream
+        warm_cache(rows, (bottom - top) * width_ * sizeof(scalar_t));
+        continue;
       }
+      for (int64_t y = top; y < bottom; ++y, rows += width_) warm_cache(rows, columns_ * sizeof(scalar_t));
     }
     swept_end_ = bottom;
   }
@@ -373,7 +380,7 @@ at::Tensor extract_patches_cpu(const at::Tensor& images, const at::Tensor& boxes
     scalar_t* token_ptr = tokens.mutable_data_ptr<scalar_t>();
     const int64_t token_numel = channels * patch_size * patch_size;
     const int64_t plane = height * width, image_numel = channels * plane;
-    const int64_t pieces = pieces_per_image(batch, n_leaves);
+    const int64_t pieces = pieces_per_image(batch, n_leaves, image_numel);
     at::parallel_for(0, batch * pieces, 1, [&](int64_t begin, int64_t end) {
       PlanCache<acc_t> plans;
       std::vector<acc_t> row_sum;
