@@ -276,19 +276,19 @@ int64_t pieces_per_image(int64_t batch, int64_t n_leaves, int64_t image_numel) {
 
 // The leaves of one image by their top row, so that a task reads the image from top to bottom: the quadtree's
 // canonical order already is, other boxes are sorted (stably: the order changes no token).
-void order_by_top_row(const Box* boxes, int64_t n_leaves, std::vector<int32_t>& order) {
+void order_by_top_row(const Box* boxes, int64_t n_leaves, std::vector<int64_t>& order) {
   order.resize(n_leaves);
   std::iota(order.begin(), order.end(), 0);
   bool sorted = true;
   for (int64_t n = 1; n < n_leaves && sorted; ++n) sorted = boxes[n - 1].y <= boxes[n].y;
   if (!sorted) {
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return boxes[a].y < boxes[b].y; });
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return boxes[a].y < boxes[b].y; });
   }
 }
 
 // The range [first, last) of `order` that makes piece `piece` of `pieces`: pieces of about equal work, a leaf
 // costing about max(size, patch)^2 (the pixels it reads, or the token it writes when it is smaller).
-std::pair<int64_t, int64_t> piece_range(const Box* boxes, const std::vector<int32_t>& order, int32_t patch,
+std::pair<int64_t, int64_t> piece_range(const Box* boxes, const std::vector<int64_t>& order, int32_t patch,
                                         int64_t piece, int64_t pieces) {
   const int64_t n_leaves = static_cast<int64_t>(order.size());
   if (pieces == 1) return {0, n_leaves};
@@ -321,12 +321,12 @@ class RowSweep {
  public:
   // `begin` to `end`: the indices of the task's leaves in `boxes`, by top row.
   RowSweep(const scalar_t* image, int64_t channels, int64_t plane, int64_t width, const Box* boxes,
-           const int32_t* begin, const int32_t* end)
+           const int64_t* begin, const int64_t* end)
       : image_(image), channels_(channels), plane_(plane), width_(width) {
     if (begin == end) return;
     int64_t left = width, right = 0, top = boxes[*begin].y, bottom = 0;
     double covered = 0;
-    for (const int32_t* n = begin; n != end; ++n) {
+    for (const int64_t* n = begin; n != end; ++n) {
       const Box& box = boxes[*n];
       left = std::min<int64_t>(left, box.x);
       right = std::max<int64_t>(right, static_cast<int64_t>(box.x) + box.size);
@@ -384,7 +384,7 @@ at::Tensor extract_patches_cpu(const at::Tensor& images, const at::Tensor& boxes
     at::parallel_for(0, batch * pieces, 1, [&](int64_t begin, int64_t end) {
       PlanCache<acc_t> plans;
       std::vector<acc_t> row_sum;
-      std::vector<int32_t> order;
+      std::vector<int64_t> order;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / pieces;
         const Box* image_boxes = box_ptr + b * n_leaves;
