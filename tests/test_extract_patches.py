@@ -48,6 +48,31 @@ def test_any_channel_count_and_strided_images(channels):
     torch.testing.assert_close(tokens, interpolate_each_leaf(images, boxes, 16, "area"))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tokens_do_not_depend_on_the_thread_count(batch, mode):
+    """With fewer images than threads, the CPU kernel cuts each image's leaves, taken by top row, into pieces of about
+    equal work, one task each. A mosaic's leaves, and boxes out of order, overlapping and scattered, must give every
+    token, bit for bit, on any number of threads."""
+    images, mosaic_boxes = random_boxes_and_images(batch=batch, n_patches=60, seed=7)
+    scattered = random_boxes(batch, 40, images.shape[2], images.shape[3], sizes=[3, 8, 16, 24, 64, 100], seed=7)
+    threads = torch.get_num_threads()
+    try:
+        for boxes in (mosaic_boxes, scattered):
+            expected = interpolate_each_leaf(images, boxes, 16, mode)
+            first = None
+            for count in (4, 3, 2, 1):
+                torch.set_num_threads(count)
+                torch.full(expected.shape, float("nan")).sum()  # a skipped leaf shows as NaN in a reused block
+                tokens = torch.ops.mixres.extract_patches(images, boxes, 16, mode)
+                if first is None:
+                    torch.testing.assert_close(tokens, expected)
+                    first = tokens
+                assert torch.equal(tokens, first), f"{count} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
 @oracles.one_thread()
 def oracle_gradient(images, boxes, patch_size, mode, grad_tokens):
     """The images' gradient of sum(tokens * grad_tokens) by autograd through the per-leaf oracle, in the images'
