@@ -1,11 +1,17 @@
 // Pixel-blur scores on the CPU: for every s x s patch p of every splittable level,
 // MSE(p, bilinear_up(area_down(p, m x m))) * s with m = min_patch_size, written into the packed pyramid [B, P].
 //
-// One task is one image row of root patches (a band max_patch_size pixels high): a sequential sweep first brings the
-// band into cache at streaming bandwidth (patches read short rows far apart, which DRAM serves slowly), then every
-// level of every root in it is scored from cache. Per patch and channel the work is three passes over small
-// per-thread buffers: area down-sample (row sums, then box sums), bilinear up-sample along x of the m down-sampled
-// rows, then the blend along y fused with the squared error against the patch. No temporary grows with the image.
+// One task is a strip of root patches side by side (a band max_patch_size pixels high, a few roots wide) of one
+// image. Per channel, every level of every root in it is scored in two sweeps down the strip's pixel rows, each
+// row read once per sweep for all levels, so that the strip's pixels come from DRAM once (the first sweep, in
+// address order) and from cache the second time:
+//   1. area down-sample: per level, the rows of an f-row band are summed column by column (f = s / m), then each
+//      f-wide box of the sums gives a cell of the m x m down-sampled patches;
+//   2. blur and compare: per level, each pixel row blends two up-sampled cell rows (bilinear along x, computed
+//      when the y taps first reach them and kept two at a time), and the squared errors add up column by column;
+//      at a patch's last row its columns are summed.
+// Every sum runs in the same order as a patch-by-patch computation would (rows of a column, then the columns of a
+// box or a patch, then the channels), whatever the strip: the scores do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -14,109 +20,181 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../op_checks.h"
 #include "../resample.h"
-#include "warm_cache.h"
 
 namespace mixres {
 namespace {
 
-// Per-thread buffers, sized for the largest patch: row_sum[s], small[m * m], rows[m * s], sse[s].
-template <typename acc_t>
-struct Scratch {
-  std::vector<acc_t> row_sum, small, rows, sse;
-  Scratch(int64_t min_size, int64_t max_size)
-      : row_sum(max_size), small(min_size * min_size), rows(min_size * max_size), sse(max_size) {}
-};
+// A strip is about this many pixels wide (at least one root): one channel of it, a few tens of kB at 64 px roots,
+// stays in the core's cache between the two sweeps.
+constexpr int64_t kStripPixels = 256;
 
 // Indices are int64_t throughout: Python's build flags include -fwrapv (or -fno-strict-overflow), under which int32
 // indices, which the compiler must then let wrap, cost a third of the speed. The inner loops take restrict-qualified
 // parameters: GCC trusts those, not restrict locals, and vectorises.
 template <typename scalar_t, typename acc_t>
-void add_row(const scalar_t* __restrict__ row, int64_t n, acc_t* __restrict__ sum) {
-  for (int64_t x = 0; x < n; ++x) sum[x] += static_cast<acc_t>(row[x]);
-}
-
-template <typename scalar_t, typename acc_t>
-void copy_row(const scalar_t* __restrict__ row, int64_t n, acc_t* __restrict__ out) {
+void convert_row(const scalar_t* __restrict__ row, int64_t n, acc_t* __restrict__ out) {
   for (int64_t x = 0; x < n; ++x) out[x] = static_cast<acc_t>(row[x]);
 }
 
-// sse[x] += (w_top * top[x] + w_bottom * bottom[x] - row[x])^2: one partial sum per column.
-template <typename scalar_t, typename acc_t>
-void add_squared_error(const acc_t* __restrict__ top, const acc_t* __restrict__ bottom, acc_t w_top, acc_t w_bottom,
-                       const scalar_t* __restrict__ row, int64_t n, acc_t* __restrict__ sse) {
-  for (int64_t x = 0; x < n; ++x) {
-    const acc_t d = w_top * top[x] + w_bottom * bottom[x] - static_cast<acc_t>(row[x]);
-    sse[x] += d * d;
+template <typename acc_t>
+void copy_row(const acc_t* __restrict__ row, int64_t n, acc_t* __restrict__ out) {
+  for (int64_t x = 0; x < n; ++x) out[x] = row[x];
+}
+
+template <typename acc_t>
+void add_row(const acc_t* __restrict__ row, int64_t n, acc_t* __restrict__ sum) {
+  for (int64_t x = 0; x < n; ++x) sum[x] += row[x];
+}
+
+// cells[j] = (sum of the f column sums of box j) / f^2: the area down-sample of one row of cells.
+template <int F, typename acc_t>
+void box_sums(const acc_t* __restrict__ column_sums, int64_t n_cells, int64_t f_runtime, acc_t inverse_area,
+              acc_t* __restrict__ cells) {
+  const int64_t f = F > 0 ? F : f_runtime;
+  for (int64_t j = 0; j < n_cells; ++j) {
+    acc_t sum = column_sums[j * f];
+    for (int64_t dx = 1; dx < f; ++dx) sum += column_sums[j * f + dx];
+    cells[j] = sum * inverse_area;
   }
 }
 
-// Sum over the pixels of one channel of one s x s patch of (blur(p) - p)^2. `taps[i]` is the bilinear tap of
-// output row (and column: patches are square) i from m to s, in F.interpolate's arithmetic. F is the scale factor
-// s / m when it is a compile-time constant (the short loops over it then unroll), 0 otherwise.
-template <int F, typename scalar_t, typename acc_t>
-acc_t blur_error(const scalar_t* patch, int64_t width, int64_t s, int64_t m, const BilinearTap<acc_t>* taps,
-                 Scratch<acc_t>& scratch) {
-  const int64_t f = F > 0 ? F : s / m;  // a power of two, at least 2
-  const acc_t inverse_area = acc_t(1) / acc_t(f * f);  // a power of two: as exact as dividing
-  acc_t* row_sum = scratch.row_sum.data();
-  acc_t* small = scratch.small.data();
-  acc_t* rows = scratch.rows.data();
-  acc_t* sse = scratch.sse.data();
-
-  // Area down-sample to m x m: the f rows of a band summed column by column, then each f-wide box of the sums.
-  for (int64_t i = 0; i < m; ++i) {
-    const scalar_t* row = patch + i * f * width;
-    copy_row(row, s, row_sum);
-    for (int64_t dy = 1; dy < f; ++dy) add_row(row + dy * width, s, row_sum);
-    for (int64_t j = 0; j < m; ++j) {
-      acc_t sum = row_sum[j * f];
-      for (int64_t dx = 1; dx < f; ++dx) sum += row_sum[j * f + dx];
-      small[i * m + j] = sum * inverse_area;
-    }
-  }
-  // Bilinear up-sample along x of each down-sampled row: rows[i * s + x]. Output x = j * f + r blends input
-  // columns j - 1 and j (r < f / 2) or j and j + 1 (r >= f / 2) with weights that depend on r only, except in the
-  // first and last blocks where the source index is clamped: those take the general taps, the others the weights
-  // of block 1 (bit-identical: the source index (x + 0.5) / f - 0.5 is exact in floating point).
+// Bilinear up-sample along x of one row of m cells to s pixels. Output x = j * f + r blends cells j - 1 and j
+// (r < f / 2) or j and j + 1 (r >= f / 2) with weights that depend on r only, except in the first and last blocks
+// where the source index is clamped: those take the general taps, the others the weights of block 1
+// (bit-identical: the source index (x + 0.5) / f - 0.5 is exact in floating point).
+template <int F, typename acc_t>
+void upsample_row(const acc_t* __restrict__ in, int64_t m, int64_t s, const BilinearTap<acc_t>* __restrict__ taps,
+                  acc_t* __restrict__ out) {
+  const int64_t f = F > 0 ? F : s / m;
   const int64_t half = f / 2;
-  const BilinearTap<acc_t>* phase = taps + f;  // block 1, whose taps read columns 0, 1 and 2 (used when m >= 3)
-  for (int64_t i = 0; i < m; ++i) {
-    const acc_t* in = small + i * m;
-    acc_t* out = rows + i * s;
-    for (int64_t x = 0; x < f; ++x) out[x] = taps[x].w_lo * in[taps[x].lo] + taps[x].w_hi * in[taps[x].hi];
-    for (int64_t j = 1; j < m - 1; ++j) {
-      const acc_t left = in[j - 1], centre = in[j], right = in[j + 1];
-      acc_t* block = out + j * f;
-      for (int64_t r = 0; r < half; ++r) block[r] = phase[r].w_lo * left + phase[r].w_hi * centre;
-      for (int64_t r = half; r < f; ++r) block[r] = phase[r].w_lo * centre + phase[r].w_hi * right;
-    }
-    for (int64_t x = m > 1 ? s - f : s; x < s; ++x) {
-      out[x] = taps[x].w_lo * in[taps[x].lo] + taps[x].w_hi * in[taps[x].hi];
-    }
+  const BilinearTap<acc_t>* phase = taps + f;  // block 1, whose taps read cells 0, 1 and 2 (used when m >= 3)
+  for (int64_t x = 0; x < f; ++x) out[x] = taps[x].w_lo * in[taps[x].lo] + taps[x].w_hi * in[taps[x].hi];
+  for (int64_t j = 1; j < m - 1; ++j) {
+    const acc_t left = in[j - 1], centre = in[j], right = in[j + 1];
+    acc_t* block = out + j * f;
+    for (int64_t r = 0; r < half; ++r) block[r] = phase[r].w_lo * left + phase[r].w_hi * centre;
+    for (int64_t r = half; r < f; ++r) block[r] = phase[r].w_lo * centre + phase[r].w_hi * right;
   }
-  // Blend along y and compare with the patch.
-  std::fill(sse, sse + s, acc_t(0));
-  for (int64_t y = 0; y < s; ++y) {
-    const BilinearTap<acc_t> ty = taps[y];
-    add_squared_error(rows + ty.lo * s, rows + ty.hi * s, ty.w_lo, ty.w_hi, patch + y * width, s, sse);
+  for (int64_t x = m > 1 ? s - f : s; x < s; ++x) {
+    out[x] = taps[x].w_lo * in[taps[x].lo] + taps[x].w_hi * in[taps[x].hi];
   }
-  acc_t total = 0;
-  for (int64_t x = 0; x < s; ++x) total += sse[x];
-  return total;
 }
 
+// sse[x] (+)= (w_top * top[x] + w_bottom * bottom[x] - row[x])^2: one partial sum per column. `first`: the
+// patch's first row, which starts the sums (as adding to zero would: d * d is never -0).
+template <typename acc_t>
+void add_squared_error(const acc_t* __restrict__ top, const acc_t* __restrict__ bottom, acc_t w_top, acc_t w_bottom,
+                       const acc_t* __restrict__ row, int64_t n, bool first, acc_t* __restrict__ sse) {
+  if (first) {
+    for (int64_t x = 0; x < n; ++x) {
+      const acc_t d = w_top * top[x] + w_bottom * bottom[x] - row[x];
+      sse[x] = d * d;
+    }
+  } else {
+    for (int64_t x = 0; x < n; ++x) {
+      const acc_t d = w_top * top[x] + w_bottom * bottom[x] - row[x];
+      sse[x] += d * d;
+    }
+  }
+}
+
+// One splittable level's state for a strip `width` pixels wide and `height` (= max_patch_size) high.
+template <typename acc_t>
+struct LevelScratch {
+  int64_t s = 0, f = 0;
+  const BilinearTap<acc_t>* taps = nullptr;  // s taps, the same along y and x (patches are square)
+  std::vector<acc_t> column_sums;  // [width]: the current f-row band's sums
+  std::vector<acc_t> cells;        // [height / f, width / f]: the down-sampled strip
+  std::vector<acc_t> upsampled;    // [2, width]: cell rows up-sampled along x, cell row i in slot i % 2
+  int64_t held[2] = {-1, -1};      // which cell row each slot holds
+  std::vector<acc_t> sse;          // [width]: per-column partial sums of the current patch row
+  std::vector<acc_t> totals;       // [height / s, width / s]: per-patch sums over the channels so far
+
+  LevelScratch(int64_t size, int64_t m, int64_t height, int64_t width, const BilinearTap<acc_t>* level_taps)
+      : s(size), f(size / m), taps(level_taps), column_sums(width), cells((height / f) * (width / f)),
+        upsampled(2 * width), sse(width), totals((height / size) * (width / size)) {}
+
+  void down_sample_row(const acc_t* row, int64_t y, int64_t width) {
+    const int64_t r = y % f;
+    if (r == 0) {
+      copy_row(row, width, column_sums.data());
+    } else {
+      add_row(row, width, column_sums.data());
+    }
+    if (r != f - 1) return;
+    const acc_t inverse_area = acc_t(1) / acc_t(f * f);  // a power of two: as exact as dividing
+    acc_t* out = cells.data() + (y / f) * (width / f);
+    switch (f) {
+      case 2: return box_sums<2>(column_sums.data(), width / f, f, inverse_area, out);
+      case 4: return box_sums<4>(column_sums.data(), width / f, f, inverse_area, out);
+      case 8: return box_sums<8>(column_sums.data(), width / f, f, inverse_area, out);
+      default: return box_sums<0>(column_sums.data(), width / f, f, inverse_area, out);
+    }
+  }
+
+  // Cell row i of the strip up-sampled along x, patch by patch.
+  const acc_t* upsampled_row(int64_t i, int64_t m, int64_t width) {
+    acc_t* out = upsampled.data() + (i % 2) * width;
+    if (held[i % 2] == i) return out;
+    held[i % 2] = i;
+    const acc_t* in = cells.data() + i * (width / f);
+    for (int64_t patch = 0; patch < width / s; ++patch) {
+      switch (f) {
+        case 2: upsample_row<2>(in + patch * m, m, s, taps, out + patch * s); break;
+        case 4: upsample_row<4>(in + patch * m, m, s, taps, out + patch * s); break;
+        case 8: upsample_row<8>(in + patch * m, m, s, taps, out + patch * s); break;
+        default: upsample_row<0>(in + patch * m, m, s, taps, out + patch * s); break;
+      }
+    }
+    return out;
+  }
+
+  void compare_row(const acc_t* row, int64_t y, int64_t m, int64_t width) {
+    const int64_t patch_row = y / s, r = y % s;
+    const BilinearTap<acc_t> tap = taps[r];
+    const acc_t* top = upsampled_row(patch_row * m + tap.lo, m, width);
+    const acc_t* bottom = upsampled_row(patch_row * m + tap.hi, m, width);
+    add_squared_error(top, bottom, tap.w_lo, tap.w_hi, row, width, r == 0, sse.data());
+    if (r != s - 1) return;
+    acc_t* patch_totals = totals.data() + patch_row * (width / s);
+    for (int64_t patch = 0; patch < width / s; ++patch) {
+      acc_t total = 0;
+      for (int64_t x = patch * s; x < (patch + 1) * s; ++x) total += sse[x];
+      patch_totals[patch] += total;
+    }
+  }
+};
+
 template <typename scalar_t, typename acc_t>
-acc_t blur_error_any(const scalar_t* patch, int64_t width, int64_t s, int64_t m, const BilinearTap<acc_t>* taps,
-                     Scratch<acc_t>& scratch) {
-  switch (s / m) {
-    case 2: return blur_error<2>(patch, width, s, m, taps, scratch);
-    case 4: return blur_error<4>(patch, width, s, m, taps, scratch);
-    case 8: return blur_error<8>(patch, width, s, m, taps, scratch);
-    default: return blur_error<0>(patch, width, s, m, taps, scratch);
+void score_strip(const scalar_t* strip, int64_t channels, int64_t plane, int64_t image_width, int64_t width,
+                 int64_t min_size, int64_t max_size, std::vector<LevelScratch<acc_t>>& levels,
+                 std::vector<acc_t>& converted) {
+  for (auto& level : levels) std::fill(level.totals.begin(), level.totals.end(), acc_t(0));
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    const scalar_t* pixels = strip + ch * plane;
+    // A row in acc_t: the pixels themselves when they are acc_t already.
+    auto row_at = [&](int64_t y) -> const acc_t* {
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        return pixels + y * image_width;
+      } else {
+        convert_row(pixels + y * image_width, width, converted.data());
+        return converted.data();
+      }
+    };
+    for (int64_t y = 0; y < max_size; ++y) {
+      const acc_t* row = row_at(y);
+      for (auto& level : levels) level.down_sample_row(row, y, width);
+    }
+    for (auto& level : levels) level.held[0] = level.held[1] = -1;
+    for (int64_t y = 0; y < max_size; ++y) {
+      const acc_t* row = row_at(y);
+      for (auto& level : levels) level.compare_row(row, y, min_size, width);
+    }
   }
 }
 
@@ -139,30 +217,34 @@ at::Tensor pixel_blur_scores_cpu(const at::Tensor& images, int64_t min_patch_siz
     const scalar_t* src_ptr = src.const_data_ptr<scalar_t>();
     acc_t* out_ptr = scores.mutable_data_ptr<acc_t>();
     const int64_t bands = layout.rows(0), roots_per_band = layout.cols(0);
+    const int64_t roots_per_strip = std::min(roots_per_band, std::max<int64_t>(1, kStripPixels / max_patch_size));
+    const int64_t strips_per_band = (roots_per_band + roots_per_strip - 1) / roots_per_strip;
     const int64_t plane = height * width;
-    at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
-      Scratch<acc_t> scratch(min_patch_size, max_patch_size);
+    at::parallel_for(0, batch * bands * strips_per_band, 1, [&](int64_t begin, int64_t end) {
+      std::vector<LevelScratch<acc_t>> levels;
+      const int64_t scratch_width = roots_per_strip * max_patch_size;
+      for (int l = 0; l < layout.n_splittable(); ++l) {
+        levels.emplace_back(layout.size(l), min_patch_size, max_patch_size, scratch_width, taps[l].data());
+      }
+      std::vector<acc_t> converted(std::is_same_v<scalar_t, acc_t> ? 0 : scratch_width);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / bands, band = task % bands;
-        const scalar_t* image = src_ptr + b * channels * plane;
+        const int64_t b = task / (bands * strips_per_band);
+        const int64_t band = (task / strips_per_band) % bands, strip = task % strips_per_band;
+        const int64_t first_root = strip * roots_per_strip;
+        const int64_t n_roots = std::min(roots_per_strip, roots_per_band - first_root);
+        const scalar_t* pixels = src_ptr + b * channels * plane + band * max_patch_size * width +
+                                 first_root * max_patch_size;
+        score_strip(pixels, channels, plane, width, n_roots * max_patch_size, min_patch_size, max_patch_size,
+                    levels, converted);
         acc_t* out = out_ptr + b * n_scores;
-        for (int64_t ch = 0; ch < channels; ++ch) {
-          warm_cache(image + ch * plane + band * max_patch_size * width, max_patch_size * width * sizeof(scalar_t));
-        }
-        for (int64_t root = 0; root < roots_per_band; ++root) {
-          for (int l = 0; l < layout.n_splittable(); ++l) {
-            const int64_t s = layout.size(l), per_side = max_patch_size / s;
-            const acc_t normaliser = static_cast<acc_t>(channels * s * s);
-            for (int64_t a = 0; a < per_side; ++a) {
-              for (int64_t c = 0; c < per_side; ++c) {
-                const int64_t row = band * per_side + a, col = root * per_side + c;  // the cell in level l
-                const scalar_t* patch = image + row * s * width + col * s;
-                acc_t total = 0;
-                for (int64_t ch = 0; ch < channels; ++ch) {
-                  total += blur_error_any(patch + ch * plane, width, s, min_patch_size, taps[l].data(), scratch);
-                }
-                out[layout.cell_index(l, row, col)] = total / normaliser * static_cast<acc_t>(s);
-              }
+        for (int l = 0; l < layout.n_splittable(); ++l) {
+          const int64_t s = layout.size(l), per_side = max_patch_size / s, strip_cols = n_roots * per_side;
+          const acc_t normaliser = static_cast<acc_t>(channels * s * s);
+          for (int64_t a = 0; a < per_side; ++a) {
+            for (int64_t c = 0; c < strip_cols; ++c) {
+              const acc_t total = levels[l].totals[a * strip_cols + c];
+              out[layout.cell_index(l, band * per_side + a, first_root * per_side + c)] =
+                  total / normaliser * static_cast<acc_t>(s);
             }
           }
         }
