@@ -10,6 +10,7 @@ from mixres.pyramid import QuadtreeGeometry
 from mixres.scorers import PixelBlur
 
 import oracles
+from helpers import run_script
 
 # (height, width, min_patch_size, max_patch_size): non-square, scale factors 2 to 32, min_patch_sizes that are not
 # powers of two or are tiny (1 to 3: the up-sampling's edge cases), and a single size (no score at all).
@@ -172,6 +173,50 @@ def test_op_rejects_bad_inputs():
         op(images, 16, -64)
     with pytest.raises(ValueError, match="max_patch_size must be at most 32768"):
         op(images, 16, 1 << 16)
+
+
+def blur_inputs():
+    """Images for the bit-for-bit checks: every dtype; wide images (the CPU kernel cuts bands into strips, more of
+    them for more threads), non-square, small and odd min_patch_sizes, a flat half (scores of 0)."""
+    generator = torch.Generator().manual_seed(7)
+    cases = []
+    for height, width, lo, hi in [(64, 1024, 16, 64), (128, 896, 16, 32), (96, 160, 8, 32), (48, 576, 3, 24),
+                                  (64, 96, 1, 32), (32, 256, 2, 16)]:
+        for dtype in DTYPES:
+            images = torch.rand(2, 3, height, width, generator=generator, dtype=torch.float64).to(dtype)
+            images[0, :, :, : width // 2] = 0.25
+            cases.append((images, lo, hi))
+    return cases
+
+
+def test_op_gives_the_same_bits_for_any_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = [torch.ops.mixres.pixel_blur_scores(*case) for case in blur_inputs()]
+        for n in (2, 3, 8):
+            torch.set_num_threads(n)
+            for case, scores in zip(blur_inputs(), expected, strict=True):
+                assert torch.equal(torch.ops.mixres.pixel_blur_scores(*case), scores), (n, case[0].shape, case[1:])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_op_gives_the_same_bits_without_avx2(tmp_path, monkeypatch):
+    """On x86-64 CPUs with AVX2 the CPU kernel runs a copy of its loops compiled for AVX2; ATEN_CPU_CAPABILITY=default
+    keeps it on the baseline copy. Both must give the same bits (on a CPU without AVX2, both runs take the
+    baseline)."""
+    cases = blur_inputs()
+    expected = [torch.ops.mixres.pixel_blur_scores(*case) for case in cases]  # before the variable is set
+    torch.save({"cases": cases, "expected": expected}, tmp_path / "blur.pt")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    run_script(f"""
+import torch, mixres
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT", torch.backends.cpu.get_cpu_capability()
+saved = torch.load({str(tmp_path / "blur.pt")!r})
+for case, expected in zip(saved["cases"], saved["expected"], strict=True):
+    assert torch.equal(torch.ops.mixres.pixel_blur_scores(*case), expected), (case[0].shape, case[0].dtype, case[1:])
+""")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

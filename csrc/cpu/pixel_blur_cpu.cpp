@@ -1,124 +1,378 @@
 // Pixel-blur scores on the CPU: for every s x s patch p of every splittable level,
 // MSE(p, bilinear_up(area_down(p, m x m))) * s with m = min_patch_size, written into the packed pyramid [B, P].
 //
-// One task is one image row of root patches (a band max_patch_size pixels high): a sequential sweep first brings the
-// band into cache at streaming bandwidth (patches read short rows far apart, which DRAM serves slowly), then every
-// level of every root in it is scored from cache. Per patch and channel the work is three passes over small
-// per-thread buffers: area down-sample (row sums, then box sums), bilinear up-sample along x of the m down-sampled
-// rows, then the blend along y fused with the squared error against the patch. No temporary grows with the image.
+// One task is a strip of one image: root patches side by side, max_patch_size pixels high and about kStripPixels
+// wide (narrower when the threads need more tasks). Per channel, every level of every root in the strip is scored
+// in two sweeps down the strip's pixel rows, each row read once per sweep for all levels, the second from cache.
+// While the second sweep runs, the next channel (or strip) is prefetched: the memory traffic overlaps arithmetic.
+//   1. Area down-sample: per level, the rows of an f-row band (f = s / m) are summed column by column, up to 8
+//      rows at a time, then each f-wide box of the sums gives a cell of the m x m down-sampled patches.
+//   2. Blur and compare: per level, each pixel row blends two up-sampled cell rows (bilinear along x, computed
+//      when the y taps first reach them and kept two at a time), and the squared errors add up column by column;
+//      at a patch's last row its columns are summed.
+// Every sum runs in the same order as a patch-by-patch computation would (rows of a column, then the columns of a
+// box or of a patch, then the channels), whatever the strip: the scores do not depend on the thread count.
+//
+// The arithmetic is a few operations per pixel and level, so the vector width sets the speed: on x86-64 CPUs with
+// AVX2 the loops run in a copy compiled for AVX2. That copy has no FMA (contraction would round differently) and
+// the vectorised loops never reassociate a sum, so both copies give the same bits.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../op_checks.h"
 #include "../resample.h"
-#include "warm_cache.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MIXRES_PIXEL_BLUR_AVX2 1
+#endif
+
+// Everything the strip's loops call is inlined into each of the two copies, so that each copy's loops are compiled
+// for its instruction set (a call would run the baseline code).
+#if defined(__GNUC__)
+#define MIXRES_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define MIXRES_ALWAYS_INLINE inline
+#endif
+
+// An opaque step in a loop over patches: GCC would vectorise the loop with strided gathers and scatters, slower
+// than its few scalar operations per patch.
+#if defined(__GNUC__)
+#define MIXRES_KEEP_SCALAR(pointer) asm("" : "+r"(pointer))
+#else
+#define MIXRES_KEEP_SCALAR(pointer)
+#endif
 
 namespace mixres {
 namespace {
 
-// Per-thread buffers, sized for the largest patch: row_sum[s], small[m * m], rows[m * s], sse[s].
-template <typename acc_t>
-struct Scratch {
-  std::vector<acc_t> row_sum, small, rows, sse;
-  Scratch(int64_t min_size, int64_t max_size)
-      : row_sum(max_size), small(min_size * min_size), rows(min_size * max_size), sse(max_size) {}
-};
+// A strip is at most this many pixels wide, or one root: what a sweep holds per row (a pixel row, and per level a
+// row of column sums, two up-sampled rows and a row of squared errors) then stays in the L1 cache.
+constexpr int64_t kStripPixels = 256;
+// Tasks per thread to aim at: enough that threads finishing early find work.
+constexpr int64_t kTasksPerThread = 4;
 
 // Indices are int64_t throughout: Python's build flags include -fwrapv (or -fno-strict-overflow), under which int32
 // indices, which the compiler must then let wrap, cost a third of the speed. The inner loops take restrict-qualified
 // parameters: GCC trusts those, not restrict locals, and vectorises.
 template <typename scalar_t, typename acc_t>
-void add_row(const scalar_t* __restrict__ row, int64_t n, acc_t* __restrict__ sum) {
-  for (int64_t x = 0; x < n; ++x) sum[x] += static_cast<acc_t>(row[x]);
-}
-
-template <typename scalar_t, typename acc_t>
-void copy_row(const scalar_t* __restrict__ row, int64_t n, acc_t* __restrict__ out) {
+MIXRES_ALWAYS_INLINE void convert_row(const scalar_t* __restrict__ row, int64_t n, acc_t* __restrict__ out) {
   for (int64_t x = 0; x < n; ++x) out[x] = static_cast<acc_t>(row[x]);
 }
 
-// sse[x] += (w_top * top[x] + w_bottom * bottom[x] - row[x])^2: one partial sum per column.
-template <typename scalar_t, typename acc_t>
-void add_squared_error(const acc_t* __restrict__ top, const acc_t* __restrict__ bottom, acc_t w_top, acc_t w_bottom,
-                       const scalar_t* __restrict__ row, int64_t n, acc_t* __restrict__ sse) {
-  for (int64_t x = 0; x < n; ++x) {
-    const acc_t d = w_top * top[x] + w_bottom * bottom[x] - static_cast<acc_t>(row[x]);
-    sse[x] += d * d;
+// sums[x] = rows[0][x] + ... + rows[K - 1][x] (first: the f-row band starts here) or sums[x] + rows[0][x] + ...,
+// added in that order; the rows are `stride` apart. K is 2, 4 or 8.
+template <int K, typename acc_t>
+MIXRES_ALWAYS_INLINE void sum_rows(const acc_t* __restrict__ rows, int64_t stride, int64_t n, bool first,
+                                   acc_t* __restrict__ sums) {
+  if (first) {
+    for (int64_t x = 0; x < n; ++x) {
+      acc_t sum = rows[x];
+      for (int k = 1; k < K; ++k) sum += rows[k * stride + x];
+      sums[x] = sum;
+    }
+  } else {
+    for (int64_t x = 0; x < n; ++x) {
+      acc_t sum = sums[x];
+      for (int k = 0; k < K; ++k) sum += rows[k * stride + x];
+      sums[x] = sum;
+    }
   }
 }
 
-// Sum over the pixels of one channel of one s x s patch of (blur(p) - p)^2. `taps[i]` is the bilinear tap of
-// output row (and column: patches are square) i from m to s, in F.interpolate's arithmetic. F is the scale factor
-// s / m when it is a compile-time constant (the short loops over it then unroll), 0 otherwise.
-template <int F, typename scalar_t, typename acc_t>
-acc_t blur_error(const scalar_t* patch, int64_t width, int64_t s, int64_t m, const BilinearTap<acc_t>* taps,
-                 Scratch<acc_t>& scratch) {
-  const int64_t f = F > 0 ? F : s / m;  // a power of two, at least 2
-  const acc_t inverse_area = acc_t(1) / acc_t(f * f);  // a power of two: as exact as dividing
-  acc_t* row_sum = scratch.row_sum.data();
-  acc_t* small = scratch.small.data();
-  acc_t* rows = scratch.rows.data();
-  acc_t* sse = scratch.sse.data();
-
-  // Area down-sample to m x m: the f rows of a band summed column by column, then each f-wide box of the sums.
-  for (int64_t i = 0; i < m; ++i) {
-    const scalar_t* row = patch + i * f * width;
-    copy_row(row, s, row_sum);
-    for (int64_t dy = 1; dy < f; ++dy) add_row(row + dy * width, s, row_sum);
-    for (int64_t j = 0; j < m; ++j) {
-      acc_t sum = row_sum[j * f];
-      for (int64_t dx = 1; dx < f; ++dx) sum += row_sum[j * f + dx];
-      small[i * m + j] = sum * inverse_area;
-    }
+// cells[j] = (sum of the f column sums of box j) / f^2: the area down-sample of one row of cells.
+template <int F, typename acc_t>
+MIXRES_ALWAYS_INLINE void box_sums(const acc_t* __restrict__ column_sums, int64_t n_cells, int64_t f_runtime,
+                                   acc_t inverse_area, acc_t* __restrict__ cells) {
+  const int64_t f = F > 0 ? F : f_runtime;
+  for (int64_t j = 0; j < n_cells; ++j) {
+    acc_t sum = column_sums[j * f];
+    for (int64_t dx = 1; dx < f; ++dx) sum += column_sums[j * f + dx];
+    cells[j] = sum * inverse_area;
   }
-  // Bilinear up-sample along x of each down-sampled row: rows[i * s + x]. Output x = j * f + r blends input
-  // columns j - 1 and j (r < f / 2) or j and j + 1 (r >= f / 2) with weights that depend on r only, except in the
-  // first and last blocks where the source index is clamped: those take the general taps, the others the weights
-  // of block 1 (bit-identical: the source index (x + 0.5) / f - 0.5 is exact in floating point).
+}
+
+// Bilinear up-sample along x of a row of cells, patch after patch. Output x = j * f + r of block j blends cells
+// j - 1 and j (r < f / 2) or j and j + 1 (r >= f / 2) with weights that depend on r only, those of block 1 of a
+// patch (`phase_lo`, `phase_hi`): bit-identical to the general taps, since the source index (x + 0.5) / f - 0.5 is
+// exact in floating point. Right everywhere but in the first half of each patch's block 0 and the second half of
+// its last block, where the taps clamp: the caller overwrites those (upsample_patch_edges). `in` has a cell of
+// padding on either side.
+template <int F, typename acc_t>
+MIXRES_ALWAYS_INLINE void upsample_blocks(const acc_t* __restrict__ in, int64_t n_cells, int64_t f_runtime,
+                                          const acc_t* __restrict__ phase_lo, const acc_t* __restrict__ phase_hi,
+                                          acc_t* __restrict__ out) {
+  const int64_t f = F > 0 ? F : f_runtime;
   const int64_t half = f / 2;
-  const BilinearTap<acc_t>* phase = taps + f;  // block 1, whose taps read columns 0, 1 and 2 (used when m >= 3)
-  for (int64_t i = 0; i < m; ++i) {
-    const acc_t* in = small + i * m;
-    acc_t* out = rows + i * s;
-    for (int64_t x = 0; x < f; ++x) out[x] = taps[x].w_lo * in[taps[x].lo] + taps[x].w_hi * in[taps[x].hi];
-    for (int64_t j = 1; j < m - 1; ++j) {
-      const acc_t left = in[j - 1], centre = in[j], right = in[j + 1];
-      acc_t* block = out + j * f;
-      for (int64_t r = 0; r < half; ++r) block[r] = phase[r].w_lo * left + phase[r].w_hi * centre;
-      for (int64_t r = half; r < f; ++r) block[r] = phase[r].w_lo * centre + phase[r].w_hi * right;
+  for (int64_t j = 0; j < n_cells; ++j) {
+    const acc_t left = in[j - 1], centre = in[j], right = in[j + 1];
+    acc_t* block = out + j * f;
+    for (int64_t r = 0; r < half; ++r) block[r] = phase_lo[r] * left + phase_hi[r] * centre;
+    for (int64_t r = half; r < f; ++r) block[r] = phase_lo[r] * centre + phase_hi[r] * right;
+  }
+}
+
+// Where the taps of a patch of m cells clamp: the first f / 2 pixels, which take cell 0 alone (the general taps'
+// weights 1 and 0 on cells 0 and min(1, m - 1), `first_lo`, `first_hi`), and the last f / 2 pixels, which blend
+// cell m - 1 with itself (when m >= 2; when m = 1 the first taps cover the whole patch).
+template <int F, typename acc_t>
+MIXRES_ALWAYS_INLINE void upsample_patch_edges(const acc_t* __restrict__ in, int64_t n_patches, int64_t m,
+                                               int64_t f_runtime, const acc_t* __restrict__ first_lo,
+                                               const acc_t* __restrict__ first_hi,
+                                               const acc_t* __restrict__ phase_lo,
+                                               const acc_t* __restrict__ phase_hi, acc_t* __restrict__ out) {
+  const int64_t f = F > 0 ? F : f_runtime;
+  const int64_t s = m * f, half = f / 2;
+  if (m == 1) {
+    for (int64_t patch = 0; patch < n_patches; ++patch) {
+      acc_t* block = out + patch * s;
+      MIXRES_KEEP_SCALAR(block);
+      for (int64_t r = 0; r < f; ++r) block[r] = first_lo[r] * in[patch] + first_hi[r] * in[patch];
     }
-    for (int64_t x = m > 1 ? s - f : s; x < s; ++x) {
-      out[x] = taps[x].w_lo * in[taps[x].lo] + taps[x].w_hi * in[taps[x].hi];
+    return;
+  }
+  for (int64_t patch = 0; patch < n_patches; ++patch) {
+    const acc_t* cells = in + patch * m;
+    acc_t* first = out + patch * s;
+    MIXRES_KEEP_SCALAR(first);
+    acc_t* last = first + s - f;
+    for (int64_t r = 0; r < half; ++r) first[r] = first_lo[r] * cells[0] + first_hi[r] * cells[1];
+    for (int64_t r = half; r < f; ++r) last[r] = phase_lo[r] * cells[m - 1] + phase_hi[r] * cells[m - 1];
+  }
+}
+
+// sse[x] (+)= (w_top * top[x] + w_bottom * bottom[x] - row[x])^2: one partial sum per column. `first`: the
+// patch's first row, which starts the sums (as adding to zero would: d * d is never -0).
+template <typename acc_t>
+MIXRES_ALWAYS_INLINE void add_squared_error(const acc_t* __restrict__ top, const acc_t* __restrict__ bottom,
+                                            acc_t w_top, acc_t w_bottom, const acc_t* __restrict__ row, int64_t n,
+                                            bool first, acc_t* __restrict__ sse) {
+  if (first) {
+    for (int64_t x = 0; x < n; ++x) {
+      const acc_t d = w_top * top[x] + w_bottom * bottom[x] - row[x];
+      sse[x] = d * d;
+    }
+  } else {
+    for (int64_t x = 0; x < n; ++x) {
+      const acc_t d = w_top * top[x] + w_bottom * bottom[x] - row[x];
+      sse[x] += d * d;
     }
   }
-  // Blend along y and compare with the patch.
-  std::fill(sse, sse + s, acc_t(0));
-  for (int64_t y = 0; y < s; ++y) {
-    const BilinearTap<acc_t> ty = taps[y];
-    add_squared_error(rows + ty.lo * s, rows + ty.hi * s, ty.w_lo, ty.w_hi, patch + y * width, s, sse);
+}
+
+// One splittable level's buffers for a strip up to `width` pixels wide and `height` (= max_patch_size) high.
+template <typename acc_t>
+struct LevelBuffers {
+  std::vector<acc_t> column_sums;  // [width]: the current f-row band's column sums
+  std::vector<acc_t> cells;        // [height / f, width / f + 2]: the down-sampled strip, a cell of padding each side
+  std::vector<acc_t> upsampled;    // [2, width]: cell rows up-sampled along x, cell row i in slot i % 2
+  std::vector<acc_t> sse;          // [width]: per-column partial sums of the current patch row
+  std::vector<acc_t> totals;       // [height / s, width / s]: per-patch sums over the channels so far
+  std::vector<acc_t> first_lo, first_hi;  // [f]: the x weights of a patch's block 0, on its cells 0 and 1
+  std::vector<acc_t> phase_lo, phase_hi;  // [f]: the x weights of a patch's block 1 (when m >= 2), and of those after
+
+  LevelBuffers(int64_t s, int64_t m, int64_t height, int64_t width, const BilinearTap<acc_t>* taps)
+      : column_sums(width), cells((height / (s / m)) * (width / (s / m) + 2)), upsampled(2 * width), sse(width),
+        totals((height / s) * (width / s)) {
+    for (int64_t r = 0; r < s / m; ++r) {
+      first_lo.push_back(taps[r].w_lo);  // taps[r].lo is 0 and .hi min(1, m - 1)
+      first_hi.push_back(taps[r].w_hi);
+    }
+    if (m < 2) return;  // every block is a block 0
+    for (int64_t r = 0; r < s / m; ++r) {
+      phase_lo.push_back(taps[s / m + r].w_lo);
+      phase_hi.push_back(taps[s / m + r].w_hi);
+    }
   }
-  acc_t total = 0;
-  for (int64_t x = 0; x < s; ++x) total += sse[x];
-  return total;
+};
+
+// What the strip's loops see of a level: raw pointers only (see MIXRES_ALWAYS_INLINE), and no division by a
+// runtime value on the way down the rows (a 64-bit division costs as much as the arithmetic of a short row).
+template <typename acc_t>
+struct Level {
+  int64_t s, f, f_shift;           // f = s / m = 1 << f_shift
+  const BilinearTap<acc_t>* taps;  // s taps, the same along y and x (patches are square)
+  const acc_t* first_lo;
+  const acc_t* first_hi;
+  const acc_t* phase_lo;
+  const acc_t* phase_hi;
+  acc_t* column_sums;
+  acc_t* cells;
+  acc_t* upsampled;
+  acc_t* sse;
+  acc_t* totals;
+  // Per strip: cells per row, patches per row; per channel: the row of patches being compared, and the row in
+  // them; which cell row each slot of `upsampled` holds.
+  int64_t n_cells, n_patches, patch_row, row_in_patch, held[2];
+};
+
+struct Strip {
+  int64_t channels, plane, image_width;  // plane: the pixels of one channel of the image
+  int64_t width, height, min_size;       // the strip's width; height = max_patch_size
+};
+
+// Area down-sample of one channel of the strip into each level's cells. Rows go 8 at a time (fewer when the
+// coarsest f is smaller): each level adds them to its column sums K = min(f, 8) at a time.
+template <typename scalar_t, typename acc_t>
+MIXRES_ALWAYS_INLINE void down_sample(const scalar_t* pixels, const Strip& strip, Level<acc_t>* levels, int n_levels,
+                                      acc_t* converted) {
+  const int64_t block = levels[0].f < 8 ? levels[0].f : 8;  // levels[0]: the coarsest, largest f
+  for (int64_t y0 = 0; y0 < strip.height; y0 += block) {
+    const acc_t* rows;
+    int64_t stride;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      rows = pixels + y0 * strip.image_width;
+      stride = strip.image_width;
+    } else {
+      for (int64_t k = 0; k < block; ++k) {
+        convert_row(pixels + (y0 + k) * strip.image_width, strip.width, converted + k * strip.width);
+      }
+      rows = converted;
+      stride = strip.width;
+    }
+    for (int l = 0; l < n_levels; ++l) {
+      Level<acc_t>& level = levels[l];
+      const int64_t k_rows = level.f < 8 ? level.f : 8;
+      for (int64_t k = 0; k < block; k += k_rows) {
+        const int64_t y = y0 + k;
+        const bool first = (y & (level.f - 1)) == 0;
+        switch (k_rows) {
+          case 2: sum_rows<2>(rows + k * stride, stride, strip.width, first, level.column_sums); break;
+          case 4: sum_rows<4>(rows + k * stride, stride, strip.width, first, level.column_sums); break;
+          default: sum_rows<8>(rows + k * stride, stride, strip.width, first, level.column_sums); break;
+        }
+        if (((y + k_rows) & (level.f - 1)) != 0) continue;
+        const acc_t inverse_area = acc_t(1) / acc_t(level.f * level.f);  // a power of two: as exact as dividing
+        acc_t* out = level.cells + (y >> level.f_shift) * (level.n_cells + 2) + 1;
+        out[-1] = out[level.n_cells] = 0;  // the padding: finite, so that nothing it touches is NaN
+        switch (level.f) {
+          case 2: box_sums<2>(level.column_sums, level.n_cells, level.f, inverse_area, out); break;
+          case 4: box_sums<4>(level.column_sums, level.n_cells, level.f, inverse_area, out); break;
+          case 8: box_sums<8>(level.column_sums, level.n_cells, level.f, inverse_area, out); break;
+          default: box_sums<0>(level.column_sums, level.n_cells, level.f, inverse_area, out); break;
+        }
+      }
+    }
+  }
+}
+
+// Cell row i of the level's strip up-sampled along x, patch by patch; computed once per channel.
+template <typename acc_t>
+MIXRES_ALWAYS_INLINE const acc_t* upsampled_row(Level<acc_t>& level, int64_t i, int64_t m, int64_t width) {
+  acc_t* out = level.upsampled + (i & 1) * width;
+  if (level.held[i & 1] == i) return out;
+  level.held[i & 1] = i;
+  const acc_t* in = level.cells + i * (level.n_cells + 2) + 1;
+#define MIXRES_UPSAMPLE(F)                                                                                        \
+  if (m >= 2) upsample_blocks<F>(in, level.n_cells, level.f, level.phase_lo, level.phase_hi, out);               \
+  upsample_patch_edges<F>(in, level.n_patches, m, level.f, level.first_lo, level.first_hi, level.phase_lo,      \
+                          level.phase_hi, out)
+  switch (level.f) {
+    case 2: MIXRES_UPSAMPLE(2); break;
+    case 4: MIXRES_UPSAMPLE(4); break;
+    case 8: MIXRES_UPSAMPLE(8); break;
+    default: MIXRES_UPSAMPLE(0); break;
+  }
+#undef MIXRES_UPSAMPLE
+  return out;
+}
+
+// Blur and compare: the next pixel row against the level's blur, per-patch sums at the patches' last rows.
+template <typename acc_t>
+MIXRES_ALWAYS_INLINE void compare_row(const acc_t* row, const Strip& strip, Level<acc_t>& level) {
+  const int64_t r = level.row_in_patch, first_cell_row = level.patch_row * strip.min_size;
+  const BilinearTap<acc_t> tap = level.taps[r];
+  const acc_t* top = upsampled_row(level, first_cell_row + tap.lo, strip.min_size, strip.width);
+  const acc_t* bottom = upsampled_row(level, first_cell_row + tap.hi, strip.min_size, strip.width);
+  add_squared_error(top, bottom, tap.w_lo, tap.w_hi, row, strip.width, r == 0, level.sse);
+  if (r + 1 < level.s) {
+    level.row_in_patch = r + 1;
+    return;
+  }
+  acc_t* totals = level.totals + level.patch_row * level.n_patches;
+  for (int64_t patch = 0; patch < level.n_patches; ++patch) {
+    acc_t total = 0;
+    for (int64_t x = patch * level.s; x < (patch + 1) * level.s; ++x) total += level.sse[x];
+    totals[patch] += total;
+  }
+  level.row_in_patch = 0;
+  ++level.patch_row;
+}
+
+// Asks for the `width` pixels of a row to be brought into cache, without waiting for them.
+template <typename scalar_t>
+MIXRES_ALWAYS_INLINE void prefetch_row(const scalar_t* row, int64_t width) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < width * static_cast<int64_t>(sizeof(scalar_t)); offset += 64) {
+    __builtin_prefetch(bytes + offset, 0, 3);
+  }
+}
+
+// The sums of squared errors of every patch of the strip (`pixels`: its top-left pixel in channel 0), over the
+// channels, into each level's totals. While it compares a channel, it prefetches the next one (row for row), or
+// the next strip's first (`next`, when not null): the down-sample then reads from cache, and the memory traffic
+// overlaps the arithmetic.
+template <typename scalar_t, typename acc_t>
+MIXRES_ALWAYS_INLINE void score_strip(const scalar_t* pixels, const scalar_t* next, const Strip& strip,
+                                      Level<acc_t>* levels, int n_levels, acc_t* converted) {
+  for (int l = 0; l < n_levels; ++l) {
+    Level<acc_t>& level = levels[l];
+    level.n_cells = strip.width >> level.f_shift;
+    level.n_patches = strip.width / level.s;
+    const int64_t n = (strip.height / level.s) * level.n_patches;
+    for (int64_t i = 0; i < n; ++i) level.totals[i] = 0;
+  }
+  for (int64_t ch = 0; ch < strip.channels; ++ch) {
+    const scalar_t* channel = pixels + ch * strip.plane;
+    const scalar_t* upcoming = ch + 1 < strip.channels ? channel + strip.plane : next;
+    down_sample(channel, strip, levels, n_levels, converted);
+    for (int l = 0; l < n_levels; ++l) {
+      levels[l].patch_row = levels[l].row_in_patch = 0;
+      levels[l].held[0] = levels[l].held[1] = -1;
+    }
+    for (int64_t y = 0; y < strip.height; ++y) {
+      if (upcoming != nullptr) prefetch_row(upcoming + y * strip.image_width, strip.width);
+      const acc_t* row;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        row = channel + y * strip.image_width;
+      } else {
+        convert_row(channel + y * strip.image_width, strip.width, converted);
+        row = converted;
+      }
+      for (int l = 0; l < n_levels; ++l) compare_row(row, strip, levels[l]);
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t>
-acc_t blur_error_any(const scalar_t* patch, int64_t width, int64_t s, int64_t m, const BilinearTap<acc_t>* taps,
-                     Scratch<acc_t>& scratch) {
-  switch (s / m) {
-    case 2: return blur_error<2>(patch, width, s, m, taps, scratch);
-    case 4: return blur_error<4>(patch, width, s, m, taps, scratch);
-    case 8: return blur_error<8>(patch, width, s, m, taps, scratch);
-    default: return blur_error<0>(patch, width, s, m, taps, scratch);
-  }
+void score_strip_baseline(const scalar_t* pixels, const scalar_t* next, const Strip& strip, Level<acc_t>* levels,
+                          int n_levels, acc_t* converted) {
+  score_strip(pixels, next, strip, levels, n_levels, converted);
 }
+
+#ifdef MIXRES_PIXEL_BLUR_AVX2
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2"))) void score_strip_avx2(const scalar_t* pixels, const scalar_t* next,
+                                                      const Strip& strip, Level<acc_t>* levels, int n_levels,
+                                                      acc_t* converted) {
+  score_strip(pixels, next, strip, levels, n_levels, converted);
+}
+
+// AVX2 where the CPU (and the OS) supports it, unless ATen was told to stay on the baseline
+// (ATEN_CPU_CAPABILITY=default): the scores are the same either way, the time is not.
+bool use_avx2() {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && at::get_cpu_capability() != "DEFAULT";
+  return avx2;
+}
+#endif
 
 at::Tensor pixel_blur_scores_cpu(const at::Tensor& images, int64_t min_patch_size, int64_t max_patch_size) {
   const PyramidLayout layout = check_pixel_blur_args(images, min_patch_size, max_patch_size);
@@ -129,9 +383,14 @@ at::Tensor pixel_blur_scores_cpu(const at::Tensor& images, int64_t min_patch_siz
   const auto src = images.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "mixres_pixel_blur_scores_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    auto score_strip_fn = &score_strip_baseline<scalar_t, acc_t>;
+#ifdef MIXRES_PIXEL_BLUR_AVX2
+    if (use_avx2()) score_strip_fn = &score_strip_avx2<scalar_t, acc_t>;
+#endif
+    const int n_levels = layout.n_splittable();
     // The taps depend only on the level: one table each, shared by all threads.
-    std::vector<std::vector<BilinearTap<acc_t>>> taps(layout.n_splittable());
-    for (int l = 0; l < layout.n_splittable(); ++l) {
+    std::vector<std::vector<BilinearTap<acc_t>>> taps(n_levels);
+    for (int l = 0; l < n_levels; ++l) {
       const int32_t s = static_cast<int32_t>(layout.size(l));  // check_pixel_blur_args: at most 32768
       const int32_t m = static_cast<int32_t>(min_patch_size);
       for (int32_t i = 0; i < s; ++i) taps[l].push_back(bilinear_tap<acc_t>(i, m, s));
@@ -139,30 +398,49 @@ at::Tensor pixel_blur_scores_cpu(const at::Tensor& images, int64_t min_patch_siz
     const scalar_t* src_ptr = src.const_data_ptr<scalar_t>();
     acc_t* out_ptr = scores.mutable_data_ptr<acc_t>();
     const int64_t bands = layout.rows(0), roots_per_band = layout.cols(0);
-    const int64_t plane = height * width;
-    at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
-      Scratch<acc_t> scratch(min_patch_size, max_patch_size);
+    const int64_t narrow_strips = (roots_per_band * max_patch_size + kStripPixels - 1) / kStripPixels;
+    const int64_t wanted_tasks = kTasksPerThread * at::get_num_threads();
+    const int64_t strips_per_band = std::min(
+        roots_per_band, std::max(narrow_strips, (wanted_tasks + batch * bands - 1) / (batch * bands)));
+    const int64_t roots_per_strip = (roots_per_band + strips_per_band - 1) / strips_per_band;
+    const int64_t n_strips = (roots_per_band + roots_per_strip - 1) / roots_per_strip;  // per band
+    at::parallel_for(0, batch * bands * n_strips, 1, [&](int64_t begin, int64_t end) {
+      const int64_t scratch_width = roots_per_strip * max_patch_size;
+      std::vector<LevelBuffers<acc_t>> buffers;
+      std::vector<Level<acc_t>> levels;
+      for (int l = 0; l < n_levels; ++l) {
+        const int64_t s = layout.size(l);
+        auto& b = buffers.emplace_back(s, min_patch_size, max_patch_size, scratch_width, taps[l].data());
+        const int64_t f = s / min_patch_size;
+        int64_t f_shift = 0;
+        while ((int64_t{1} << f_shift) < f) ++f_shift;
+        levels.push_back({s, f, f_shift, taps[l].data(), b.first_lo.data(), b.first_hi.data(),
+                          b.phase_lo.data(), b.phase_hi.data(), b.column_sums.data(), b.cells.data(),
+                          b.upsampled.data(), b.sse.data(), b.totals.data(), 0, 0, 0, 0, {-1, -1}});
+      }
+      // Rows in acc_t when the images are not: 8 for the down-sample, 1 for the comparison.
+      std::vector<acc_t> converted(std::is_same_v<scalar_t, acc_t> ? 0 : 8 * scratch_width);
+      // The pixels of task t's strip, top-left, channel 0.
+      auto strip_pixels = [&](int64_t task) {
+        const int64_t b = task / (bands * n_strips);
+        const int64_t band = (task / n_strips) % bands, first_root = (task % n_strips) * roots_per_strip;
+        return src_ptr + (b * channels * height + band * max_patch_size) * width + first_root * max_patch_size;
+      };
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / bands, band = task % bands;
-        const scalar_t* image = src_ptr + b * channels * plane;
+        const int64_t b = task / (bands * n_strips);
+        const int64_t band = (task / n_strips) % bands, first_root = (task % n_strips) * roots_per_strip;
+        const int64_t n_roots = std::min(roots_per_strip, roots_per_band - first_root);
+        const Strip strip{channels, height * width, width, n_roots * max_patch_size, max_patch_size, min_patch_size};
+        score_strip_fn(strip_pixels(task), task + 1 < end ? strip_pixels(task + 1) : nullptr, strip, levels.data(),
+                       n_levels, converted.data());
         acc_t* out = out_ptr + b * n_scores;
-        for (int64_t ch = 0; ch < channels; ++ch) {
-          warm_cache(image + ch * plane + band * max_patch_size * width, max_patch_size * width * sizeof(scalar_t));
-        }
-        for (int64_t root = 0; root < roots_per_band; ++root) {
-          for (int l = 0; l < layout.n_splittable(); ++l) {
-            const int64_t s = layout.size(l), per_side = max_patch_size / s;
-            const acc_t normaliser = static_cast<acc_t>(channels * s * s);
-            for (int64_t a = 0; a < per_side; ++a) {
-              for (int64_t c = 0; c < per_side; ++c) {
-                const int64_t row = band * per_side + a, col = root * per_side + c;  // the cell in level l
-                const scalar_t* patch = image + row * s * width + col * s;
-                acc_t total = 0;
-                for (int64_t ch = 0; ch < channels; ++ch) {
-                  total += blur_error_any(patch + ch * plane, width, s, min_patch_size, taps[l].data(), scratch);
-                }
-                out[layout.cell_index(l, row, col)] = total / normaliser * static_cast<acc_t>(s);
-              }
+        for (int l = 0; l < n_levels; ++l) {
+          const int64_t s = layout.size(l), per_side = max_patch_size / s, strip_cols = n_roots * per_side;
+          const acc_t normaliser = static_cast<acc_t>(channels * s * s);
+          for (int64_t a = 0; a < per_side; ++a) {
+            for (int64_t c = 0; c < strip_cols; ++c) {
+              out[layout.cell_index(l, band * per_side + a, first_root * per_side + c)] =
+                  levels[l].totals[a * strip_cols + c] / normaliser * static_cast<acc_t>(s);
             }
           }
         }
