@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import torch
+from hypothesis import strategies as st
 
 import mixres
 from mixres.pyramid import QuadtreeGeometry
@@ -91,3 +92,12 @@ def run_script(script: str, timeout: float = HANG_TIMEOUT) -> None:
         how = (f"was killed by signal {signal.Signals(-result.returncode).name}" if result.returncode < 0
                else f"exited with status {result.returncode}")
         raise AssertionError(f"the script {how}; its output:\n{result.stdout}\n{result.stderr}")
+
+
+@st.composite
+def small_geometries(draw) -> QuadtreeGeometry:
+    """A hypothesis strategy: 1 to 3 x 1 to 3 roots of 1 to 4 levels above a 4, 8 or 16 px smallest leaf."""
+    min_size = draw(st.sampled_from([4, 8, 16]))
+    max_size = min_size << (draw(st.integers(1, 4)) - 1)
+    rows, cols = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    return QuadtreeGeometry(rows * max_size, cols * max_size, min_size, max_size)

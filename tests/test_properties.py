@@ -3,20 +3,15 @@ reference against the oracle quadtree."""
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
-import mixres
 from mixres import reference
 
 import oracles
-from helpers import coverage, random_pyramid
+from helpers import coverage, random_pyramid, small_geometries
 
 
 @st.composite
 def cases(draw):
-    min_size = draw(st.sampled_from([4, 8, 16]))
-    levels = draw(st.integers(1, 4))
-    max_size = min_size << (levels - 1)
-    rows, cols = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    geometry = mixres.QuadtreeGeometry(rows * max_size, cols * max_size, min_size, max_size)
+    geometry = draw(small_geometries())
     budgets = geometry.valid_n_patches()
     n_patches = budgets[draw(st.integers(0, len(budgets) - 1))]
     return geometry, n_patches, draw(st.integers(1, 4)), draw(st.integers(0, 2 ** 31)), draw(st.booleans())

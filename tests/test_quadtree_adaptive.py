@@ -13,7 +13,7 @@ from mixres import reference
 from mixres.pyramid import QuadtreeGeometry
 
 import oracles
-from helpers import coverage, random_pyramid
+from helpers import coverage, random_pyramid, small_geometries
 
 OP = "mixres.build_quadtree_adaptive"
 IMPLS = {"cpp": torch.ops.mixres.build_quadtree_adaptive, "reference": reference.build_quadtree_adaptive,
@@ -187,11 +187,7 @@ def test_a_python_threshold_is_rounded_to_the_scores_dtype():
 # ----------------------------------------------------------------------------------------------------- properties
 @st.composite
 def cases(draw):
-    min_size = draw(st.sampled_from([4, 8, 16]))
-    levels = draw(st.integers(1, 4))
-    max_size = min_size << (levels - 1)
-    rows, cols = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    geometry = QuadtreeGeometry(rows * max_size, cols * max_size, min_size, max_size)
+    geometry = draw(small_geometries())
     valid = geometry.valid_n_patches()
     max_patches = valid[draw(st.integers(0, len(valid) - 1))]
     batch = draw(st.integers(1, 4))
