@@ -70,12 +70,40 @@ MIXRES_ALWAYS_INLINE void convert_row(const scalar_t* __restrict__ row, int64_t 
 }
 
 // cells[j] = ((top[2j] + bottom[2j]) + (top[2j + 1] + bottom[2j + 1])) / 4: the 2 x 2 box averages of two rows
-// (of pixels, or of a finer level's cells), summed column by column into `sums` first.
+// (of pixels, or of a finer level's cells).
 template <typename acc_t>
 MIXRES_ALWAYS_INLINE void average_2x2(const acc_t* __restrict__ top, const acc_t* __restrict__ bottom,
-                                      int64_t n_cells, acc_t* __restrict__ sums, acc_t* __restrict__ cells) {
-  for (int64_t x = 0; x < 2 * n_cells; ++x) sums[x] = top[x] + bottom[x];
-  for (int64_t j = 0; j < n_cells; ++j) cells[j] = (sums[2 * j] + sums[2 * j + 1]) * acc_t(0.25);
+                                      int64_t n_cells, acc_t* __restrict__ cells) {
+  int64_t j = 0;
+#if defined(__GNUC__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // 8 cells at a time, their 16 column sums split into even and odd columns by two shuffles, in GCC's (and
+    // Clang's) vector extensions: the loop below, vectorised by the compiler, takes 4 permutes and 2 blends to
+    // split the columns of each row, and runs 15% slower in all. The same additions, so the same bits.
+    typedef float Floats __attribute__((vector_size(32)));
+    for (; j + 8 <= n_cells; j += 8) {
+      Floats top_lo, top_hi, bottom_lo, bottom_hi;
+      __builtin_memcpy(&top_lo, top + 2 * j, sizeof(Floats));
+      __builtin_memcpy(&top_hi, top + 2 * j + 8, sizeof(Floats));
+      __builtin_memcpy(&bottom_lo, bottom + 2 * j, sizeof(Floats));
+      __builtin_memcpy(&bottom_hi, bottom + 2 * j + 8, sizeof(Floats));
+      const Floats lo = top_lo + bottom_lo, hi = top_hi + bottom_hi;  // the column sums 2j .. 2j + 15
+#if defined(__clang__)
+      const Floats even = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
+      const Floats odd = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15);
+#else
+      typedef int Ints __attribute__((vector_size(32)));
+      const Floats even = __builtin_shuffle(lo, hi, Ints{0, 2, 4, 6, 8, 10, 12, 14});
+      const Floats odd = __builtin_shuffle(lo, hi, Ints{1, 3, 5, 7, 9, 11, 13, 15});
+#endif
+      const Floats average = (even + odd) * 0.25f;
+      __builtin_memcpy(cells + j, &average, sizeof(Floats));
+    }
+  }
+#endif
+  for (; j < n_cells; ++j) {
+    cells[j] = ((top[2 * j] + bottom[2 * j]) + (top[2 * j + 1] + bottom[2 * j + 1])) * acc_t(0.25);
+  }
 }
 
 // Bilinear up-sample along x of a row of cells, patch after patch. Output x = j * f + r of block j blends cells
@@ -204,11 +232,10 @@ MIXRES_ALWAYS_INLINE acc_t* cell_row(Level<acc_t>& level, int64_t i) {
 
 // Area down-sample of one channel of the strip into each level's cells: the finest level's (f = 2) from the pixels,
 // each coarser level's from the next finer one's, each cell the average of 2 x 2 finer cells (a mean of equal
-// means: the mean of its f x f pixels). `scratch`: 3 rows of the strip.
+// means: the mean of its f x f pixels). `scratch`: 2 rows of the strip.
 template <typename scalar_t, typename acc_t>
 MIXRES_ALWAYS_INLINE void down_sample(const scalar_t* pixels, const Strip& strip, Level<acc_t>* levels, int n_levels,
                                       acc_t* scratch) {
-  acc_t* sums = scratch;
   Level<acc_t>& finest = levels[n_levels - 1];
   for (int64_t y = 0; y < strip.height; y += 2) {
     const acc_t* top;
@@ -217,17 +244,17 @@ MIXRES_ALWAYS_INLINE void down_sample(const scalar_t* pixels, const Strip& strip
       top = pixels + y * strip.image_width;
       bottom = top + strip.image_width;
     } else {
-      convert_row(pixels + y * strip.image_width, strip.width, scratch + strip.width);
-      convert_row(pixels + (y + 1) * strip.image_width, strip.width, scratch + 2 * strip.width);
-      top = scratch + strip.width;
-      bottom = scratch + 2 * strip.width;
+      convert_row(pixels + y * strip.image_width, strip.width, scratch);
+      convert_row(pixels + (y + 1) * strip.image_width, strip.width, scratch + strip.width);
+      top = scratch;
+      bottom = scratch + strip.width;
     }
-    average_2x2(top, bottom, finest.n_cells, sums, cell_row(finest, y / 2));
+    average_2x2(top, bottom, finest.n_cells, cell_row(finest, y / 2));
   }
   for (int l = n_levels - 2; l >= 0; --l) {
     Level<acc_t>& level = levels[l];
     for (int64_t i = 0; i < strip.height >> level.f_shift; ++i) {
-      average_2x2(cell_row(levels[l + 1], 2 * i), cell_row(levels[l + 1], 2 * i + 1), level.n_cells, sums,
+      average_2x2(cell_row(levels[l + 1], 2 * i), cell_row(levels[l + 1], 2 * i + 1), level.n_cells,
                   cell_row(level, i));
     }
   }
@@ -443,7 +470,8 @@ at::Tensor pixel_blur_scores_cpu(const at::Tensor& images, int64_t min_patch_siz
                           b.phase_lo.data(), b.phase_hi.data(), b.cells.data(),
                           b.upsampled.data(), b.sse.data(), b.totals.data(), 0, 0, 0, 0, {-1, -1}});
       }
-      std::vector<acc_t> scratch(3 * scratch_width);  // see down_sample
+      // Rows in acc_t when the images are not: 2 for the down-sample, then 1 for the comparison.
+      std::vector<acc_t> scratch(std::is_same_v<scalar_t, acc_t> ? 0 : 2 * scratch_width);
       // The pixels of task t's strip, top-left, channel 0.
       auto strip_pixels = [&](int64_t task) {
         const int64_t b = task / (bands * n_strips);
