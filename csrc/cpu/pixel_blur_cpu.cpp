@@ -79,7 +79,7 @@ MIXRES_ALWAYS_INLINE void average_2x2(const acc_t* __restrict__ top, const acc_t
   if constexpr (std::is_same_v<acc_t, float>) {
     // 8 cells at a time, their 16 column sums split into even and odd columns by two shuffles, in GCC's (and
     // Clang's) vector extensions: the loop below, vectorised by the compiler, takes 4 permutes and 2 blends to
-    // split the columns of each row, and runs 15% slower in all. The same additions, so the same bits.
+    // split the columns of each row, and the whole op runs about 10% slower. The same additions: the same bits.
     typedef float Floats __attribute__((vector_size(32)));
     for (; j + 8 <= n_cells; j += 8) {
       Floats top_lo, top_hi, bottom_lo, bottom_hi;
@@ -199,8 +199,8 @@ struct LevelBuffers {
   }
 };
 
-// What the strip's loops see of a level: raw pointers only (see MIXRES_ALWAYS_INLINE), and no division by a
-// runtime value on the way down the rows (a 64-bit division costs as much as the arithmetic of a short row).
+// What the strip's loops see of a level: raw pointers only (see MIXRES_ALWAYS_INLINE), and counters and shifts
+// rather than divisions by runtime values on the way down the rows.
 template <typename acc_t>
 struct Level {
   int64_t s, f, f_shift;           // f = s / m = 1 << f_shift
