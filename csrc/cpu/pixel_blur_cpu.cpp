@@ -3,15 +3,16 @@
 //
 // One task is a strip of one image: root patches side by side, max_patch_size pixels high and about kStripPixels
 // wide (narrower when the threads need more tasks). Per channel, every level of every root in the strip is scored
-// in two sweeps down the strip's pixel rows, each row read once per sweep for all levels, the second from cache.
-// While the second sweep runs, the next channel (or strip) is prefetched: the memory traffic overlaps arithmetic.
-//   1. Area down-sample: per level, the rows of an f-row band (f = s / m) are summed column by column, up to 8
-//      rows at a time, then each f-wide box of the sums gives a cell of the m x m down-sampled patches.
+// in two sweeps down the strip's pixel rows, each row read once per sweep for all levels, the second from cache:
+//   1. Area down-sample: the finest level's cells (f = s / m = 2) are the 2 x 2 averages of the pixels, and each
+//      coarser level's the 2 x 2 averages of the next finer level's cells (means of equal means: the mean of the
+//      f x f pixels, up to rounding).
 //   2. Blur and compare: per level, each pixel row blends two up-sampled cell rows (bilinear along x, computed
-//      when the y taps first reach them and kept two at a time), and the squared errors add up column by column;
-//      at a patch's last row its columns are summed.
-// Every sum runs in the same order as a patch-by-patch computation would (rows of a column, then the columns of a
-// box or of a patch, then the channels), whatever the strip: the scores do not depend on the thread count.
+//      when the y taps first reach them and kept two at a time), and the squared errors add up column by column,
+//      two levels per pass over the row; at a patch's last row its columns are summed.
+// While the second sweep runs, the next channel (or strip) is prefetched: the memory traffic overlaps arithmetic.
+// Each sum runs in an order fixed by the geometry alone, whatever the strip: the scores do not depend on the thread
+// count.
 //
 // The arithmetic is a few operations per pixel and level, so the vector width sets the speed: on x86-64 CPUs with
 // AVX2 the loops run in a copy compiled for AVX2. That copy has no FMA (contraction would round differently) and
@@ -54,8 +55,8 @@
 namespace mixres {
 namespace {
 
-// A strip is at most this many pixels wide, or one root: what a sweep holds per row (a pixel row, and per level a
-// row of column sums, two up-sampled rows and a row of squared errors) then stays in the L1 cache.
+// A strip is at most this many pixels wide, or one root: what the comparison holds per row (a pixel row, and per
+// level two up-sampled rows and a row of squared errors) then stays in the L1 cache.
 constexpr int64_t kStripPixels = 256;
 // Tasks per thread to aim at: enough that threads finishing early find work.
 constexpr int64_t kTasksPerThread = 4;
@@ -68,35 +69,40 @@ MIXRES_ALWAYS_INLINE void convert_row(const scalar_t* __restrict__ row, int64_t 
   for (int64_t x = 0; x < n; ++x) out[x] = static_cast<acc_t>(row[x]);
 }
 
-// sums[x] = rows[0][x] + ... + rows[K - 1][x] (first: the f-row band starts here) or sums[x] + rows[0][x] + ...,
-// added in that order; the rows are `stride` apart. K is 2, 4 or 8.
-template <int K, typename acc_t>
-MIXRES_ALWAYS_INLINE void sum_rows(const acc_t* __restrict__ rows, int64_t stride, int64_t n, bool first,
-                                   acc_t* __restrict__ sums) {
-  if (first) {
-    for (int64_t x = 0; x < n; ++x) {
-      acc_t sum = rows[x];
-      for (int k = 1; k < K; ++k) sum += rows[k * stride + x];
-      sums[x] = sum;
-    }
-  } else {
-    for (int64_t x = 0; x < n; ++x) {
-      acc_t sum = sums[x];
-      for (int k = 0; k < K; ++k) sum += rows[k * stride + x];
-      sums[x] = sum;
+// cells[j] = ((top[2j] + bottom[2j]) + (top[2j + 1] + bottom[2j + 1])) / 4: the 2 x 2 box averages of two rows
+// (of pixels, or of a finer level's cells).
+template <typename acc_t>
+MIXRES_ALWAYS_INLINE void average_2x2(const acc_t* __restrict__ top, const acc_t* __restrict__ bottom,
+                                      int64_t n_cells, acc_t* __restrict__ cells) {
+  int64_t j = 0;
+#if defined(__GNUC__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // 8 cells at a time, their 16 column sums split into even and odd columns by two shuffles, in GCC's (and
+    // Clang's) vector extensions: the loop below, vectorised by the compiler, takes 4 permutes and 2 blends to
+    // split the columns of each row, and the whole op runs about 10% slower. The same additions: the same bits.
+    typedef float Floats __attribute__((vector_size(32)));
+    for (; j + 8 <= n_cells; j += 8) {
+      Floats top_lo, top_hi, bottom_lo, bottom_hi;
+      __builtin_memcpy(&top_lo, top + 2 * j, sizeof(Floats));
+      __builtin_memcpy(&top_hi, top + 2 * j + 8, sizeof(Floats));
+      __builtin_memcpy(&bottom_lo, bottom + 2 * j, sizeof(Floats));
+      __builtin_memcpy(&bottom_hi, bottom + 2 * j + 8, sizeof(Floats));
+      const Floats lo = top_lo + bottom_lo, hi = top_hi + bottom_hi;  // the column sums 2j .. 2j + 15
+#if defined(__clang__)
+      const Floats even = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
+      const Floats odd = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15);
+#else
+      typedef int Ints __attribute__((vector_size(32)));
+      const Floats even = __builtin_shuffle(lo, hi, Ints{0, 2, 4, 6, 8, 10, 12, 14});
+      const Floats odd = __builtin_shuffle(lo, hi, Ints{1, 3, 5, 7, 9, 11, 13, 15});
+#endif
+      const Floats average = (even + odd) * 0.25f;
+      __builtin_memcpy(cells + j, &average, sizeof(Floats));
     }
   }
-}
-
-// cells[j] = (sum of the f column sums of box j) / f^2: the area down-sample of one row of cells.
-template <int F, typename acc_t>
-MIXRES_ALWAYS_INLINE void box_sums(const acc_t* __restrict__ column_sums, int64_t n_cells, int64_t f_runtime,
-                                   acc_t inverse_area, acc_t* __restrict__ cells) {
-  const int64_t f = F > 0 ? F : f_runtime;
-  for (int64_t j = 0; j < n_cells; ++j) {
-    acc_t sum = column_sums[j * f];
-    for (int64_t dx = 1; dx < f; ++dx) sum += column_sums[j * f + dx];
-    cells[j] = sum * inverse_area;
+#endif
+  for (; j < n_cells; ++j) {
+    cells[j] = ((top[2 * j] + bottom[2 * j]) + (top[2 * j + 1] + bottom[2 * j + 1])) * acc_t(0.25);
   }
 }
 
@@ -171,7 +177,6 @@ MIXRES_ALWAYS_INLINE void add_squared_error(const acc_t* __restrict__ top, const
 // One splittable level's buffers for a strip up to `width` pixels wide and `height` (= max_patch_size) high.
 template <typename acc_t>
 struct LevelBuffers {
-  std::vector<acc_t> column_sums;  // [width]: the current f-row band's column sums
   std::vector<acc_t> cells;        // [height / f, width / f + 2]: the down-sampled strip, a cell of padding each side
   std::vector<acc_t> upsampled;    // [2, width]: cell rows up-sampled along x, cell row i in slot i % 2
   std::vector<acc_t> sse;          // [width]: per-column partial sums of the current patch row
@@ -180,7 +185,7 @@ struct LevelBuffers {
   std::vector<acc_t> phase_lo, phase_hi;  // [f]: the x weights of a patch's block 1 (when m >= 2), and of those after
 
   LevelBuffers(int64_t s, int64_t m, int64_t height, int64_t width, const BilinearTap<acc_t>* taps)
-      : column_sums(width), cells((height / (s / m)) * (width / (s / m) + 2)), upsampled(2 * width), sse(width),
+      : cells((height / (s / m)) * (width / (s / m) + 2)), upsampled(2 * width), sse(width),
         totals((height / s) * (width / s)) {
     for (int64_t r = 0; r < s / m; ++r) {
       first_lo.push_back(taps[r].w_lo);  // taps[r].lo is 0 and .hi min(1, m - 1)
@@ -194,8 +199,8 @@ struct LevelBuffers {
   }
 };
 
-// What the strip's loops see of a level: raw pointers only (see MIXRES_ALWAYS_INLINE), and no division by a
-// runtime value on the way down the rows (a 64-bit division costs as much as the arithmetic of a short row).
+// What the strip's loops see of a level: raw pointers only (see MIXRES_ALWAYS_INLINE), and counters and shifts
+// rather than divisions by runtime values on the way down the rows.
 template <typename acc_t>
 struct Level {
   int64_t s, f, f_shift;           // f = s / m = 1 << f_shift
@@ -204,7 +209,6 @@ struct Level {
   const acc_t* first_hi;
   const acc_t* phase_lo;
   const acc_t* phase_hi;
-  acc_t* column_sums;
   acc_t* cells;
   acc_t* upsampled;
   acc_t* sse;
@@ -219,47 +223,39 @@ struct Strip {
   int64_t width, height, min_size;       // the strip's width; height = max_patch_size
 };
 
-// Area down-sample of one channel of the strip into each level's cells. Rows go 8 at a time (fewer when the
-// coarsest f is smaller): each level adds them to its column sums K = min(f, 8) at a time.
+// Cell row i of the level: n_cells cells, with a cell of padding on either side (upsample_blocks reads them; they
+// are 0, so that nothing they touch is NaN).
+template <typename acc_t>
+MIXRES_ALWAYS_INLINE acc_t* cell_row(Level<acc_t>& level, int64_t i) {
+  return level.cells + i * (level.n_cells + 2) + 1;
+}
+
+// Area down-sample of one channel of the strip into each level's cells: the finest level's (f = 2) from the pixels,
+// each coarser level's from the next finer one's, each cell the average of 2 x 2 finer cells (a mean of equal
+// means: the mean of its f x f pixels). `scratch`: 2 rows of the strip.
 template <typename scalar_t, typename acc_t>
 MIXRES_ALWAYS_INLINE void down_sample(const scalar_t* pixels, const Strip& strip, Level<acc_t>* levels, int n_levels,
-                                      acc_t* converted) {
-  const int64_t block = levels[0].f < 8 ? levels[0].f : 8;  // levels[0]: the coarsest, largest f
-  for (int64_t y0 = 0; y0 < strip.height; y0 += block) {
-    const acc_t* rows;
-    int64_t stride;
+                                      acc_t* scratch) {
+  Level<acc_t>& finest = levels[n_levels - 1];
+  for (int64_t y = 0; y < strip.height; y += 2) {
+    const acc_t* top;
+    const acc_t* bottom;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      rows = pixels + y0 * strip.image_width;
-      stride = strip.image_width;
+      top = pixels + y * strip.image_width;
+      bottom = top + strip.image_width;
     } else {
-      for (int64_t k = 0; k < block; ++k) {
-        convert_row(pixels + (y0 + k) * strip.image_width, strip.width, converted + k * strip.width);
-      }
-      rows = converted;
-      stride = strip.width;
+      convert_row(pixels + y * strip.image_width, strip.width, scratch);
+      convert_row(pixels + (y + 1) * strip.image_width, strip.width, scratch + strip.width);
+      top = scratch;
+      bottom = scratch + strip.width;
     }
-    for (int l = 0; l < n_levels; ++l) {
-      Level<acc_t>& level = levels[l];
-      const int64_t k_rows = level.f < 8 ? level.f : 8;
-      for (int64_t k = 0; k < block; k += k_rows) {
-        const int64_t y = y0 + k;
-        const bool first = (y & (level.f - 1)) == 0;
-        switch (k_rows) {
-          case 2: sum_rows<2>(rows + k * stride, stride, strip.width, first, level.column_sums); break;
-          case 4: sum_rows<4>(rows + k * stride, stride, strip.width, first, level.column_sums); break;
-          default: sum_rows<8>(rows + k * stride, stride, strip.width, first, level.column_sums); break;
-        }
-        if (((y + k_rows) & (level.f - 1)) != 0) continue;
-        const acc_t inverse_area = acc_t(1) / acc_t(level.f * level.f);  // a power of two: as exact as dividing
-        acc_t* out = level.cells + (y >> level.f_shift) * (level.n_cells + 2) + 1;
-        out[-1] = out[level.n_cells] = 0;  // the padding: finite, so that nothing it touches is NaN
-        switch (level.f) {
-          case 2: box_sums<2>(level.column_sums, level.n_cells, level.f, inverse_area, out); break;
-          case 4: box_sums<4>(level.column_sums, level.n_cells, level.f, inverse_area, out); break;
-          case 8: box_sums<8>(level.column_sums, level.n_cells, level.f, inverse_area, out); break;
-          default: box_sums<0>(level.column_sums, level.n_cells, level.f, inverse_area, out); break;
-        }
-      }
+    average_2x2(top, bottom, finest.n_cells, cell_row(finest, y / 2));
+  }
+  for (int l = n_levels - 2; l >= 0; --l) {
+    Level<acc_t>& level = levels[l];
+    for (int64_t i = 0; i < strip.height >> level.f_shift; ++i) {
+      average_2x2(cell_row(levels[l + 1], 2 * i), cell_row(levels[l + 1], 2 * i + 1), level.n_cells,
+                  cell_row(level, i));
     }
   }
 }
@@ -270,7 +266,7 @@ MIXRES_ALWAYS_INLINE const acc_t* upsampled_row(Level<acc_t>& level, int64_t i, 
   acc_t* out = level.upsampled + (i & 1) * width;
   if (level.held[i & 1] == i) return out;
   level.held[i & 1] = i;
-  const acc_t* in = level.cells + i * (level.n_cells + 2) + 1;
+  const acc_t* in = cell_row(level, i);
 #define MIXRES_UPSAMPLE(F)                                                                                        \
   if (m >= 2) upsample_blocks<F>(in, level.n_cells, level.f, level.phase_lo, level.phase_hi, out);               \
   upsample_patch_edges<F>(in, level.n_patches, m, level.f, level.first_lo, level.first_hi, level.phase_lo,      \
@@ -285,18 +281,45 @@ MIXRES_ALWAYS_INLINE const acc_t* upsampled_row(Level<acc_t>& level, int64_t i, 
   return out;
 }
 
-// Blur and compare: the next pixel row against the level's blur, per-patch sums at the patches' last rows.
+// The squared errors of two levels' blurs against one pixel row: add_squared_error for both, in one pass over the
+// row. FIRST_A, FIRST_B: whether the row is the first of its patch in each level.
+template <bool FIRST_A, bool FIRST_B, typename acc_t>
+MIXRES_ALWAYS_INLINE void add_squared_errors(const acc_t* __restrict__ top_a, const acc_t* __restrict__ bottom_a,
+                                             acc_t w_top_a, acc_t w_bottom_a, const acc_t* __restrict__ top_b,
+                                             const acc_t* __restrict__ bottom_b, acc_t w_top_b, acc_t w_bottom_b,
+                                             const acc_t* __restrict__ row, int64_t n, acc_t* __restrict__ sse_a,
+                                             acc_t* __restrict__ sse_b) {
+  for (int64_t x = 0; x < n; ++x) {
+    const acc_t pixel = row[x];
+    const acc_t d_a = w_top_a * top_a[x] + w_bottom_a * bottom_a[x] - pixel;
+    const acc_t d_b = w_top_b * top_b[x] + w_bottom_b * bottom_b[x] - pixel;
+    sse_a[x] = FIRST_A ? d_a * d_a : sse_a[x] + d_a * d_a;
+    sse_b[x] = FIRST_B ? d_b * d_b : sse_b[x] + d_b * d_b;
+  }
+}
+
+// Blur and compare, step 1: the up-sampled cell rows that the level's blur of the next pixel row blends.
 template <typename acc_t>
-MIXRES_ALWAYS_INLINE void compare_row(const acc_t* row, const Strip& strip, Level<acc_t>& level) {
+struct Blend {
+  const acc_t* top;
+  const acc_t* bottom;
+  acc_t w_top, w_bottom;
+  bool first;  // the row is the first of its patch
+};
+
+template <typename acc_t>
+MIXRES_ALWAYS_INLINE Blend<acc_t> next_blend(const Strip& strip, Level<acc_t>& level) {
   const int64_t r = level.row_in_patch, first_cell_row = level.patch_row * strip.min_size;
   const BilinearTap<acc_t> tap = level.taps[r];
   const acc_t* top = upsampled_row(level, first_cell_row + tap.lo, strip.min_size, strip.width);
   const acc_t* bottom = upsampled_row(level, first_cell_row + tap.hi, strip.min_size, strip.width);
-  add_squared_error(top, bottom, tap.w_lo, tap.w_hi, row, strip.width, r == 0, level.sse);
-  if (r + 1 < level.s) {
-    level.row_in_patch = r + 1;
-    return;
-  }
+  return {top, bottom, tap.w_lo, tap.w_hi, r == 0};
+}
+
+// Step 3, once the row's squared errors are in: the per-patch sums at the patches' last rows.
+template <typename acc_t>
+MIXRES_ALWAYS_INLINE void finish_row(Level<acc_t>& level) {
+  if (++level.row_in_patch < level.s) return;
   acc_t* totals = level.totals + level.patch_row * level.n_patches;
   for (int64_t patch = 0; patch < level.n_patches; ++patch) {
     acc_t total = 0;
@@ -305,6 +328,31 @@ MIXRES_ALWAYS_INLINE void compare_row(const acc_t* row, const Strip& strip, Leve
   }
   level.row_in_patch = 0;
   ++level.patch_row;
+}
+
+// Blur and compare a pixel row for every level, two levels per pass over the row.
+template <typename acc_t>
+MIXRES_ALWAYS_INLINE void compare_row(const acc_t* row, const Strip& strip, Level<acc_t>* levels, int n_levels) {
+  int l = 0;
+  for (; l + 1 < n_levels; l += 2) {
+    const Blend<acc_t> a = next_blend(strip, levels[l]), b = next_blend(strip, levels[l + 1]);
+#define MIXRES_ADD_SQUARED_ERRORS(FIRST_A, FIRST_B)                                                                \
+  add_squared_errors<FIRST_A, FIRST_B>(a.top, a.bottom, a.w_top, a.w_bottom, b.top, b.bottom, b.w_top,             \
+                                       b.w_bottom, row, strip.width, levels[l].sse, levels[l + 1].sse)
+    if (a.first) {
+      if (b.first) MIXRES_ADD_SQUARED_ERRORS(true, true); else MIXRES_ADD_SQUARED_ERRORS(true, false);
+    } else {
+      if (b.first) MIXRES_ADD_SQUARED_ERRORS(false, true); else MIXRES_ADD_SQUARED_ERRORS(false, false);
+    }
+#undef MIXRES_ADD_SQUARED_ERRORS
+    finish_row(levels[l]);
+    finish_row(levels[l + 1]);
+  }
+  if (l < n_levels) {
+    const Blend<acc_t> a = next_blend(strip, levels[l]);
+    add_squared_error(a.top, a.bottom, a.w_top, a.w_bottom, row, strip.width, a.first, levels[l].sse);
+    finish_row(levels[l]);
+  }
 }
 
 // Asks for the `width` pixels of a row to be brought into cache, without waiting for them.
@@ -322,18 +370,22 @@ MIXRES_ALWAYS_INLINE void prefetch_row(const scalar_t* row, int64_t width) {
 // overlaps the arithmetic.
 template <typename scalar_t, typename acc_t>
 MIXRES_ALWAYS_INLINE void score_strip(const scalar_t* pixels, const scalar_t* next, const Strip& strip,
-                                      Level<acc_t>* levels, int n_levels, acc_t* converted) {
+                                      Level<acc_t>* levels, int n_levels, acc_t* scratch) {
   for (int l = 0; l < n_levels; ++l) {
     Level<acc_t>& level = levels[l];
     level.n_cells = strip.width >> level.f_shift;
     level.n_patches = strip.width / level.s;
     const int64_t n = (strip.height / level.s) * level.n_patches;
     for (int64_t i = 0; i < n; ++i) level.totals[i] = 0;
+    for (int64_t i = 0; i < strip.height >> level.f_shift; ++i) {
+      acc_t* cells = cell_row(level, i);
+      cells[-1] = cells[level.n_cells] = 0;
+    }
   }
   for (int64_t ch = 0; ch < strip.channels; ++ch) {
     const scalar_t* channel = pixels + ch * strip.plane;
     const scalar_t* upcoming = ch + 1 < strip.channels ? channel + strip.plane : next;
-    down_sample(channel, strip, levels, n_levels, converted);
+    down_sample(channel, strip, levels, n_levels, scratch);
     for (int l = 0; l < n_levels; ++l) {
       levels[l].patch_row = levels[l].row_in_patch = 0;
       levels[l].held[0] = levels[l].held[1] = -1;
@@ -344,26 +396,26 @@ MIXRES_ALWAYS_INLINE void score_strip(const scalar_t* pixels, const scalar_t* ne
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         row = channel + y * strip.image_width;
       } else {
-        convert_row(channel + y * strip.image_width, strip.width, converted);
-        row = converted;
+        convert_row(channel + y * strip.image_width, strip.width, scratch);
+        row = scratch;
       }
-      for (int l = 0; l < n_levels; ++l) compare_row(row, strip, levels[l]);
+      compare_row(row, strip, levels, n_levels);
     }
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void score_strip_baseline(const scalar_t* pixels, const scalar_t* next, const Strip& strip, Level<acc_t>* levels,
-                          int n_levels, acc_t* converted) {
-  score_strip(pixels, next, strip, levels, n_levels, converted);
+                          int n_levels, acc_t* scratch) {
+  score_strip(pixels, next, strip, levels, n_levels, scratch);
 }
 
 #ifdef MIXRES_PIXEL_BLUR_AVX2
 template <typename scalar_t, typename acc_t>
 __attribute__((target("avx2"))) void score_strip_avx2(const scalar_t* pixels, const scalar_t* next,
                                                       const Strip& strip, Level<acc_t>* levels, int n_levels,
-                                                      acc_t* converted) {
-  score_strip(pixels, next, strip, levels, n_levels, converted);
+                                                      acc_t* scratch) {
+  score_strip(pixels, next, strip, levels, n_levels, scratch);
 }
 
 // AVX2 where the CPU (and the OS) supports it, unless ATen was told to stay on the baseline
@@ -415,11 +467,11 @@ at::Tensor pixel_blur_scores_cpu(const at::Tensor& images, int64_t min_patch_siz
         int64_t f_shift = 0;
         while ((int64_t{1} << f_shift) < f) ++f_shift;
         levels.push_back({s, f, f_shift, taps[l].data(), b.first_lo.data(), b.first_hi.data(),
-                          b.phase_lo.data(), b.phase_hi.data(), b.column_sums.data(), b.cells.data(),
+                          b.phase_lo.data(), b.phase_hi.data(), b.cells.data(),
                           b.upsampled.data(), b.sse.data(), b.totals.data(), 0, 0, 0, 0, {-1, -1}});
       }
-      // Rows in acc_t when the images are not: 8 for the down-sample, 1 for the comparison.
-      std::vector<acc_t> converted(std::is_same_v<scalar_t, acc_t> ? 0 : 8 * scratch_width);
+      // Rows in acc_t when the images are not: 2 for the down-sample, then 1 for the comparison.
+      std::vector<acc_t> scratch(std::is_same_v<scalar_t, acc_t> ? 0 : 2 * scratch_width);
       // The pixels of task t's strip, top-left, channel 0.
       auto strip_pixels = [&](int64_t task) {
         const int64_t b = task / (bands * n_strips);
@@ -432,7 +484,7 @@ at::Tensor pixel_blur_scores_cpu(const at::Tensor& images, int64_t min_patch_siz
         const int64_t n_roots = std::min(roots_per_strip, roots_per_band - first_root);
         const Strip strip{channels, height * width, width, n_roots * max_patch_size, max_patch_size, min_patch_size};
         score_strip_fn(strip_pixels(task), task + 1 < end ? strip_pixels(task + 1) : nullptr, strip, levels.data(),
-                       n_levels, converted.data());
+                       n_levels, scratch.data());
         acc_t* out = out_ptr + b * n_scores;
         for (int l = 0; l < n_levels; ++l) {
           const int64_t s = layout.size(l), per_side = max_patch_size / s, strip_cols = n_roots * per_side;
