@@ -69,13 +69,13 @@ class FeatureBased(Scorer):
     Speed: the images go through a copy of the backbone prepared for inference, with the same function: each
     BatchNorm folded into the convolution before it (``torch.fx.experimental.optimization.fuse``, where torch.fx can
     trace the backbone), weights and activations channels-last. On a 2-core AVX2 CPU that is about 2x faster for
-    ShuffleNetV2 (``benchmarks/RESULTS.md``, issue 14). The copy is made at the first call, and again whenever a parameter or
-    buffer of the backbone has changed since (in place, or replaced, or moved). The scores then differ from the
-    backbone's own by float32 rounding, and are as close to the float64 definition: against it, both are within
-    1e-6 to 1e-5 of each level's largest score for ShuffleNetV2, ResNet-18 and MobileNetV3 with BatchNorm statistics
-    of random images (``tests/test_scorer_features.py``). The backbone itself
-    is used where a forward hook or pre-hook is registered on it or on one of its modules (the hook then sees every
-    call), and under ``torch.compile``.
+    ShuffleNetV2 (``benchmarks/RESULTS.md``, issue 14). The copy is made at the first call, and again whenever a
+    parameter or buffer of the backbone has changed since (in place, or replaced, or moved). The scores then differ
+    from the backbone's own by float32 rounding, and are as close to the float64 definition: against it, both are
+    within 1e-6 to 1e-5 of each level's largest score for ShuffleNetV2, ResNet-18 and MobileNetV3 with BatchNorm
+    statistics of random images (``tests/test_scorer_features.py``). The backbone itself is used where a forward
+    hook or pre-hook is registered on it or on one of its modules (the hook then sees every call), and under
+    ``torch.compile``.
 
     The scorer owns its backbone: it puts it in eval mode at every call, and moves it to the images' device at the
     first call on that device. The images are converted to the backbone's dtype (float16 and bfloat16 images to a
@@ -130,7 +130,8 @@ class FeatureBased(Scorer):
         self.autocast_dtype = autocast_dtype
         self._device = None  # where the backbone is; None until the first call
         self._prepared = None  # (the backbone's tensors when it was copied, the copy prepared for inference)
-        self._normalisation = {}  # (device, dtype) -> (mean, std): made once, so that a call copies nothing from the host
+        # (device, dtype) -> (mean, std), made once: a call then copies nothing from the host (CUDA graphs).
+        self._normalisation = {}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(backbone={self.backbone_name!r}, min_patch_size={self.min_patch_size}, "
