@@ -16,8 +16,8 @@ from torch import Tensor
 from .. import ops, reference
 from ..mosaic import tokenize
 
-__all__ = ["synchronize", "timed_call", "median_seconds", "device_name", "kernel_label", "time_tokenizer", "throughput_row",
-           "format_throughput"]
+__all__ = ["synchronize", "timed_call", "median_seconds", "device_name", "kernel_label", "time_tokenizer",
+           "throughput_row", "format_throughput"]
 
 
 def synchronize(device: torch.device) -> None:
