@@ -101,3 +101,17 @@ def small_geometries(draw) -> QuadtreeGeometry:
     max_size = min_size << (draw(st.integers(1, 4)) - 1)
     rows, cols = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     return QuadtreeGeometry(rows * max_size, cols * max_size, min_size, max_size)
+
+
+def captured_in_cuda_graph(fn):
+    """``fn()`` captured in a CUDA graph, after a warm-up call on a side stream (as torch.cuda.graph's documentation
+    asks): (the graph, the outputs of the captured call, which each replay overwrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs

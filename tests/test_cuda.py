@@ -15,7 +15,7 @@ from mixres import reference
 from mixres.pyramid import QuadtreeGeometry
 
 import oracles
-from helpers import random_boxes, random_pyramid, run_script
+from helpers import captured_in_cuda_graph, random_boxes, random_pyramid, run_script
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -373,14 +373,7 @@ def test_build_quadtree_adaptive_cuda_graph_replay_and_compile():
     def run():
         return ops.build_quadtree_adaptive(scores, height, width, lo, hi, 60, image_budget, thresholds)
 
-    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graph's documentation asks
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = run()
+    graph, static = captured_in_cuda_graph(run)
     for seed in range(1, 4):
         scores.copy_(packed_scores(geo, batch, seed=seed, ties=seed == 2))
         image_budget.copy_(image_budgets(geo, batch, 60, seed=seed).to(DEVICE, torch.int32))
@@ -722,14 +715,7 @@ def test_tokenize_cuda_graph_replay():
         mosaic = mixres.tokenize(images, maps, n_patches=n_patches)
         return mosaic.tokens, mosaic.boxes, mosaic.centers
 
-    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graph's documentation asks
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = run()
+    graph, static = captured_in_cuda_graph(run)
     for seed in range(1, 4):
         images.copy_(random_images(batch, 3, height, width, seed=seed))
         for m, new in zip(maps, random_pyramid(geo, batch, seed=seed, ties=seed == 2, device=DEVICE)):
@@ -836,14 +822,7 @@ def test_grid_ops_match_cpu_and_do_not_synchronize():
 
 def test_grid_ops_cuda_graph_replay_and_compile():
     boxes, features, grid = grid_case(batch=8)
-    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graph's documentation asks
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        grid_ops(features, grid, boxes)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = grid_ops(features, grid, boxes)
+    graph, static = captured_in_cuda_graph(lambda: grid_ops(features, grid, boxes))
     for seed in range(1, 4):
         for tensor, new in zip((boxes, features, grid), grid_case(batch=8, seed=seed)):
             tensor.copy_(new)

@@ -14,6 +14,8 @@ from torch import nn
 import mixres
 from mixres.scorers.features import FeatureBased
 
+from helpers import captured_in_cuda_graph
+
 MEAN = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(3, 1, 1)
 
@@ -401,14 +403,8 @@ def test_cuda_graph_capture_replays_the_scores(autocast_dtype):
     scorer = random_scorer(autocast_dtype=autocast_dtype)
     first, second = make_images(height=128, width=128, seed=1).cuda(), make_images(height=128, width=128, seed=2).cuda()
     static = first.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        scorer(static)  # moves the backbone, prepares its copy and the normalisation constants
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = scorer(static)
+    # The warm-up call moves the backbone, prepares its copy and the normalisation constants.
+    graph, outputs = captured_in_cuda_graph(lambda: scorer(static))
     for images in (second, first):
         static.copy_(images)
         graph.replay()
