@@ -12,20 +12,28 @@ its input, 0.5 twice as slow.
 - Calls: ``copy_`` into a preallocated tensor; ``pixel_blur_scores``; ``extract_patches`` in area and bilinear
   mode on the boxes ``build_quadtree`` picks from random scores (the quadtree is not timed).
 - Timing: each round runs every call once, in the same order (a slow spell of this shared machine hits them
-  alike); medians over the rounds. pytest-benchmark's statistics are pixel_blur_scores'.
+  alike), by :func:`mixres.apps.end_to_end.interleaved_ms`; medians over the rounds. pytest-benchmark's statistics
+  are pixel_blur_scores'.
+- Cache state: before each call (untimed), a read of a buffer twice the size of the last-level cache, so that every
+  call starts alike: its input in DRAM, and no dirty line left to write back. Without it, each call inherits the
+  state the previous one left: ``pixel_blur_scores``, which runs after the copy, paid for writing back the copy's
+  output (at 1024 px, B=1, on 2 threads: 1.4 ms instead of 1.0), and the copy of those 12.6 MB, whose source the
+  previous round's calls had just read, ran from the last-level cache (0.5-0.7 ms, 0.7-1.2 ms from DRAM).
 
 CPU only: skipped when the benchmark device (MIXRES_BENCH_DEVICE) is CUDA. Threads: torch's default
 (``torch.get_num_threads()``, recorded).
 """
-import statistics
-import time
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import mixres
+from mixres.apps.end_to_end import interleaved_ms
 
 from conftest import DEVICE, report
+from timers import pedantic_runner
 
 # name: (image side, batch, min_patch_size, max_patch_size, n_patches)
 SETTINGS = {
@@ -41,25 +49,22 @@ pytestmark = [
 ]
 
 
-def interleaved_ms(benchmark, calls: dict, timed_by_benchmark: str) -> dict:
-    """Median ms of each call over rounds that run them all; pytest-benchmark times ``timed_by_benchmark`` (its
-    ``setup`` runs the others, timed here)."""
-    times = {name: [] for name in calls}
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache, from Linux's sysfs; 32 MiB where it cannot be read."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        match = re.fullmatch(r"(\d+)([KMG]?)", path.read_text().strip())
+        if match:
+            sizes.append(int(match[1]) * units[match[2]])
+    return max(sizes, default=32 * 2**20)
 
-    def timed(name):
-        start = time.perf_counter()
-        calls[name]()
-        times[name].append(time.perf_counter() - start)
 
-    def the_others():
-        for name in calls:
-            if name != timed_by_benchmark:
-                timed(name)
-
-    benchmark.pedantic(timed, args=(timed_by_benchmark,), setup=the_others, warmup_rounds=WARMUP, rounds=ROUNDS,
-                       iterations=1)
-    # The warm-up rounds ran the setup too: the last ROUNDS are the timed ones.
-    return {name: 1e3 * statistics.median(values[-ROUNDS:]) for name, values in times.items()}
+def cache_evictor():
+    """A call that leaves the caches holding none of the benchmark's tensors and no dirty line: it reads (and
+    writes nothing to) a buffer twice the size of the last-level cache."""
+    buffer = torch.ones(2 * last_level_cache_bytes() // 4)
+    return lambda: buffer.sum()
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -72,14 +77,14 @@ def test_cpu_bandwidth(benchmark, setting):
     random_scores = torch.rand(scores.shape, generator=generator)
     boxes = torch.ops.mixres.build_quadtree(random_scores, size, size, min_size, max_size, n_patches)
     assert boxes.shape == (batch, n_patches, 3)
-    calls = {
+    calls = {  # pixel_blur last: pytest-benchmark's statistics are its
         "copy": lambda: copy.copy_(images),
-        "pixel_blur": lambda: torch.ops.mixres.pixel_blur_scores(images, min_size, max_size),
         "extract_area": lambda: torch.ops.mixres.extract_patches(images, boxes, min_size, "area"),
         "extract_bilinear": lambda: torch.ops.mixres.extract_patches(images, boxes, min_size, "bilinear"),
+        "pixel_blur": lambda: torch.ops.mixres.pixel_blur_scores(images, min_size, max_size),
     }
     benchmark.group = f"cpu bandwidth {setting}"
-    ms = interleaved_ms(benchmark, calls, "pixel_blur")
+    ms, _ = interleaved_ms(calls, "cpu", ROUNDS, WARMUP, pedantic_runner(benchmark), before_each=cache_evictor())
     ratios = {name: ms["copy"] / ms[name] for name in calls if name != "copy"}
     benchmark.extra_info.update(
         setting=setting, batch=batch, size=size, min_patch_size=min_size, max_patch_size=max_size,

@@ -38,7 +38,7 @@ from mixres.apps.end_to_end import (end_to_end_calls, end_to_end_row, interleave
                                     quadformer_around, random_vit)
 
 from conftest import DEVICE, report
-from timers import graphed
+from timers import graphed, pedantic_runner
 
 CUDA = DEVICE.type == "cuda"
 DTYPE_NAME = os.environ.get("MIXRES_BENCH_DTYPE", "bfloat16" if CUDA else "float32")
@@ -103,15 +103,6 @@ def variant_calls(variant: str, vit, model, images: torch.Tensor) -> dict:
     elif variant == "cuda-graph":
         calls = {name: graphed(fn) for name, fn in calls.items()}
     return calls
-
-
-def pedantic_runner(benchmark):
-    """The rounds of :func:`mixres.apps.end_to_end.interleaved_ms` run by pytest-benchmark, which times the last
-    call (the Quadformer) itself: its ``setup`` runs the other two, so its statistics are the Quadformer's. Its
-    warm-up rounds run the setup too."""
-    def run(before, last, rounds, warmup):
-        benchmark.pedantic(last, setup=before, warmup_rounds=warmup, rounds=rounds, iterations=1)
-    return run
 
 
 @pytest.mark.parametrize("vit_name, n_patches, scorer, variant", cases())

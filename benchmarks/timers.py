@@ -1,5 +1,5 @@
-"""CUDA timers shared by the benchmarks: the device time of a call between CUDA events, and a call captured in a
-CUDA graph."""
+"""Timers shared by the benchmarks: the device time of a call between CUDA events, a call captured in a CUDA graph,
+and pytest-benchmark as the runner of :func:`mixres.apps.end_to_end.interleaved_ms`'s rounds."""
 import statistics
 
 import torch
@@ -29,3 +29,12 @@ def graphed(fn):
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def pedantic_runner(benchmark):
+    """The rounds of :func:`mixres.apps.end_to_end.interleaved_ms` run by pytest-benchmark, which times the last
+    call itself: its ``setup`` runs the others, so its statistics are the last call's. Its warm-up rounds run the
+    setup too."""
+    def run(before, last, rounds, warmup):
+        benchmark.pedantic(last, setup=before, warmup_rounds=warmup, rounds=rounds, iterations=1)
+    return run

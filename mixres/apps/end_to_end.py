@@ -89,14 +89,16 @@ def run_rounds(before: Callable[[], None], last: Callable[[], None], rounds: int
 
 
 def interleaved_ms(calls: Mapping[str, Callable[[], object]], device: torch.device | str, rounds: int = 5,
-                   warmup: int = 1, runner: RoundRunner = run_rounds) -> tuple[dict[str, float], dict[str, object]]:
+                   warmup: int = 1, runner: RoundRunner = run_rounds,
+                   before_each: Callable[[], object] | None = None) -> tuple[dict[str, float], dict[str, object]]:
     """The median wall-clock ms of each of ``calls`` over rounds that run them all in their order, each call timed
     until ``device`` has finished it; and the last output of each.
 
     ``runner(before, last, rounds, warmup)`` runs the rounds: ``before`` times every call but the last, ``last``
     the last one. pytest-benchmark's ``benchmark.pedantic(last, setup=before, rounds=rounds,
     warmup_rounds=warmup, iterations=1)`` is one, so that its own statistics are the last call's. The medians are
-    over the last ``rounds`` times of each call (all of them where the runner ran fewer rounds).
+    over the last ``rounds`` times of each call (all of them where the runner ran fewer rounds). ``before_each``,
+    when given, runs untimed before every call (e.g. to put every call in the same cache state).
     """
     device = torch.device(device)
     names = list(calls)
@@ -109,7 +111,11 @@ def interleaved_ms(calls: Mapping[str, Callable[[], object]], device: torch.devi
 
     def before() -> None:
         for name in names[:-1]:
+            if before_each is not None:
+                before_each()
             timed(name)
+        if before_each is not None:
+            before_each()
 
     synchronize(device)  # the first call must not also wait for work queued before it
     runner(before, lambda: timed(names[-1]), rounds, warmup)
