@@ -173,18 +173,6 @@ def test_the_padded_forward_compiles_with_fullgraph_and_matches_eager():
     torch._dynamo.reset()
 
 
-def test_the_unpadded_path_is_unchanged_and_lengths_of_n_match_it():
-    model = tiny_quadformer("xy", **POOLINGS["avg"])
-    mosaic = single_mosaics(model, lengths=(31, 31))
-    batch = pad_mosaics(mosaic)
-    plain = dataclasses.replace(batch, lengths=None)
-    with torch.no_grad():
-        full = model(batch)
-        unpadded = model(plain)
-        assert torch.equal(unpadded, model.vit.forward_head(model.forward_features(plain)))
-    torch.testing.assert_close(full, unpadded, rtol=0, atol=float64_tolerance(unpadded))
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("pooling", ["token", "avgmax", "map"])

@@ -50,10 +50,10 @@ def neutral_padding(mosaic: Mosaic) -> Mosaic:
     if not mosaic.is_padded:
         return mosaic
     padding = ~mosaic.valid.unsqueeze(-1)
-    # Filled in place rather than copied from a Python list: a copy from the host would synchronise with a GPU.
-    stand_in = torch.zeros_like(mosaic.boxes[:1, :1])
-    stand_in[..., 2] = mosaic.min_patch_size
-    return dataclasses.replace(mosaic, boxes=torch.where(padding, stand_in, mosaic.boxes),
+    boxes = mosaic.boxes
+    # Made on the device rather than copied from a Python list: a copy from the host would synchronise with a GPU.
+    stand_in = (torch.arange(3, device=boxes.device) == 2).to(boxes.dtype) * mosaic.min_patch_size  # (0, 0, s)
+    return dataclasses.replace(mosaic, boxes=torch.where(padding, stand_in, boxes),
                                centers=mosaic.centers.masked_fill(padding, 0))
 
 
