@@ -129,6 +129,24 @@ def test_what_the_padding_holds_changes_nothing(pos_embed):
     assert torch.isfinite(features).all()  # padding rows too: finite, meaningless
 
 
+@pytest.mark.parametrize("pooling", ["token", "avgmax", "map"])
+def test_the_padded_forward_runs_under_bfloat16_autocast(pooling):
+    """The masks meet bfloat16 attention (autocast casts the fused attention's inputs, mask included; the explicit
+    path adds a float32 mask to bfloat16 logits)."""
+    model = tiny_quadformer("xy", dtype=torch.float32, **POOLINGS[pooling])
+    singles = single_mosaics(model)
+    padded = pad_mosaics(singles)
+    for fused in (True, False):
+        use_fused_attention(model, fused)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            batch = model(padded)
+            alone = [model(mosaic)[0] for mosaic in singles]
+        for b, want in enumerate(alone):
+            # Both runs round the same activations to bfloat16 (2^-8 relative), but a float32 sum in another order
+            # may fall on the other side of a rounding boundary, a few times on the way: 4 units of the largest logit.
+            torch.testing.assert_close(batch[b], want, rtol=0, atol=4 * 2**-8 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_training_on_a_padded_batch_gives_each_image_its_own_gradients(checkpointing):
     model = tiny_quadformer("xy-learned", **POOLINGS["avgmax"]).train()
@@ -193,6 +211,8 @@ def test_the_padded_forward_on_cuda_does_not_synchronize_and_matches_float64(poo
             logits = model(padded)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.isfinite(model(padded)).all()  # the float mask meets bfloat16 attention
     # float32 on the GPU against float64 on the CPU: each logit is a few dozen float32 sums rounded to 2^-24
     # relative; 64 units of the largest logit hold any order of those sums (tests/test_compile.py's argument).
     for b, want in enumerate(truth):
