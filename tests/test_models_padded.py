@@ -68,7 +68,7 @@ def use_fused_attention(model, fused):
 
 
 def float64_tolerance(reference):
-    """The logits come out of a few dozen float64 sums (dot products of up to 128 terms, layer norms, softmaxes over
+    """The logits (and pooled features) come out of a few dozen float64 sums (dot products of up to 128 terms, layer norms, softmaxes over
     at most 33 keys, pooling over at most 31 tokens), each rounded to 2^-53 relative. A padded batch sums in
     another order (over N_max keys, the padding ones exactly 0 after the mask; over N_max tokens when pooling), so
     it may differ by a few units of 2^-53 of the largest logit (about 10 measured): 64 units hold any order. A
@@ -88,11 +88,16 @@ def test_each_image_of_a_padded_batch_gets_its_logits_alone(pos_embed, pooling):
         with torch.no_grad():
             batch = model(padded)
             alone = [model(mosaic)[0] for mosaic in singles]
-        for b, want in enumerate(alone):
-            # Without pooling, each token has its logits: the prefix and the valid leaves are compared.
-            got = batch[b, :n_prefix + LENGTHS[b]] if pooling == "none" else batch[b]
-            torch.testing.assert_close(got, want, rtol=0, atol=float64_tolerance(want),
-                                       msg=lambda text: f"image {b}, fused attention {fused}: {text}")
+            # The same in two steps, to the pooled features.
+            pooled = model.forward_head(model.forward_features(padded), pre_logits=True, valid=padded.valid)
+            pooled_alone = [model.forward_head(model.forward_features(mosaic), pre_logits=True)[0]
+                            for mosaic in singles]
+        for outputs, references in ((batch, alone), (pooled, pooled_alone)):
+            for b, want in enumerate(references):
+                # Without pooling, each token has its output: the prefix and the valid leaves are compared.
+                got = outputs[b, :n_prefix + LENGTHS[b]] if pooling == "none" else outputs[b]
+                torch.testing.assert_close(got, want, rtol=0, atol=float64_tolerance(want),
+                                           msg=lambda text: f"image {b}, fused attention {fused}: {text}")
 
     # The control: the same batch with its padding read as leaves (the first cell's, where the boxes must be
     # leaves) changes the shorter images' logits by far more than the tolerance, which therefore sees a leak.

@@ -258,19 +258,18 @@ class Quadformer(nn.Module):
         rows hold finite values that mean nothing; pool with ``forward_head(x, valid=mosaic.valid)``."""
         vit = self.vit
         mosaic = x if isinstance(x, Mosaic) else self.tokenize(x, n_patches)
-        x = self.embed(mosaic)
-        checkpointing = getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting()
         if mosaic.is_padded:
             check_blocks_for_padding(vit)
-            x = vit.norm_pre(vit.patch_drop(x))
-            # Masks built on the device from lengths: no host synchronisation. timm's checkpoint_seq cannot pass
-            # them, so the blocks run one by one, each checkpointed on its own.
-            mask = attention_mask(mosaic.valid, x.shape[1] - mosaic.n_patches, x.dtype)
-            x = run_blocks(vit.blocks, x, mask, checkpointing)
-            return vit.norm(x)
+        x = self.embed(mosaic)
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
-        if checkpointing:
+        checkpointing = getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting()
+        if mosaic.is_padded:
+            # The mask is built on the device from lengths: no host synchronisation. timm's checkpoint_seq cannot
+            # pass it, so the blocks run one by one, each checkpointed on its own.
+            mask = attention_mask(mosaic.valid, x.shape[1] - mosaic.n_patches, x.dtype)
+            x = run_blocks(vit.blocks, x, mask, checkpointing)
+        elif checkpointing:
             from timm.models import checkpoint_seq
 
             x = checkpoint_seq(vit.blocks, x)
