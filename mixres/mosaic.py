@@ -40,6 +40,9 @@ class Mosaic:
             s_min cell sits at 0.0: ``(corner + size / 2) / min_patch_size - 0.5``.
         min_patch_size: s_min, the unit of ``centers``.
         image_size: (H, W) of the tokenized images.
+        lengths: ``[B]`` int64, the number of valid leaves of each image (<= N), or None for a fixed budget (every
+            leaf valid, no padding). In a padded mosaic each image's valid leaves come first, in canonical order;
+            the rest is padding: tokens 0, boxes (0, 0, 0), centres (-0.5, -0.5).
     """
 
     tokens: Tensor
@@ -47,6 +50,20 @@ class Mosaic:
     centers: Tensor
     min_patch_size: int
     image_size: tuple[int, int]
+    lengths: Tensor | None = None
+
+    @property
+    def is_padded(self) -> bool:
+        """Whether some images may have fewer valid leaves than N (``lengths`` is set)."""
+        return self.lengths is not None
+
+    @property
+    def valid(self) -> Tensor:
+        """``[B, N]`` bool, True at valid leaves: ``arange(N) < lengths[:, None]``; all True when lengths is None."""
+        batch, n_leaves = self.tokens.shape[:2]
+        if self.lengths is None:
+            return torch.ones(batch, n_leaves, dtype=torch.bool, device=self.tokens.device)
+        return torch.arange(n_leaves, device=self.lengths.device) < self.lengths[:, None]
 
     @property
     def n_patches(self) -> int:

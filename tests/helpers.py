@@ -39,6 +39,25 @@ def random_mosaic(batch=3, channels=3, height=128, width=192, n_patches=60, seed
     return images, mixres.tokenize(images, random_pyramid(geometry, batch, seed), n_patches, **tokenize_kwargs)
 
 
+def pad_mosaics(mosaics: list[mixres.Mosaic]) -> mixres.Mosaic:
+    """One padded batch of single-image mosaics of their own lengths, laid out as docs/design.md says: each image's
+    leaves first, then padding up to the longest: tokens 0, boxes (0, 0, 0), centres (-0.5, -0.5); lengths [B]
+    int64. Built by hand, for the models' tests, independently of tokenize's own padding."""
+    n_max = max(mosaic.tokens.shape[1] for mosaic in mosaics)
+
+    def padded(tensor, fill):
+        padding = tensor.new_tensor(fill).expand(1, n_max - tensor.shape[1], *tensor.shape[2:])
+        return torch.cat([tensor, padding], dim=1)
+
+    first = mosaics[0]
+    return mixres.Mosaic(tokens=torch.cat([padded(mosaic.tokens, 0) for mosaic in mosaics]),
+                         boxes=torch.cat([padded(mosaic.boxes, [0, 0, 0]) for mosaic in mosaics]),
+                         centers=torch.cat([padded(mosaic.centers, [-0.5, -0.5]) for mosaic in mosaics]),
+                         min_patch_size=first.min_patch_size, image_size=first.image_size,
+                         lengths=torch.tensor([mosaic.tokens.shape[1] for mosaic in mosaics],
+                                              device=first.tokens.device))
+
+
 def random_boxes(batch: int, n_leaves: int, height: int, width: int, sizes: list[int], seed: int = 0) -> torch.Tensor:
     """Arbitrary boxes [B, N, 3] int32 inside a height x width image: they overlap, and their sides (drawn from
     ``sizes``) need not be multiples of a token side."""

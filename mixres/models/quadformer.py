@@ -12,6 +12,8 @@ from ..checks import check_images, check_nan_policy, check_resize_mode
 from ..mosaic import Mosaic, tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Scorer, create_scorer
+from .padding import (attention_mask, check_blocks_for_padding, check_lengths, check_pooling_for_padding,
+                      neutral_padding, pool_valid_tokens, run_blocks, zero_padding)
 from .position import LearnedXYEmbed, PositionEmbedding, pos_embed_class
 
 __all__ = ["Quadformer", "check_vit"]
@@ -64,7 +66,9 @@ class Quadformer(nn.Module):
 
     Inputs: images ``[B, C, H, W]`` with the ViT's C input channels (normalised as for the ViT; H, W multiples of
     max_patch_size; any float dtype: the ViT gets the tokens in its own dtype), or a prepared
-    :class:`mixres.Mosaic` whose tokens have the ViT's patch size and channels.
+    :class:`mixres.Mosaic` whose tokens have the ViT's patch size and channels. A padded mosaic (``lengths`` set,
+    each from 1 to N) runs with a key-padding mask and pools its valid tokens only (see
+    :mod:`mixres.models.padding`): image b's logits are those it gets alone at its own length.
     """
 
     def __init__(self, vit: nn.Module, n_patches: int = 100, scorer: str | Scorer = "pixel-blur",
@@ -216,7 +220,8 @@ class Quadformer(nn.Module):
 
     def embed(self, mosaic: Mosaic) -> Tensor:
         """A mosaic -> the token sequence entering the blocks, ``[B, prefix + N, D]``: leaves embedded by the
-        ViT's patch-embedding weights, position embeddings added, prefix (class, register) tokens in front."""
+        ViT's patch-embedding weights, position embeddings added, prefix (class, register) tokens in front. A padded
+        mosaic's padding rows are 0 (whatever its padding leaves hold)."""
         vit = self.vit
         if mosaic.patch_size != self.patch_size or mosaic.tokens.shape[2] != self.in_chans:
             raise ValueError(f"mosaic tokens must be [B, N, {self.in_chans}, {self.patch_size}, {self.patch_size}] "
@@ -224,10 +229,14 @@ class Quadformer(nn.Module):
         if mosaic.min_patch_size != self.min_patch_size:
             raise ValueError(f"mosaic has min_patch_size {mosaic.min_patch_size} but the model uses "
                              f"{self.min_patch_size}")
+        if mosaic.is_padded:
+            check_lengths(mosaic.lengths, mosaic.tokens)
         proj = vit.patch_embed.proj
         x = F.linear(mosaic.flat_tokens().to(proj.weight.dtype), proj.weight.flatten(1), proj.bias)
         x = vit.patch_embed.norm(x)
-        x = x + self.pos_embed(mosaic, vit).to(x.dtype)
+        x = x + self.pos_embed(neutral_padding(mosaic), vit).to(x.dtype)
+        if mosaic.is_padded:
+            x = zero_padding(x, mosaic.valid)
 
         prefix = []
         if vit.cls_token is not None:
@@ -242,13 +251,25 @@ class Quadformer(nn.Module):
         return vit.pos_drop(x)
 
     def forward_features(self, x: Tensor | Mosaic, n_patches: int | None = None) -> Tensor:
-        """Images or a mosaic -> the normed token features ``[B, prefix + N, D]``."""
+        """Images or a mosaic -> the normed token features ``[B, prefix + N, D]``.
+
+        A padded mosaic (``mosaic.lengths`` set) runs the blocks with a key-padding mask: no token attends to
+        padding, so each valid token's features are those of its image run alone at its own length. The padding
+        rows hold finite values that mean nothing; pool with ``forward_head(x, valid=mosaic.valid)``."""
         vit = self.vit
         mosaic = x if isinstance(x, Mosaic) else self.tokenize(x, n_patches)
+        if mosaic.is_padded:
+            check_blocks_for_padding(vit)
         x = self.embed(mosaic)
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
-        if getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting():
+        checkpointing = getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting()
+        if mosaic.is_padded:
+            # The mask is built on the device from lengths: no host synchronisation. timm's checkpoint_seq cannot
+            # pass it, so the blocks run one by one, each checkpointed on its own.
+            mask = attention_mask(mosaic.valid, x.shape[1] - mosaic.n_patches, x.dtype)
+            x = run_blocks(vit.blocks, x, mask, checkpointing)
+        elif checkpointing:
             from timm.models import checkpoint_seq
 
             x = checkpoint_seq(vit.blocks, x)
@@ -256,15 +277,28 @@ class Quadformer(nn.Module):
             x = vit.blocks(x)
         return vit.norm(x)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.vit.forward_head(x, pre_logits=pre_logits)
+    def forward_head(self, x: Tensor, pre_logits: bool = False, valid: Tensor | None = None) -> Tensor:
+        """Features ``[B, prefix + N, D]`` -> logits ``[B, num_classes]`` (pooled features ``[B, D]`` with
+        ``pre_logits``), by the ViT's own pooling, ``fc_norm`` and head.
+
+        ``valid``: ``[B, N]`` bool, a padded mosaic's ``mosaic.valid``: pooling then reads valid tokens only
+        (class token: as is; ``avg``, ``max``, ``avgmax``: over the valid leaves, and the prefix tokens where the
+        ViT pools them too; ``map``: attention pooling with padding masked). ``global_pool="prr"`` is refused."""
+        vit = self.vit
+        if valid is None:
+            return vit.forward_head(x, pre_logits=pre_logits)
+        check_pooling_for_padding(vit)
+        x = vit.head_drop(vit.fc_norm(pool_valid_tokens(vit, x, valid)))
+        return x if pre_logits else vit.head(x)
 
     def forward(self, x: Tensor | Mosaic, n_patches: int | None = None) -> Tensor:
         """Images ``[B, C, H, W]`` or a :class:`mixres.Mosaic` -> logits ``[B, num_classes]``. ``n_patches``
-        overrides the model's budget for this call (images only; a mosaic has its own)."""
+        overrides the model's budget for this call (images only; a mosaic has its own). A padded mosaic's image b
+        gets the logits it gets alone at its own length ``lengths[b]`` (up to float rounding)."""
         if isinstance(x, Mosaic) and n_patches is not None and n_patches != x.n_patches:
             raise ValueError(f"n_patches={n_patches} was given with a mosaic of {x.n_patches} leaves")
-        return self.forward_head(self.forward_features(x, n_patches))
+        mosaic = x if isinstance(x, Mosaic) else self.tokenize(x, n_patches)
+        return self.forward_head(self.forward_features(mosaic), valid=mosaic.valid if mosaic.is_padded else None)
 
 
 def check_vit(vit: nn.Module) -> tuple[int, int, tuple[int, int]]:
