@@ -14,9 +14,7 @@ and the autograd formulas:
 """
 from __future__ import annotations
 
-import math
 import numbers
-import struct
 import warnings
 from collections.abc import Sequence
 
@@ -24,7 +22,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .checks import check_budget_values, check_budgets, check_tensor, check_threshold_values, check_thresholds
+from .checks import (check_budget_values, check_budgets, check_tensor, check_threshold_number, check_threshold_values,
+                     check_thresholds)
 from .pyramid import QuadtreeGeometry, packed_length
 
 try:
@@ -194,16 +193,7 @@ def _is_number(value) -> bool:
 
 def _rounded_threshold(value, dtype: torch.dtype, where: str = "") -> float:
     """A finite Python number as the scores' ``dtype`` holds it (rounded to nearest), or a ValueError."""
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{_ADAPTIVE_OP}: thresholds must be finite, got {value}{where}")
-    if dtype == torch.float32:
-        try:  # struct rounds to the nearest float32, and refuses a value that rounds to infinity
-            value = struct.unpack("<f", struct.pack("<f", value))[0]
-        except OverflowError:
-            raise ValueError(f"{_ADAPTIVE_OP}: thresholds must be finite in the scores' dtype float32, got "
-                             f"{value}{where}, which overflows it") from None
-    return value
+    return check_threshold_number(value, dtype, _ADAPTIVE_OP, "thresholds", where)
 
 
 def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str = "area") -> Tensor:
