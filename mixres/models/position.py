@@ -123,7 +123,7 @@ class PositionEmbedding(nn.Module):
     reads_centers: ClassVar[bool]
 
     def forward(self, mosaic: Mosaic, vit: nn.Module) -> Tensor:
-        """The positions of ``mosaic``'s leaves, ``[B, N, D]``."""
+        """The positions of ``mosaic``'s leaves, ``[B, N, D]``. A padded mosaic is a ValueError (for now)."""
         raise NotImplementedError
 
     def no_weight_decay(self) -> set[str]:
@@ -150,6 +150,7 @@ class ResampledTable(PositionEmbedding):
                              "(pos_embed is None): use pos_embed='xy' or 'xy-learned'")
 
     def forward(self, mosaic: Mosaic, vit: nn.Module) -> Tensor:
+        mosaic.require_unpadded(f"pos_embed={self.kind!r}")
         side = mosaic.min_patch_size
         grid = (mosaic.image_size[0] // side, mosaic.image_size[1] // side)
         table = vit.pos_embed[:, _table_prefix(vit):]
@@ -228,6 +229,7 @@ class SinCosXY(_FromCentres):
         self.dim = vit.embed_dim
 
     def forward(self, mosaic: Mosaic, vit: nn.Module) -> Tensor:
+        mosaic.require_unpadded(f"pos_embed={self.kind!r}")
         return sincos_xy_embed(mosaic.centers, self.dim)
 
     def extra_repr(self) -> str:
@@ -245,6 +247,7 @@ class LearnedXY(_FromCentres):
         self.xy_embed = LearnedXYEmbed(grid, vit.embed_dim)
 
     def forward(self, mosaic: Mosaic, vit: nn.Module) -> Tensor:
+        mosaic.require_unpadded(f"pos_embed={self.kind!r}")
         side = mosaic.min_patch_size
         return self.xy_embed(mosaic.centers, (mosaic.image_size[0] // side, mosaic.image_size[1] // side))
 

@@ -216,8 +216,11 @@ class Quadformer(nn.Module):
 
     def embed(self, mosaic: Mosaic) -> Tensor:
         """A mosaic -> the token sequence entering the blocks, ``[B, prefix + N, D]``: leaves embedded by the
-        ViT's patch-embedding weights, position embeddings added, prefix (class, register) tokens in front."""
+        ViT's patch-embedding weights, position embeddings added, prefix (class, register) tokens in front. A
+        padded mosaic (an adaptive budget's, ``mosaic.lengths`` given) is a ValueError: the blocks would attend to
+        its padding."""
         vit = self.vit
+        mosaic.require_unpadded("the Quadformer")
         if mosaic.patch_size != self.patch_size or mosaic.tokens.shape[2] != self.in_chans:
             raise ValueError(f"mosaic tokens must be [B, N, {self.in_chans}, {self.patch_size}, {self.patch_size}] "
                              f"(the ViT's channels and patch size), got {list(mosaic.tokens.shape)}")
