@@ -185,7 +185,8 @@ def _budgets(n_patches, max_patches, threshold, geometry: QuadtreeGeometry,
         raise ValueError(f"n_patches must hold one budget per image, [B] = [{batch}], got {len(budgets)}")
     max_patches = geometry.check_n_patches(max(budgets) if max_patches is None else max_patches, name="max_patches")
     check_budget_values(budgets, geometry.n_roots, max_patches, None, name="n_patches")
-    return max_patches, torch.tensor(budgets, dtype=torch.int64, device=images.device)
+    # non_blocking: a blocking copy to a GPU would synchronise the stream (a CUDA graph captures neither).
+    return max_patches, torch.tensor(budgets, dtype=torch.int64).to(images.device, non_blocking=True)
 
 
 def _threshold_values(threshold, geometry: QuadtreeGeometry) -> list | Tensor:
