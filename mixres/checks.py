@@ -17,7 +17,8 @@ from torch import Tensor
 __all__ = ["FLOAT_DTYPES", "RESIZE_MODES", "NAN_POLICIES", "check_int", "check_plain_int", "check_tensor",
            "check_rank", "check_float_dtype", "check_floating", "check_device", "check_batch", "check_images",
            "check_map", "check_boxes", "check_boxes_inside", "is_padding_box", "check_budgets", "check_budget_values",
-           "check_thresholds", "check_threshold_values", "check_threshold_number", "check_resize_mode", "check_nan_policy"]
+           "check_thresholds", "check_threshold_values", "check_threshold_number", "check_resize_mode",
+           "check_nan_policy"]
 
 # The dtypes of images and tokens.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -37,8 +37,9 @@ def tokens_to_grid(features: Tensor, boxes: Tensor, min_patch_size: int, image_s
 
     Returns:
         ``[B, D, H / s_min, W / s_min]`` in the features' dtype and device, cell (r, c) holding the feature of the
-        leaf that covers it (never a padding box's). Its memory is channels-last (a view of a ``[B, h, w, D]`` tensor). Differentiable with
-        respect to ``features``; the backward is ``grid_to_tokens(grad, boxes, min_patch_size, reduce="sum")``.
+        leaf that covers it (never a padding box's). Its memory is channels-last (a view of a ``[B, h, w, D]``
+        tensor). Differentiable with respect to ``features``; the backward is ``grid_to_tokens(grad, boxes,
+        min_patch_size, reduce="sum")``.
 
     Raises:
         TypeError: a non-tensor argument, boxes not int32/int64, or a min_patch_size or image_size not of ints.
@@ -69,8 +70,8 @@ def grid_to_tokens(grid: Tensor, boxes: Tensor, min_patch_size: int, reduce: str
         reduce: ``"mean"`` (average over the leaf's ``(size / s_min)^2`` cells) or ``"sum"``.
 
     Returns:
-        ``[B, N, D]`` in the grid's dtype and device; 0 for padding boxes (0, 0, 0). Differentiable with respect to ``grid``; with ``"sum"`` the
-        backward is ``tokens_to_grid(grad, boxes, min_patch_size, image_size)``.
+        ``[B, N, D]`` in the grid's dtype and device; 0 for padding boxes (0, 0, 0). Differentiable with respect to
+        ``grid``; with ``"sum"`` the backward is ``tokens_to_grid(grad, boxes, min_patch_size, image_size)``.
 
     Raises:
         TypeError: a non-tensor argument, boxes not int32/int64, a min_patch_size not an int, or an integer grid
