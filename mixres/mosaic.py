@@ -160,7 +160,9 @@ def _budgets(n_patches, max_patches, threshold, geometry: QuadtreeGeometry,
     """(N, budgets): the width of the outputs, and the per-image budgets ``[B]`` on the images' device (None for one
     budget for all). Their values are checked here where that is free (Python ints, CPU tensors outside
     torch.compile); on a GPU the op checks them on the device."""
-    per_image = isinstance(n_patches, Tensor) or (isinstance(n_patches, Sequence) and not isinstance(n_patches, str))
+    # A 0-dim tensor is no per-image budget: check_int asks for int(value).
+    per_image = (isinstance(n_patches, Tensor) and n_patches.dim() > 0) or (
+        isinstance(n_patches, Sequence) and not isinstance(n_patches, str))
     if not per_image:
         n_patches = geometry.check_n_patches(n_patches)
         if max_patches is not None:
