@@ -7,6 +7,7 @@ own take its name as ``op`` and start their messages with it, as the op's errors
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import struct
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from torch import Tensor
 __all__ = ["FLOAT_DTYPES", "RESIZE_MODES", "NAN_POLICIES", "check_int", "check_plain_int", "check_tensor",
            "check_rank", "check_float_dtype", "check_floating", "check_device", "check_batch", "check_images",
            "check_map", "check_boxes", "check_boxes_inside", "is_padding_box", "check_budgets", "check_budget_values",
-           "check_thresholds", "check_threshold_values", "check_threshold_number", "check_resize_mode",
+           "check_thresholds", "check_threshold_values", "check_threshold_number", "is_number", "check_resize_mode",
            "check_nan_policy"]
 
 # The dtypes of images and tokens.
@@ -225,6 +226,11 @@ def check_threshold_values(thresholds: Tensor, sizes: list[int], op: str | None,
     for level, (value, size) in enumerate(zip(thresholds.tolist(), sizes, strict=True)):
         check_threshold_number(value, None, op, name, f" for patch size {size} ({name}[{level}])")
     return thresholds
+
+
+def is_number(value) -> bool:
+    """Whether ``value`` is a real number a threshold may be: a Python or NumPy int or float, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_threshold_number(value, dtype: torch.dtype | None, op: str | None, name: str = "thresholds",

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import ops
 from .checks import (NAN_POLICIES, check_budget_values, check_budgets, check_floating, check_images, check_int,
-                     check_nan_policy, check_resize_mode, check_threshold_number, check_threshold_values)
+                     check_nan_policy, check_resize_mode, check_threshold_number, check_threshold_values, is_number)
 from .grid import tokens_to_grid
 from .pyramid import QuadtreeGeometry, pack_scores
 from .scorers.base import Scorer
@@ -210,19 +210,15 @@ def _threshold_values(threshold, geometry: QuadtreeGeometry) -> list | Tensor:
             raise ValueError(f"threshold must be one number (0-dim) or [{len(sizes)}], one per splittable patch size "
                              f"{sizes}, got shape {list(threshold.shape)}")
         return threshold
-    if _is_number(threshold):
+    if is_number(threshold):
         threshold = [threshold] * len(sizes)
-    if isinstance(threshold, str) or not isinstance(threshold, Sequence) or not all(map(_is_number, threshold)):
+    if isinstance(threshold, str) or not isinstance(threshold, Sequence) or not all(map(is_number, threshold)):
         raise TypeError(f"threshold must be a number, a dict {{patch size: number}}, a sequence of numbers (one per "
                         f"splittable patch size {sizes}, coarse to fine) or a Tensor, got {threshold!r}")
     if len(threshold) != len(sizes):
         raise ValueError(f"threshold must hold one number per splittable patch size {sizes}, coarse to fine, got "
                          f"{len(threshold)} numbers")
     return list(threshold)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _thresholds(values: list | Tensor, geometry: QuadtreeGeometry, packed: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import reference
 from .checks import (check_budget_values, check_budgets, check_tensor, check_threshold_number, check_threshold_values,
-                     check_thresholds)
+                     check_thresholds, is_number)
 from .pyramid import QuadtreeGeometry, packed_length
 
 try:
@@ -174,9 +174,9 @@ def _thresholds_for(scores: Tensor, thresholds, height, width, min_patch_size, m
         check_threshold_values(thresholds, sizes, _ADAPTIVE_OP)
         return thresholds.to(scores.device, non_blocking=True)
     dtype = scores.dtype if scores.dtype in (torch.float32, torch.float64) else torch.float64  # else the op refuses
-    if _is_number(thresholds):
+    if is_number(thresholds):
         return torch.full((len(sizes),), _rounded_threshold(thresholds, dtype), dtype=dtype, device=scores.device)
-    if not isinstance(thresholds, Sequence) or isinstance(thresholds, str) or not all(map(_is_number, thresholds)):
+    if not isinstance(thresholds, Sequence) or isinstance(thresholds, str) or not all(map(is_number, thresholds)):
         raise TypeError(f"{_ADAPTIVE_OP}: thresholds must be a number, a sequence of numbers or a Tensor, got "
                         f"{thresholds!r}")
     if len(thresholds) != len(sizes):
@@ -185,10 +185,6 @@ def _thresholds_for(scores: Tensor, thresholds, height, width, min_patch_size, m
     values = [_rounded_threshold(t, dtype, f" for patch size {s} (thresholds[{i}])")
               for i, (t, s) in enumerate(zip(thresholds, sizes))]
     return torch.tensor(values, dtype=dtype).to(scores.device, non_blocking=True)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _rounded_threshold(value, dtype: torch.dtype, where: str = "") -> float:
