@@ -29,4 +29,11 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE bool box_inside(const Box& box, int64_t height
          static_cast<int64_t>(box.x) + box.size <= width;
 }
 
+// The padding box of an adaptive mosaic, (0, 0, 0), which follows an image's leaves up to N_max: extract_patches
+// gives it a zero token and its token no gradient to the images. Only this box: any other of size 0 is an error, so
+// that a corrupted box is still caught.
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool is_padding(const Box& box) {
+  return box.size == 0 && box.y == 0 && box.x == 0;
+}
+
 }  // namespace mixres

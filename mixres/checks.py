@@ -7,7 +7,9 @@ own take its name as ``op`` and start their messages with it, as the op's errors
 from __future__ import annotations
 
 import math
+import numbers
 import operator
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -15,8 +17,9 @@ from torch import Tensor
 
 __all__ = ["FLOAT_DTYPES", "RESIZE_MODES", "NAN_POLICIES", "check_int", "check_plain_int", "check_tensor",
            "check_rank", "check_float_dtype", "check_floating", "check_device", "check_batch", "check_images",
-           "check_map", "check_boxes", "check_boxes_inside", "check_budgets", "check_budget_values",
-           "check_thresholds", "check_threshold_values", "check_resize_mode", "check_nan_policy"]
+           "check_map", "check_boxes", "check_boxes_inside", "is_padding_box", "check_budgets", "check_budget_values",
+           "check_thresholds", "check_threshold_values", "check_threshold_number", "is_number", "check_resize_mode",
+           "check_nan_policy"]
 
 # The dtypes of images and tokens.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -151,39 +154,53 @@ def check_boxes(boxes, batch: int | None, op: str) -> Tensor:
 
 
 def check_boxes_inside(boxes: Tensor, height: int, width: int, op: str) -> Tensor:
-    """Every box a square of positive side inside the image (in int64: y + size may overflow an int32). Reads the
-    boxes on the host: a synchronisation on CUDA, which is why only the reference checks this."""
+    """Every box a square of positive side inside the image (in int64: y + size may overflow an int32), or the
+    padding box (0, 0, 0) of an adaptive mosaic. Reads the boxes on the host: a synchronisation on CUDA, which is why
+    only the reference checks this."""
     y, x, size = boxes.long().unbind(-1)
     outside = (size < 1) | (y < 0) | (x < 0) | (y + size > height) | (x + size > width)
+    outside &= ~is_padding_box(boxes)
     if outside.any():
         b, n = outside.nonzero()[0].tolist()
         y, x, size = boxes[b, n].tolist()
         raise ValueError(f"{op}: boxes[{b}, {n}] (y={y}, x={x}, size={size}) is not inside the {height}x{width} "
-                         f"image: need size >= 1, 0 <= y <= {height} - size and 0 <= x <= {width} - size")
+                         f"image: need size >= 1, 0 <= y <= {height} - size and 0 <= x <= {width} - size (or the "
+                         f"padding box (0, 0, 0))")
     return boxes
 
 
-def check_budgets(budgets, batch: int, op: str, device: torch.device | None = None) -> Tensor:
-    """Per-image budgets ``[batch]`` int32 or int64 (on ``device`` unless None): the C++ check_adaptive_args, with
-    its messages. Their values are :func:`check_budget_values`'."""
-    check_tensor("budgets", budgets, op)
+def is_padding_box(boxes: Tensor) -> Tensor:
+    """``[...]`` bool: which boxes ``[..., 3]`` are the padding box (0, 0, 0) that follows an adaptive mosaic's
+    leaves. Elementwise: no host synchronisation."""
+    return (boxes == 0).all(dim=-1)
+
+
+def check_budgets(budgets, batch: int, op: str | None, device: torch.device | None = None, name: str = "budgets",
+                  holder: str = "scores are") -> Tensor:
+    """Per-image budgets ``[batch]`` int32 or int64 (on ``device``, the device of what ``holder`` names, unless
+    None): the C++ check_adaptive_args, with its messages; ``name`` is the argument's (``n_patches`` for tokenize).
+    Their values are :func:`check_budget_values`'."""
+    check_tensor(name, budgets, op)
     if budgets.dim() != 1 or budgets.shape[0] != batch:
-        raise ValueError(f"{op}: budgets must be [B] = [{batch}], one budget per image, got {list(budgets.shape)}")
+        raise ValueError(f"{_prefix(op)}{name} must be [B] = [{batch}], one budget per image, got "
+                         f"{list(budgets.shape)}")
     if budgets.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{op}: budgets must be int32 or int64, got {budgets.dtype}")
+        raise TypeError(f"{_prefix(op)}{name} must be int32 or int64, got {budgets.dtype}")
     if device is not None and budgets.device != device:
-        raise ValueError(f"{op}: budgets is on {budgets.device} but scores are on {device}: put both on one device")
+        raise ValueError(f"{_prefix(op)}{name} is on {budgets.device} but {holder} on {device}: put both on one "
+                         f"device")
     return budgets
 
 
-def check_budget_values(budgets: Tensor | Sequence[int], n_roots: int, max_patches: int, op: str):
+def check_budget_values(budgets: Tensor | Sequence[int], n_roots: int, max_patches: int, op: str | None,
+                        name: str = "budgets"):
     """Every budget (of a tensor ``[B]`` or a sequence of ints) reachable (``n_roots + 3k``) and at most
     ``max_patches``; the error names the first image that has another. Reads a tensor's values on the host: a
     synchronisation where they are on a GPU."""
     for image, budget in enumerate(budgets.tolist() if isinstance(budgets, Tensor) else budgets):
         if not (n_roots <= budget <= max_patches and (budget - n_roots) % 3 == 0):
-            raise ValueError(f"{op}: budgets[{image}] = {budget} is unreachable: each budget must be {n_roots} + 3k, "
-                             f"from {n_roots} to max_patches = {max_patches}")
+            raise ValueError(f"{_prefix(op)}{name}[{image}] = {budget} is unreachable: each budget must be "
+                             f"{n_roots} + 3k, from {n_roots} to max_patches = {max_patches}")
     return budgets
 
 
@@ -204,13 +221,32 @@ def check_thresholds(thresholds, sizes: list[int], dtype: torch.dtype, op: str,
     return thresholds
 
 
-def check_threshold_values(thresholds: Tensor, sizes: list[int], op: str) -> Tensor:
+def check_threshold_values(thresholds: Tensor, sizes: list[int], op: str | None, name: str = "thresholds") -> Tensor:
     """Every threshold finite; the error names the first other and its patch size. Reads the values on the host."""
     for level, (value, size) in enumerate(zip(thresholds.tolist(), sizes, strict=True)):
-        if not math.isfinite(value):
-            raise ValueError(f"{op}: thresholds must be finite, got {value} for patch size {size} "
-                             f"(thresholds[{level}])")
+        check_threshold_number(value, None, op, name, f" for patch size {size} ({name}[{level}])")
     return thresholds
+
+
+def is_number(value) -> bool:
+    """Whether ``value`` is a real number a threshold may be: a Python or NumPy int or float, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_threshold_number(value, dtype: torch.dtype | None, op: str | None, name: str = "thresholds",
+                           where: str = "") -> float:
+    """A finite Python number as the scores' ``dtype`` holds it (float32 rounded to nearest; None: as it is), or a
+    ValueError naming ``name`` and ``where`` it was (``" for patch size 32 (thresholds[1])"``)."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{_prefix(op)}{name} must be finite, got {value}{where}")
+    if dtype == torch.float32:
+        try:  # struct rounds to the nearest float32, and refuses a value that rounds to infinity
+            value = struct.unpack("<f", struct.pack("<f", value))[0]
+        except OverflowError:
+            raise ValueError(f"{_prefix(op)}{name} must be finite in the scores' dtype float32, got "
+                             f"{value}{where}, which overflows it") from None
+    return value
 
 
 def check_resize_mode(mode, name: str = "mode") -> str:

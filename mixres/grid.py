@@ -9,16 +9,18 @@ they run on any device, under ``torch.compile(fullgraph=True)`` and in CUDA grap
 
 The boxes must be what :func:`mixres.tokenize` makes: in every image, leaves that cover the image exactly (no gap,
 no overlap), each a square whose side is ``min_patch_size`` times a power of two, whose corner is a multiple of its
-side, and which divides H and W. Checking this would need a host synchronisation, so it is the caller's contract:
-with other boxes the results are unspecified (no error is raised; an index past the grid trips an indexing error,
-on CUDA a device-side assert).
+side, and which divides H and W; in an adaptive mosaic, followed by padding boxes (0, 0, 0). Padding paints no cell
+and pools to 0 (sum and mean alike), so its features get a zero gradient; shapes stay static, with no host
+synchronisation. Checking the boxes would need a host synchronisation, so it is the caller's contract: with other
+boxes the results are unspecified (no error is raised; an index past the grid trips an indexing error, on CUDA a
+device-side assert).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .checks import check_batch, check_device, check_plain_int, check_rank
+from .checks import check_batch, check_device, check_plain_int, check_rank, is_padding_box
 
 __all__ = ["tokens_to_grid", "grid_to_tokens"]
 
@@ -35,8 +37,9 @@ def tokens_to_grid(features: Tensor, boxes: Tensor, min_patch_size: int, image_s
 
     Returns:
         ``[B, D, H / s_min, W / s_min]`` in the features' dtype and device, cell (r, c) holding the feature of the
-        leaf that covers it. Its memory is channels-last (a view of a ``[B, h, w, D]`` tensor). Differentiable with
-        respect to ``features``; the backward is ``grid_to_tokens(grad, boxes, min_patch_size, reduce="sum")``.
+        leaf that covers it (never a padding box's). Its memory is channels-last (a view of a ``[B, h, w, D]``
+        tensor). Differentiable with respect to ``features``; the backward is ``grid_to_tokens(grad, boxes,
+        min_patch_size, reduce="sum")``.
 
     Raises:
         TypeError: a non-tensor argument, boxes not int32/int64, or a min_patch_size or image_size not of ints.
@@ -67,8 +70,8 @@ def grid_to_tokens(grid: Tensor, boxes: Tensor, min_patch_size: int, reduce: str
         reduce: ``"mean"`` (average over the leaf's ``(size / s_min)^2`` cells) or ``"sum"``.
 
     Returns:
-        ``[B, N, D]`` in the grid's dtype and device. Differentiable with respect to ``grid``; with ``"sum"`` the
-        backward is ``tokens_to_grid(grad, boxes, min_patch_size, image_size)``.
+        ``[B, N, D]`` in the grid's dtype and device; 0 for padding boxes (0, 0, 0). Differentiable with respect to
+        ``grid``; with ``"sum"`` the backward is ``tokens_to_grid(grad, boxes, min_patch_size, image_size)``.
 
     Raises:
         TypeError: a non-tensor argument, boxes not int32/int64, a min_patch_size not an int, or an integer grid
@@ -87,8 +90,9 @@ def grid_to_tokens(grid: Tensor, boxes: Tensor, min_patch_size: int, reduce: str
     summed = _Pool.apply(grid.permute(0, 2, 3, 1).flatten(1, 2), boxes, min_patch_size, rows, cols)
     if reduce == "sum":
         return summed
-    # A leaf of side k * s_min covers k^2 cells, a power of two: the division itself is exact.
-    return summed / ((boxes[..., 2] // min_patch_size) ** 2)[..., None]
+    # A leaf of side k * s_min covers k^2 cells, a power of two: the division itself is exact. A padding box covers
+    # none and sums to 0: divided by 1, it stays 0.
+    return summed / ((boxes[..., 2] // min_patch_size) ** 2).clamp(min=1)[..., None]
 
 
 class _LeafGridFunction(torch.autograd.Function):
@@ -131,13 +135,15 @@ class _Pool(_LeafGridFunction):
     @staticmethod
     def forward(cells: Tensor, boxes: Tensor, min_patch_size: int, rows: int, cols: int) -> Tensor:
         # Level j holds the sums of the aligned 2^j x 2^j blocks, [B, h / 2^j * w / 2^j, D], all levels in one
-        # tensor so that a single gather reads every leaf's block from the level of its size. Copying the cells in
-        # first (D innermost, whatever the grid's layout) lets the sums and the gather read whole D-vectors.
+        # tensor so that a single gather reads every leaf's block from the level of its size, and padding boxes a
+        # zero row after them (block_index). Copying the cells in first (D innermost, whatever the grid's layout)
+        # lets the sums and the gather read whole D-vectors.
         sides = block_sides(rows, cols)
         counts = [rows // k * (cols // k) for k in sides]
         batch, dim = cells.shape[0], cells.shape[2]
-        pyramid = cells.new_empty(batch, sum(counts), dim)
-        levels = pyramid.split(counts, dim=1)
+        pyramid = cells.new_empty(batch, sum(counts) + 1, dim)
+        *levels, padding = pyramid.split([*counts, 1], dim=1)
+        padding.zero_()
         levels[0].copy_(cells)
         for finer, level, k in zip(levels, levels[1:], sides[1:]):
             quads = finer.unflatten(1, (rows // k, 2, cols // k, 2))
@@ -161,13 +167,17 @@ def block_sides(rows: int, cols: int) -> list[int]:
 
 def block_index(boxes: Tensor, min_patch_size: int, rows: int, cols: int) -> Tensor:
     """``[B, N]`` int64: where each leaf's block lies in a pyramid of a rows x cols grid's aligned blocks, the
-    levels of sides 1, 2, 4, ... cells (:func:`block_sides`) concatenated, each level in raster order."""
+    levels of sides 1, 2, 4, ... cells (:func:`block_sides`) concatenated, each level in raster order. A padding box
+    (0, 0, 0) gets the index just past the whole pyramid, where a caller keeps a zero entry."""
+    padding = is_padding_box(boxes)
     row, col, side = (boxes.long() // min_patch_size).unbind(-1)
+    side = side.clamp(min=1)  # a padding box's side, 0, would divide by zero below; its index is replaced anyway
     area = side * side
     # Levels 0 .. j-1 before the level of side k = 2^j hold h w (1 + 1/4 + ... + 1/4^(j-1)) = 4 (h w / k^2)
     # (k^2 - 1) / 3 entries; 3 divides k^2 - 1 = 4^j - 1.
     start = rows * cols // area * ((area - 1) // 3) * 4
-    return start + row // side * (cols // side) + col // side
+    past_the_pyramid = sum(rows // k * (cols // k) for k in block_sides(rows, cols))
+    return torch.where(padding, past_the_pyramid, start + row // side * (cols // side) + col // side)
 
 
 def _owner_index(boxes: Tensor, min_patch_size: int, rows: int, cols: int) -> Tensor:
@@ -177,18 +187,20 @@ def _owner_index(boxes: Tensor, min_patch_size: int, rows: int, cols: int) -> Te
     at the aligned corner ((r // k) k, (c // k) k). Map each leaf's side and index to its corner cell; then, for
     every possible side k (a static loop over the few powers of two that divide the grid), the cells whose
     k-aligned corner starts a leaf of side k belong to that leaf. In a mosaic exactly one k matches each cell.
+    Padding boxes are mapped to a slot past the grid, which no cell reads: they own no cell.
     """
     batch, n_leaves = boxes.shape[:2]
+    padding = is_padding_box(boxes)
     boxes = boxes.long() // min_patch_size  # (row, col, side) in cells
-    corner = boxes[..., 0] * cols + boxes[..., 1]
-    side_at = boxes.new_zeros(batch, rows * cols).scatter_(1, corner, boxes[..., 2])
+    corner = torch.where(padding, rows * cols, boxes[..., 0] * cols + boxes[..., 1])
+    side_at = boxes.new_zeros(batch, rows * cols + 1).scatter_(1, corner, boxes[..., 2])
     row = torch.arange(rows, device=boxes.device)[:, None]
     col = torch.arange(cols, device=boxes.device)[None, :]
     owner_corner = boxes.new_zeros(batch, rows * cols)
     for side in block_sides(rows, cols):
         aligned = ((row // side * side) * cols + col // side * side).flatten()  # [rows * cols]
         owner_corner = torch.where(side_at.index_select(1, aligned) == side, aligned, owner_corner)
-    leaf_at = boxes.new_zeros(batch, rows * cols).scatter_(
+    leaf_at = boxes.new_zeros(batch, rows * cols + 1).scatter_(
         1, corner, torch.arange(n_leaves, device=boxes.device).expand(batch, n_leaves))
     return leaf_at.gather(1, owner_corner)
 

@@ -1,6 +1,8 @@
 """``mixres.tokenize``: images and patch scores in, a mixed-resolution mosaic of tokens out."""
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -8,7 +10,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .checks import NAN_POLICIES, check_images, check_int, check_nan_policy, check_resize_mode
+from .checks import (NAN_POLICIES, check_budget_values, check_budgets, check_floating, check_images, check_int,
+                     check_nan_policy, check_resize_mode, check_threshold_number, check_threshold_values, is_number)
 from .grid import tokens_to_grid
 from .pyramid import QuadtreeGeometry, pack_scores
 from .scorers.base import Scorer
@@ -19,10 +22,15 @@ __all__ = ["Mosaic", "tokenize", "Backend", "NAN_POLICIES"]
 class Backend(Protocol):
     """The ops :func:`tokenize` runs on, with the signatures of ``torch.ops.mixres.*``: :mod:`mixres.ops` (the
     compiled kernels, falling back to the reference where there are none) or :mod:`mixres.reference` (plain
-    PyTorch). A module that defines the three functions is one."""
+    PyTorch). A module that defines the four functions is one. tokenize hands ``build_quadtree_adaptive`` its
+    budgets and thresholds as tensors on the scores' device (thresholds in the scores' dtype), or None."""
 
     def build_quadtree(self, scores: Tensor, height: int, width: int, min_patch_size: int, max_patch_size: int,
                        n_patches: int) -> Tensor: ...
+
+    def build_quadtree_adaptive(self, scores: Tensor, height: int, width: int, min_patch_size: int,
+                                max_patch_size: int, max_patches: int, budgets: Tensor | None,
+                                thresholds: Tensor | None) -> tuple[Tensor, Tensor]: ...
 
     def extract_patches(self, images: Tensor, boxes: Tensor, patch_size: int, mode: str) -> Tensor: ...
 
@@ -33,6 +41,11 @@ class Backend(Protocol):
 class Mosaic:
     """A batch of mixed-resolution mosaics. Leaves are in canonical order: raster order of their top-left corner.
 
+    A mosaic of an adaptive budget (:func:`tokenize` with ``threshold`` or per-image ``n_patches``) is *padded*:
+    image b has ``lengths[b]`` leaves, which come first, and N - lengths[b] padding entries after them, whose values
+    no leaf can have: tokens exactly 0, boxes (0, 0, 0) (size 0) and centres (-0.5, -0.5) (every leaf's are >= 0).
+    ``valid`` masks them. Padding tokens carry no gradient to the images.
+
     Attributes:
         tokens: ``[B, N, C, p, p]``, each leaf resized to p x p (the images' dtype and device).
         boxes: ``[B, N, 3]`` int32, each leaf's (y, x, size) in pixels.
@@ -40,9 +53,9 @@ class Mosaic:
             s_min cell sits at 0.0: ``(corner + size / 2) / min_patch_size - 0.5``.
         min_patch_size: s_min, the unit of ``centers``.
         image_size: (H, W) of the tokenized images.
-        lengths: ``[B]`` int64, the number of valid leaves of each image (<= N), or None for a fixed budget (every
-            leaf valid, no padding). In a padded mosaic each image's valid leaves come first, in canonical order;
-            the rest is padding: tokens 0, boxes (0, 0, 0), centres (-0.5, -0.5).
+        lengths: ``[B]`` int32 on the mosaic's device, each image's number of leaves, for a padded mosaic; None for
+            a fixed budget, where every one of the N entries is a leaf. In a padded mosaic each image's leaves come
+            first, in canonical order; the rest is padding: tokens 0, boxes (0, 0, 0), centres (-0.5, -0.5).
     """
 
     tokens: Tensor
@@ -53,21 +66,32 @@ class Mosaic:
     lengths: Tensor | None = None
 
     @property
+    def n_patches(self) -> int:
+        """N, the entries per image: the leaves of a fixed budget, or N_max, leaves and padding, of a padded
+        mosaic."""
+        return self.tokens.shape[1]
+
+    @property
     def is_padded(self) -> bool:
-        """Whether some images may have fewer valid leaves than N (``lengths`` is set)."""
+        """Whether the mosaic has per-image lengths (an adaptive budget), so that entries past them are padding."""
         return self.lengths is not None
 
     @property
     def valid(self) -> Tensor:
-        """``[B, N]`` bool, True at valid leaves: ``arange(N) < lengths[:, None]``; all True when lengths is None."""
-        batch, n_leaves = self.tokens.shape[:2]
+        """``[B, N]`` bool on the mosaic's device, True for leaves and False for padding: entry n of image b is a
+        leaf when n < lengths[b]. Computed on the device, without a host synchronisation; all True for a mosaic that
+        is not padded."""
+        batch, n_entries = self.boxes.shape[:2]
         if self.lengths is None:
-            return torch.ones(batch, n_leaves, dtype=torch.bool, device=self.tokens.device)
-        return torch.arange(n_leaves, device=self.lengths.device) < self.lengths[:, None]
+            return torch.ones(batch, n_entries, dtype=torch.bool, device=self.boxes.device)
+        return torch.arange(n_entries, device=self.lengths.device) < self.lengths[:, None]
 
-    @property
-    def n_patches(self) -> int:
-        return self.tokens.shape[1]
+    def image_leaves(self, index: int) -> Tensor:
+        """``[n, 3]`` int32: the boxes of image ``index``'s leaves, without its padding, ``boxes[index, :n]`` with
+        n = ``lengths[index]`` (all N for a mosaic that is not padded). Reading n synchronises with a GPU: for
+        pictures and reports, not for a training loop."""
+        boxes = self.boxes[index]
+        return boxes if self.lengths is None else boxes[:int(self.lengths[index])]
 
     @property
     def patch_size(self) -> int:
@@ -85,7 +109,8 @@ class Mosaic:
 
     def to_grid(self, features: Tensor) -> Tensor:
         """Paints per-leaf ``features [B, N, D]`` over the min_patch_size cells each leaf covers:
-        ``[B, D, H / min_patch_size, W / min_patch_size]``, differentiable. See :func:`mixres.tokens_to_grid`."""
+        ``[B, D, H / min_patch_size, W / min_patch_size]``, differentiable; padding entries paint nothing (and get
+        a zero gradient). See :func:`mixres.tokens_to_grid`."""
         return tokens_to_grid(features, self.boxes, self.min_patch_size, self.image_size)
 
 
@@ -123,12 +148,103 @@ def _is_scorer(scores) -> bool:
     return callable(scores) and not isinstance(scores, Tensor)
 
 
+def _budgets(n_patches, max_patches, threshold, geometry: QuadtreeGeometry,
+             images: Tensor) -> tuple[int, Tensor | None]:
+    """(N, budgets): the width of the outputs, and the per-image budgets ``[B]`` on the images' device (None for one
+    budget for all). Their values are checked here where that is free (Python ints, CPU tensors outside
+    torch.compile); on a GPU the op checks them on the device."""
+    # A 0-dim tensor is no per-image budget: check_int asks for int(value).
+    per_image = (isinstance(n_patches, Tensor) and n_patches.dim() > 0) or (
+        isinstance(n_patches, Sequence) and not isinstance(n_patches, str))
+    if not per_image:
+        n_patches = geometry.check_n_patches(n_patches)
+        if max_patches is not None:
+            raise ValueError(f"max_patches={max_patches} is the padded length of per-image budgets (n_patches a "
+                             f"Tensor [B] or a list of ints); with one n_patches for every image"
+                             f"{' and a threshold, n_patches itself is the cap N_max' if threshold is not None else ''}"
+                             f": leave max_patches out")
+        return n_patches, None
+    batch = images.shape[0]
+    if isinstance(n_patches, Tensor):
+        check_budgets(n_patches, batch, None, images.device, name="n_patches", holder="images are")
+        if max_patches is None:
+            raise ValueError("n_patches is a Tensor of per-image budgets: pass max_patches=N_max, the padded length "
+                             "of the outputs (at least the largest budget); taking the largest budget from the "
+                             "tensor would synchronise with its device and make the output shapes depend on the data")
+        max_patches = geometry.check_n_patches(max_patches, name="max_patches")
+        if n_patches.device.type == "cpu" and not torch.compiler.is_compiling():  # free here; else the op checks
+            check_budget_values(n_patches, geometry.n_roots, max_patches, None, name="n_patches")
+        return max_patches, n_patches
+    budgets = [check_int(f"n_patches[{image}]", budget, valid="an int") for image, budget in enumerate(n_patches)]
+    if len(budgets) != batch:
+        raise ValueError(f"n_patches must hold one budget per image, [B] = [{batch}], got {len(budgets)}")
+    max_patches = geometry.check_n_patches(max(budgets) if max_patches is None else max_patches, name="max_patches")
+    check_budget_values(budgets, geometry.n_roots, max_patches, None, name="n_patches")
+    # non_blocking: a blocking copy to a GPU would synchronise the stream (a CUDA graph captures neither).
+    return max_patches, torch.tensor(budgets, dtype=torch.int64).to(images.device, non_blocking=True)
+
+
+def _threshold_values(threshold, geometry: QuadtreeGeometry) -> list | Tensor:
+    """``threshold`` as one entry per splittable patch size, coarse to fine: a list of numbers, or a Tensor (its
+    dtype and shape checked; its values are the op's)."""
+    sizes = geometry.splittable_sizes
+    if isinstance(threshold, Mapping):
+        keys = list(threshold)
+        if not all(isinstance(key, numbers.Integral) and not isinstance(key, bool) for key in keys) or sorted(
+                map(int, keys)) != sorted(sizes):
+            raise ValueError(f"threshold as a dict must have one entry per splittable patch size, keys {sizes} (the "
+                             f"smallest size, {geometry.min_patch_size}, is never split), got keys {keys}")
+        threshold = [threshold[size] for size in sizes]
+    if isinstance(threshold, Tensor):
+        check_floating("threshold", threshold)
+        if threshold.dim() == 0:
+            threshold = threshold.reshape(1).expand(len(sizes))
+        if tuple(threshold.shape) != (len(sizes),):
+            raise ValueError(f"threshold must be one number (0-dim) or [{len(sizes)}], one per splittable patch size "
+                             f"{sizes}, got shape {list(threshold.shape)}")
+        return threshold
+    if is_number(threshold):
+        threshold = [threshold] * len(sizes)
+    if isinstance(threshold, str) or not isinstance(threshold, Sequence) or not all(map(is_number, threshold)):
+        raise TypeError(f"threshold must be a number, a dict {{patch size: number}}, a sequence of numbers (one per "
+                        f"splittable patch size {sizes}, coarse to fine) or a Tensor, got {threshold!r}")
+    if len(threshold) != len(sizes):
+        raise ValueError(f"threshold must hold one number per splittable patch size {sizes}, coarse to fine, got "
+                         f"{len(threshold)} numbers")
+    return list(threshold)
+
+
+def _thresholds(values: list | Tensor, geometry: QuadtreeGeometry, packed: Tensor) -> Tensor:
+    """The thresholds as the op takes them: ``[L]`` in the packed scores' dtype, on their device. Numbers are
+    checked and rounded to the dtype here, and each filled in on the device (a fill is a kernel, which CUDA graphs
+    capture; a copy from the host's memory is not); a tensor is converted (no synchronisation)."""
+    sizes = geometry.splittable_sizes
+    if isinstance(values, Tensor):
+        if values.device != packed.device and values.device.type != "cpu":
+            raise ValueError(f"threshold is on {values.device} but images are on {packed.device}: put both on one "
+                             f"device")
+        if values.device.type == "cpu" and not torch.compiler.is_compiling():  # free here; else the op checks
+            check_threshold_values(values, sizes, None, name="threshold")
+        return values.to(device=packed.device, dtype=packed.dtype, non_blocking=True).contiguous()
+    rounded = [check_threshold_number(value, packed.dtype, None, "threshold",
+                                      f" for patch size {size} (threshold[{level}])")
+               for level, (value, size) in enumerate(zip(values, sizes, strict=True))]
+    if not rounded:
+        return packed.new_empty(0)
+    return torch.stack([torch.full((), value, dtype=packed.dtype, device=packed.device) for value in rounded])
+
+
 def _build_quadtree(backend: Backend, packed: Tensor, images: Tensor, geometry: QuadtreeGeometry,
-                    n_patches: int, scorer) -> Tensor:
-    """The backend's quadtree; when it rejects non-finite scores on the CPU, the error says where they come from."""
+                    n_patches: int, scorer, budgets: Tensor | None = None,
+                    thresholds: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The backend's quadtree, ``(boxes, lengths)``: lengths None for a fixed budget (no budgets, no thresholds),
+    else the adaptive op's. When the op rejects non-finite scores on the CPU, the error says where they come
+    from."""
+    args = (packed, geometry.height, geometry.width, geometry.min_patch_size, geometry.max_patch_size, n_patches)
     try:
-        return backend.build_quadtree(packed, geometry.height, geometry.width, geometry.min_patch_size,
-                                      geometry.max_patch_size, n_patches)
+        if budgets is None and thresholds is None:
+            return backend.build_quadtree(*args), None
+        return backend.build_quadtree_adaptive(*args, budgets, thresholds)
     except ValueError as error:
         # Only on the CPU: on CUDA, non-finite scores trip a device-side assert instead (checking would need a
         # host synchronisation), and the arguments were checked before.
@@ -147,15 +263,31 @@ def _build_quadtree(backend: Backend, packed: Tensor, images: Tensor, geometry: 
         raise
 
 
-def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int | None = None,
+def tokenize(images: Tensor, scores, n_patches: int | Tensor | Sequence[int] = 100, min_patch_size: int | None = None,
              max_patch_size: int | None = None, patch_size: int | None = None, mode: str = "area",
-             nan_policy: str = "raise", *, backend: Backend = ops) -> Mosaic:
+             nan_policy: str = "raise", *, threshold=None, max_patches: int | None = None,
+             backend: Backend = ops) -> Mosaic:
     """Splits each image into a quadtree of ``n_patches`` square leaves, greedily by score, and resizes every leaf
     to one token size.
 
     Starting from the grid of ``max_patch_size`` roots, each step splits the leaf with the highest score into its 4
     quadrants, until there are ``n_patches`` leaves. Ties go to the leaf whose top-left corner comes first in
     raster order. The result is identical on every device and in :mod:`mixres.reference`.
+
+    **Adaptive budgets** give each image its own number of leaves, in a *padded* mosaic of static shape:
+
+    - ``threshold=t``: an image also stops splitting when its best leaf (the one the greedy would split next)
+      scores at or below t, so a flat image gets fewer leaves than a busy one; ``n_patches`` is then the cap N_max.
+    - ``n_patches`` a Tensor ``[B]`` of int32 or int64 on the images' device (or a list of ints): a budget per
+      image, each reachable; ``max_patches=N_max`` (required for a Tensor, the largest budget for a list) is the
+      padded length. A threshold may stop an image before its budget.
+
+    Image b's leaves are then exactly those of ``tokenize(images[b:b+1], ..., n_patches=lengths[b])`` (tokens,
+    boxes and centres: the greedy order does not depend on where it stops), followed by padding: tokens 0, boxes
+    (0, 0, 0), centres (-0.5, -0.5), values no leaf has. ``mosaic.lengths [B]`` int32 counts each image's leaves and
+    ``mosaic.valid [B, N_max]`` masks them. Every shape is static and no step reads a value on the host, so the
+    adaptive tokenize runs without host synchronisation on CUDA, in CUDA graphs (with a threshold of Python
+    numbers or tensors on the device, and budgets on the device) and under ``torch.compile(fullgraph=True)``.
 
     Args:
         images: ``[B, C, H, W]`` float16, bfloat16, float32 or float64, B >= 1. H and W must be multiples of
@@ -178,7 +310,9 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int |
             summed) as float32.
         n_patches: leaves per image, N = (H/s_max)(W/s_max) + 3k, at most (H/s_min)(W/s_min). See
             :func:`mixres.valid_n_patches`. This and the sizes below take Python ints or integer scalars such as
-            ``np.int64`` (not bools, floats or Tensors).
+            ``np.int64`` (not bools or floats). With ``threshold``, the cap N_max. Per-image budgets: a Tensor
+            ``[B]`` int32 or int64 on the images' device, or a list of B ints, each a valid N (see above). A bad
+            budget in a GPU tensor trips a device-side assert (raising would need a host synchronisation).
         min_patch_size, max_patch_size: the smallest and largest leaf side, in pixels; their ratio is a power of 2.
             Default: the scorer's own sizes when ``scores`` is a scorer that has them, else 16 and 64.
         patch_size: token side p; default ``min_patch_size``.
@@ -195,6 +329,14 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int |
               as the highest, so patches with NaN scores are split last; ties go to raster order as always. It
               costs one elementwise pass over the packed scores (no synchronisation) and gives the same leaves
               on every device.
+        threshold: the stopping rule of an adaptive budget (default None: none): a number for every patch size;
+            a dict ``{patch size: number}`` with one entry per splittable size (s_max, s_max/2, ..., 2*s_min; the
+            score of a leaf of that size is compared with it), as APT sets one per size; a sequence of those
+            numbers, coarse to fine; or a floating-point Tensor, 0-dim or ``[L]`` in that order, on the images'
+            device or the CPU. Compared with the packed scores in their dtype (float32, or float64 for float64
+            maps), so numbers are rounded to it. Finite: NaN and Inf are errors (in a GPU tensor, a device-side
+            assert).
+        max_patches: N_max, the padded length, for per-image budgets (see ``n_patches``); None otherwise.
         backend: the ops that build the quadtree and compute the tokens and centres (:class:`Backend`): the default
             :mod:`mixres.ops`, or :mod:`mixres.reference` for plain PyTorch (what ``mixres.reference.tokenize``
             does). Both give the same mosaic.
@@ -208,15 +350,20 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int |
 
     Returns:
         :class:`Mosaic` with ``tokens [B, N, C, p, p]`` (differentiable w.r.t. ``images``), ``boxes [B, N, 3]``
-        int32 (y, x, size) and ``centers [B, N, 2]`` float32.
+        int32 (y, x, size) and ``centers [B, N, 2]`` float32; for an adaptive budget N = N_max, with ``lengths
+        [B]`` int32 and padding after each image's leaves (see above); otherwise ``lengths`` is None.
 
     Raises:
-        TypeError: images or scores not floating point, or n_patches or a size not an integer.
+        TypeError: images or scores not floating point, n_patches or a size not an integer, per-image budgets not
+            int32 or int64, a threshold of another type.
         ValueError: patch sizes that contradict the scorer's, a wrong rank or shape, an empty batch or image, images
             and scores on different devices, H or W not a multiple of max_patch_size, a patch-size ratio that is
             not a power of two, an unreachable n_patches (the message names the nearest valid ones), NaN or Inf
             scores with ``nan_policy="raise"`` (on the CPU; see above for CUDA), an unknown mode or nan_policy, a
-            packed pyramid of another geometry.
+            packed pyramid of another geometry; per-image budgets of the wrong shape or device, unreachable or past
+            max_patches, or without max_patches; max_patches without per-image budgets; a threshold that is not
+            finite (or overflows the scores' dtype), of the wrong length or device, or a dict whose keys are not
+            the splittable patch sizes.
 
     Example:
         >>> images = torch.rand(2, 3, 256, 256)
@@ -225,12 +372,19 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int |
         >>> mosaic.tokens.shape, mosaic.boxes.shape
         (torch.Size([2, 100, 3, 16, 16]), torch.Size([2, 100, 3]))
         >>> mosaic = mixres.tokenize(images, mixres.PixelBlur(16, 32), n_patches=100)  # sizes from the scorer
+        >>> mosaic = mixres.tokenize(images, pyramid, n_patches=100, threshold={64: 0.5, 32: 0.9})
+        >>> mosaic.tokens.shape  # padded to N_max = 100: image b's lengths[b] leaves first, then zeros
+        torch.Size([2, 100, 3, 16, 16])
+        >>> mosaic = mixres.tokenize(images, pyramid, n_patches=torch.tensor([16, 100]), max_patches=100)
+        >>> mosaic.lengths.tolist(), mosaic.valid.sum(dim=1).tolist()
+        ([16, 100], [16, 100])
     """
     check_images(images)
     min_patch_size, max_patch_size = _patch_sizes(scores, min_patch_size, max_patch_size)
     height, width = images.shape[-2:]
     geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
-    n_patches = geometry.check_n_patches(n_patches)
+    n_patches, budgets = _budgets(n_patches, max_patches, threshold, geometry, images)
+    threshold = None if threshold is None else _threshold_values(threshold, geometry)
     patch_size = geometry.min_patch_size if patch_size is None else check_int(
         "patch_size", patch_size, low=1, valid="a positive int or None (= min_patch_size)")
     check_resize_mode(mode)
@@ -242,11 +396,13 @@ def tokenize(images: Tensor, scores, n_patches: int = 100, min_patch_size: int |
     packed = pack_scores(scores, geometry, images.shape[0], images.device)
     if nan_policy == "lowest":
         packed = _rank_non_finite_lowest(packed)
-    boxes = _build_quadtree(backend, packed, images, geometry, n_patches, scorer)
+    thresholds = None if threshold is None else _thresholds(threshold, geometry, packed)
+    boxes, lengths = _build_quadtree(backend, packed, images, geometry, n_patches, scorer, budgets, thresholds)
     return Mosaic(
         tokens=backend.extract_patches(images, boxes, patch_size, mode),
         boxes=boxes,
         centers=backend.leaf_centers(boxes, geometry.min_patch_size),
         min_patch_size=geometry.min_patch_size,
         image_size=(height, width),
+        lengths=lengths,
     )

@@ -14,9 +14,7 @@ and the autograd formulas:
 """
 from __future__ import annotations
 
-import math
 import numbers
-import struct
 import warnings
 from collections.abc import Sequence
 
@@ -24,7 +22,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .checks import check_budget_values, check_budgets, check_tensor, check_threshold_values, check_thresholds
+from .checks import (check_budget_values, check_budgets, check_tensor, check_threshold_number, check_threshold_values,
+                     check_thresholds, is_number)
 from .pyramid import QuadtreeGeometry, packed_length
 
 try:
@@ -175,9 +174,9 @@ def _thresholds_for(scores: Tensor, thresholds, height, width, min_patch_size, m
         check_threshold_values(thresholds, sizes, _ADAPTIVE_OP)
         return thresholds.to(scores.device, non_blocking=True)
     dtype = scores.dtype if scores.dtype in (torch.float32, torch.float64) else torch.float64  # else the op refuses
-    if _is_number(thresholds):
+    if is_number(thresholds):
         return torch.full((len(sizes),), _rounded_threshold(thresholds, dtype), dtype=dtype, device=scores.device)
-    if not isinstance(thresholds, Sequence) or isinstance(thresholds, str) or not all(map(_is_number, thresholds)):
+    if not isinstance(thresholds, Sequence) or isinstance(thresholds, str) or not all(map(is_number, thresholds)):
         raise TypeError(f"{_ADAPTIVE_OP}: thresholds must be a number, a sequence of numbers or a Tensor, got "
                         f"{thresholds!r}")
     if len(thresholds) != len(sizes):
@@ -188,22 +187,9 @@ def _thresholds_for(scores: Tensor, thresholds, height, width, min_patch_size, m
     return torch.tensor(values, dtype=dtype).to(scores.device, non_blocking=True)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _rounded_threshold(value, dtype: torch.dtype, where: str = "") -> float:
     """A finite Python number as the scores' ``dtype`` holds it (rounded to nearest), or a ValueError."""
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{_ADAPTIVE_OP}: thresholds must be finite, got {value}{where}")
-    if dtype == torch.float32:
-        try:  # struct rounds to the nearest float32, and refuses a value that rounds to infinity
-            value = struct.unpack("<f", struct.pack("<f", value))[0]
-        except OverflowError:
-            raise ValueError(f"{_ADAPTIVE_OP}: thresholds must be finite in the scores' dtype float32, got "
-                             f"{value}{where}, which overflows it") from None
-    return value
+    return check_threshold_number(value, dtype, _ADAPTIVE_OP, "thresholds", where)
 
 
 def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str = "area") -> Tensor:

@@ -169,8 +169,9 @@ def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str) -
     """Resizes each leaf ``boxes[b, n] = (y, x, size)`` of ``images [B, C, H, W]`` to ``patch_size``.
 
     Returns tokens ``[B, N, C, p, p]``: ``F.interpolate(mode="area")``, or ``mode="bilinear"`` with
-    ``align_corners=False``. Differentiable with respect to the images (to any order). The arguments are checked
-    as the C++ op checks them, every box inside the image, before anything is allocated.
+    ``align_corners=False``; a zero token for the padding box (0, 0, 0), with no gradient to the images.
+    Differentiable with respect to the images (to any order). The arguments are checked as the C++ op checks them,
+    every box inside the image or padding, before anything is allocated.
     """
     op = "mixres.extract_patches"
     check_resize_mode(mode)
@@ -200,6 +201,8 @@ def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str) -
     channel = torch.arange(channels, device=images.device)[None, :, None, None]
     where_b, where_n, resized = [], [], []
     for size in boxes[..., 2].unique().tolist():
+        if size == 0:  # the padding boxes (the check let no other of size 0 through): their tokens stay zero
+            continue
         b, n = (boxes[..., 2] == size).nonzero(as_tuple=True)
         offsets = torch.arange(size, device=images.device)
         per_chunk = max(1, crop_budget // (channels * size * size))
@@ -212,6 +215,8 @@ def extract_patches(images: Tensor, boxes: Tensor, patch_size: int, mode: str) -
                                          align_corners=False if mode == "bilinear" else None))
             where_b.append(cb)
             where_n.append(cn)
+    if not resized:  # every box is padding
+        return tokens
     return tokens.index_put((torch.cat(where_b), torch.cat(where_n)), torch.cat(resized))
 
 

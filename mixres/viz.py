@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from .checks import is_padding_box
 from .mosaic import Mosaic
 
 __all__ = ["draw_mosaic", "render_tokens", "save_mosaic_figure", "save_mosaic_grid"]
@@ -58,7 +59,8 @@ def draw_mosaic(image: Tensor, boxes: Tensor, color: tuple[int, int, int] = (255
 
     Args:
         image: ``[C, H, W]`` float in [0, 1], C = 1 or 3.
-        boxes: ``[N, 3]`` int (y, x, size) in pixels, e.g. ``mosaic.boxes[b]``.
+        boxes: ``[N, 3]`` int (y, x, size) in pixels, e.g. ``mosaic.boxes[b]``; the padding boxes (0, 0, 0) of a
+            padded mosaic are no leaves, and are not drawn.
         color: RGB of the borders.
         width: border width in pixels, drawn inside each leaf.
 
@@ -73,9 +75,9 @@ def draw_mosaic(image: Tensor, boxes: Tensor, color: tuple[int, int, int] = (255
 
 
 def _draw_borders(picture: Image.Image, boxes: Tensor, color: tuple[int, int, int], width: int) -> None:
-    """Draws each leaf's border on ``picture``, whose top-left corner is the image's."""
+    """Draws each leaf's border on ``picture``, whose top-left corner is the image's (not the padding boxes')."""
     draw = ImageDraw.Draw(picture)
-    for y, x, size in boxes.tolist():
+    for y, x, size in boxes[~is_padding_box(boxes)].tolist():
         draw.rectangle((x, y, x + size - 1, y + size - 1), outline=tuple(color), width=width)
 
 
@@ -86,7 +88,8 @@ def render_tokens(mosaic: Mosaic, mode: str = "nearest") -> Tensor:
     partition the image, every pixel is written once. One ``F.interpolate`` per distinct leaf size.
 
     Args:
-        mosaic: a :class:`mixres.Mosaic` (tokens ``[B, N, C, p, p]``, boxes ``[B, N, 3]``).
+        mosaic: a :class:`mixres.Mosaic` (tokens ``[B, N, C, p, p]``, boxes ``[B, N, 3]``); a padded one's padding
+            paints nothing.
         mode: ``"nearest"`` (shows each token's resolution as blocks) or ``"bilinear"`` (``align_corners=False``).
 
     Returns:
@@ -104,17 +107,21 @@ def _resized_leaves(tokens: Tensor, boxes: Tensor, image_size: tuple[int, int],
                     mode: str) -> Iterator[tuple[Tensor, int, Tensor, Tensor, Tensor]]:
     """``tokens [B, N, C, p, p]`` resized back to their leaves ``boxes [B, N, 3]`` in images of ``image_size``, in
     chunks of one leaf size and at most :data:`_CHUNK_ELEMENTS` elements: ``(image indices [M], size, leaf rows
-    [M], leaf columns [M] (in units of size), leaves [M, C, size, size])``."""
+    [M], leaf columns [M] (in units of size), leaves [M, C, size, size])``. Padding boxes (0, 0, 0) are skipped."""
     if mode not in ("nearest", "bilinear"):
         raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
     tokens = tokens.detach()
     channels, patch = tokens.shape[2], tokens.shape[3]
+    padding = is_padding_box(boxes)
     boxes = boxes.long()
     corners, sides = boxes[..., :2], boxes[..., 2:]
-    if ((corners % sides) != 0).any() or (corners + sides > corners.new_tensor(image_size)).any():
+    off_grid = (sides < 1) | (corners % sides.clamp(min=1) != 0) | (corners + sides > corners.new_tensor(image_size))
+    if (off_grid.any(dim=-1) & ~padding).any():
         raise ValueError("the mosaic's leaves must lie in the image and start on multiples of their size, as "
                          "mixres.tokenize's do")
     for size in boxes[..., 2].unique().tolist():
+        if size == 0:  # padding
+            continue
         b, n = (boxes[..., 2] == size).nonzero(as_tuple=True)
         step = max(1, _CHUNK_ELEMENTS // (channels * size * size))
         for start in range(0, len(b), step):
@@ -142,7 +149,7 @@ def save_mosaic_figure(image: Tensor, mosaic: Mosaic, path: str | PathLike, inde
 
     Args:
         image: ``[C, H, W]`` float in [0, 1], C = 1 or 3: the photo that ``mosaic[index]`` was made from.
-        mosaic: tokens with C = 1 or 3 channels, in [0, 1].
+        mosaic: tokens with C = 1 or 3 channels, in [0, 1]; a padded mosaic shows image ``index``'s leaves only.
         path: where to write the figure.
         index: which image of the mosaic's batch to show.
         color, width: the borders, as in :func:`draw_mosaic`.
@@ -158,7 +165,8 @@ def save_mosaic_figure(image: Tensor, mosaic: Mosaic, path: str | PathLike, inde
                          f"{mosaic.image_size[1]}: pass the image it was made from")
     if mosaic.tokens.shape[2] not in (1, 3):
         raise ValueError(f"the mosaic's tokens must have 1 or 3 channels, got {mosaic.tokens.shape[2]}")
-    tokens, boxes = mosaic.tokens[index].detach(), mosaic.boxes[index]
+    boxes = mosaic.image_leaves(index)  # without a padded mosaic's padding
+    tokens = mosaic.tokens[index, :len(boxes)].detach()
     height, image_width = image.shape[1:]
     figure = Image.new("RGB", (2 * image_width + gap, height), "white")
     # Both panels are painted in bands of rows, 8-bit, and pasted into the figure: neither a float canvas nor an

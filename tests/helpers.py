@@ -134,3 +134,13 @@ def captured_in_cuda_graph(fn):
     with torch.cuda.graph(graph):
         outputs = fn()
     return graph, outputs
+
+
+def float64_tolerance(reference):
+    """The logits (and pooled features) come out of a few dozen float64 sums (dot products of up to 128 terms, layer
+    norms, softmaxes over at most 33 keys, pooling over at most 31 tokens), each rounded to 2^-53 relative. A padded
+    batch sums in another order (over N_max keys, the padding ones exactly 0 after the mask; over N_max tokens when
+    pooling), so it may differ by a few units of 2^-53 of the largest output (at most 17 measured, with 1 to 8
+    threads and without vector instructions): 64 units hold any order. A token that leaks through the mask moves
+    the outputs by more than 10^10 of that."""
+    return 64 * 2**-53 * reference.abs().max().item()

@@ -146,13 +146,17 @@ def quadtree_adaptive(pyramid, height: int, width: int, min_patch_size: int, max
 
 @one_thread()
 def interpolate_each_leaf(images: torch.Tensor, boxes: torch.Tensor, patch_size: int, mode: str) -> torch.Tensor:
-    """tokens [B, N, C, p, p] by one F.interpolate per leaf: the definition of extract_patches, as slowly as it gets.
-    Differentiable with respect to the images, to any order, by F.interpolate's own autograd."""
+    """tokens [B, N, C, p, p] by one F.interpolate per leaf: the definition of extract_patches, as slowly as it gets;
+    zeros for the padding box (0, 0, 0). Differentiable with respect to the images, to any order, by F.interpolate's
+    own autograd."""
     batch, n_leaves, _ = boxes.shape
     out = images.new_empty(batch, n_leaves, images.shape[1], patch_size, patch_size)
     for b in range(batch):
         for n in range(n_leaves):
             y, x, s = boxes[b, n].tolist()
+            if (y, x, s) == (0, 0, 0):  # docs/design.md: a padding box's token is zero (and so is its gradient)
+                out[b, n] = 0
+                continue
             crop = images[b:b + 1, :, y:y + s, x:x + s]
             out[b, n] = F.interpolate(crop, size=(patch_size, patch_size), mode=mode,
                                       align_corners=False if mode == "bilinear" else None)[0]
@@ -225,6 +229,7 @@ class Mosaic:
     tokens: torch.Tensor  # [B, N, C, p, p], differentiable with respect to the images (see tokenize for the dtype)
     boxes: torch.Tensor  # [B, N, 3] int32
     centers: torch.Tensor  # [B, N, 2] float64, exact
+    lengths: torch.Tensor | None = None  # [B] int32, each image's leaves, for an adaptive budget; None otherwise
 
 
 def resize_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -235,21 +240,32 @@ def resize_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def tokenize(images: torch.Tensor, scores, n_patches: int, min_patch_size: int = 16, max_patch_size: int = 64,
-             patch_size: int | None = None, mode: str = "area") -> Mosaic:
+             patch_size: int | None = None, mode: str = "area", budgets=None, thresholds=None) -> Mosaic:
     """docs/design.md's tokenize from the oracles above: ``scores`` a pyramid (list or dict) or a dense saliency map
-    [B, h, w]; tokens resized in :func:`resize_dtype` of the images'."""
+    [B, h, w]; tokens resized in :func:`resize_dtype` of the images'. With ``budgets`` (one per image) or
+    ``thresholds`` (as :func:`quadtree_adaptive` takes them), the adaptive mosaic, padded to ``n_patches`` leaves
+    (N_max), with its lengths."""
     batch, _, height, width = images.shape
     if isinstance(scores, torch.Tensor):
         scores = saliency_pyramid(scores, height, width, min_patch_size, max_patch_size)
-    boxes = quadtree(scores, height, width, min_patch_size, max_patch_size, n_patches, batch)
+    lengths = None
+    if budgets is None and thresholds is None:
+        boxes = quadtree(scores, height, width, min_patch_size, max_patch_size, n_patches, batch)
+    else:
+        boxes, lengths = quadtree_adaptive(scores, height, width, min_patch_size, max_patch_size, n_patches, budgets,
+                                           thresholds, batch)
     tokens = interpolate_each_leaf(images.to(resize_dtype(images.dtype)), boxes.to(images.device),
                                    patch_size or min_patch_size, mode)
-    return Mosaic(tokens, boxes, leaf_centers(boxes, min_patch_size))
+    return Mosaic(tokens, boxes, leaf_centers(boxes, min_patch_size), lengths)
 
 
 def assert_matches(mosaic, expected: Mosaic):
-    """A mixres Mosaic against the oracle's: the same boxes, centres to float32 rounding, tokens to the tolerance
-    of their dtype."""
+    """A mixres Mosaic against the oracle's: the same boxes (and lengths, for an adaptive one), centres to float32
+    rounding, tokens to the tolerance of their dtype."""
+    if expected.lengths is None:
+        assert getattr(mosaic, "lengths", None) is None
+    else:
+        assert torch.equal(mosaic.lengths.cpu(), expected.lengths)
     assert torch.equal(mosaic.boxes.cpu(), expected.boxes)
     assert_centers_close(mosaic.centers.cpu(), expected.centers)
     tolerance = TOLERANCE[mosaic.tokens.dtype]

@@ -1,5 +1,5 @@
-"""torch.compile(fullgraph=True) on the CPU: tokenize (the ops trace through their fake kernels) and the whole
-Quadformer, through inductor too."""
+"""torch.compile(fullgraph=True) on the CPU: tokenize (the ops trace through their fake kernels), with fixed and
+adaptive budgets, and the whole Quadformer, through inductor too."""
 import copy
 
 import torch
@@ -30,6 +30,36 @@ def test_tokenize_compiles_with_fullgraph_and_matches_eager():
     traced[0].sum().backward()  # the registered backward runs inside the compiled graph's autograd
     expected = torch.autograd.grad(eager[0].sum(), images)[0]
     torch.testing.assert_close(images.grad, expected)
+
+
+def test_adaptive_tokenize_compiles_with_fullgraph_and_matches_eager():
+    """Per-image budgets and thresholds as graph inputs, or a dict threshold of Python numbers: the padded mosaic,
+    its lengths and valid mask, and the gradient (which padding takes no part in)."""
+    geometry = mixres.QuadtreeGeometry(128, 192, 16, 64)
+    images = torch.rand(3, 3, 128, 192, requires_grad=True)
+    pyramid = random_pyramid(geometry, 3)
+    budgets, thresholds = torch.tensor([6, 60, 33], dtype=torch.int32), torch.tensor([0.5, 0.1])
+    torch._dynamo.reset()
+
+    def with_tensors(images, coarse, fine, budgets, thresholds):
+        mosaic = mixres.tokenize(images, [coarse, fine], n_patches=budgets, max_patches=60, threshold=thresholds,
+                                 mode="bilinear")
+        return mosaic.tokens, mosaic.boxes, mosaic.centers, mosaic.lengths, mosaic.valid
+
+    def with_numbers(images, coarse, fine):
+        mosaic = mixres.tokenize(images, [coarse, fine], n_patches=60, threshold={64: 0.5, 32: 0.1})
+        return mosaic.tokens, mosaic.boxes, mosaic.centers, mosaic.lengths, mosaic.valid
+
+    for run, inputs in ((with_tensors, (images, *pyramid, budgets, thresholds)), (with_numbers, (images, *pyramid))):
+        eager = run(*inputs)
+        traced = torch.compile(run, fullgraph=True, backend="aot_eager")(*inputs)
+        assert eager[3].tolist() != [60, 60, 60] and len(set(eager[3].tolist())) > 1  # padding in some images
+        for a, b in zip(eager, traced, strict=True):
+            assert torch.equal(a, b)
+        weights = torch.rand(eager[0].shape)
+        (expected,) = torch.autograd.grad((eager[0] * weights).sum(), images)
+        (got,) = torch.autograd.grad((traced[0] * weights).sum(), images)
+        torch.testing.assert_close(got, expected)
 
 
 def test_tokenize_compiles_with_inductor_and_a_dense_saliency_map():

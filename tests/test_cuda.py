@@ -742,6 +742,179 @@ def test_tokenize_compiles_fullgraph():
         assert torch.equal(got, expected)
 
 
+# ------------------------------------------------------------------------------- adaptive tokenize: padded mosaics
+
+
+def padded_case(batch: int, seed: int = 0, ties: bool = False):
+    """CUDA images and score maps of a 128 x 192 batch (16-64 px), N_max (its middle budget) and per-image budgets up
+    to it, int32 on the device."""
+    geo = QuadtreeGeometry(128, 192, 16, 64)
+    images = random_images(batch, 3, 128, 192, seed=seed)
+    maps = random_pyramid(geo, batch, seed=seed, ties=ties, device=DEVICE)
+    max_patches = budgets(geo)[1]
+    image_budget = image_budgets(geo, batch, max_patches, seed=seed).to(DEVICE, torch.int32)
+    return images, maps, max_patches, image_budget
+
+
+def adaptive_forms(maps, max_patches, image_budget):
+    """tokenize's keyword arguments for each way to stop: a dict of numbers, thresholds on the device with budgets,
+    budgets alone, thresholds on the CPU (checked on the host, then copied)."""
+    thresholds = level_quantiles([m.cpu() for m in maps], 0.6)
+    per_size = {64: thresholds[0].item(), 32: thresholds[1].item()}
+    return [dict(n_patches=max_patches, threshold=per_size),
+            dict(n_patches=image_budget, max_patches=max_patches, threshold=thresholds.to(DEVICE)),
+            dict(n_patches=image_budget, max_patches=max_patches),
+            dict(n_patches=max_patches, threshold=thresholds)]
+
+
+def on_the_cpu(kwargs: dict) -> dict:
+    return {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_padded_tokenize_matches_the_cpu_and_the_reference(batch, mode):
+    """The padded mosaic on CUDA is the CPU's (whose own tests hold it to the oracle and to each image alone): the
+    same lengths, boxes and centres, area tokens bit for bit, and padding exactly 0."""
+    images, maps, max_patches, image_budget = padded_case(batch, seed=batch, ties=batch == 7)
+    for kwargs in adaptive_forms(maps, max_patches, image_budget):
+        mosaic = mixres.tokenize(images, maps, mode=mode, **kwargs)
+        assert mosaic.lengths.device == images.device and mosaic.lengths.dtype == torch.int32
+        assert mosaic.valid.device == images.device
+        on_cpu = mixres.tokenize(images.cpu(), [m.cpu() for m in maps], mode=mode, **on_the_cpu(kwargs))
+        for field in ("lengths", "boxes", "centers", "valid"):
+            assert torch.equal(getattr(mosaic, field).cpu(), getattr(on_cpu, field)), field
+        if mode == "area":  # sums in the CPU kernel's order: identical
+            assert torch.equal(mosaic.tokens.cpu(), on_cpu.tokens)
+        else:
+            torch.testing.assert_close(mosaic.tokens.cpu(), on_cpu.tokens, rtol=1e-6, atol=1e-6)
+        assert not mosaic.tokens[~mosaic.valid].any()
+        by_reference = reference.tokenize(images, maps, mode=mode, **kwargs)
+        for field in ("lengths", "boxes", "centers"):
+            assert torch.equal(getattr(by_reference, field), getattr(mosaic, field)), field
+        torch.testing.assert_close(by_reference.tokens, mosaic.tokens, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("patch_size", [16, 6])  # runs of 4 elements from vector loads; element by element
+def test_extract_patches_padding_is_zero_and_takes_no_gradient(mode, patch_size):
+    height, width = 128, 192
+    geo = QuadtreeGeometry(height, width, 16, 64)
+    scores = packed_scores(geo, 7, seed=5)
+    image_budget = image_budgets(geo, 7, 96, seed=5).to(DEVICE)
+    boxes, lengths = ops.build_quadtree_adaptive(scores, height, width, 16, 64, 96, image_budget, None)
+    assert (lengths < 96).any()
+    valid = torch.arange(96, device=DEVICE) < lengths[:, None]
+    images = random_images(7, 3, height, width, seed=5)
+    torch.full((7, 96, 3, patch_size, patch_size), float("nan"), device=DEVICE).sum()  # a skipped token shows NaN
+    tokens = ops.extract_patches(images, boxes, patch_size, mode)
+    assert not tokens[~valid].any()
+    on_cpu = ops.extract_patches(images.cpu(), boxes.cpu(), patch_size, mode)
+    if mode == "area":
+        assert torch.equal(tokens.cpu(), on_cpu)
+    else:
+        torch.testing.assert_close(tokens.cpu(), on_cpu, rtol=1e-6, atol=1e-6)
+    grad = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    grad_images = ops.extract_patches_backward(grad, boxes, height, width, mode)
+    # Atomics add in any order: equal to rounding.
+    leaves_only = ops.extract_patches_backward(grad * valid[..., None, None, None], boxes, height, width, mode)
+    torch.testing.assert_close(grad_images, leaves_only, rtol=1e-5, atol=1e-5)
+    expected = ops.extract_patches_backward(grad.cpu(), boxes.cpu(), height, width, mode)
+    torch.testing.assert_close(grad_images.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grid_ops_on_a_padded_mosaic_match_the_cpu():
+    geo = QuadtreeGeometry(128, 192, 16, 64)
+    boxes, lengths = ops.build_quadtree_adaptive(packed_scores(geo, 4, seed=2), 128, 192, 16, 64, 60,
+                                                 torch.tensor([6, 60, 33, 18], device=DEVICE), None)
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(4, 60, 6, generator=generator).to(DEVICE)
+    grid = torch.randn(4, 6, 8, 12, generator=generator).to(DEVICE)
+    results = grid_ops_and_gradients(features, grid, boxes)
+    for got, expected in zip(results, grid_ops_and_gradients(features.cpu(), grid.cpu(), boxes.cpu()), strict=True):
+        assert got.is_cuda and torch.equal(got.cpu(), expected)
+    padding = torch.arange(60, device=DEVICE) >= lengths[:, None]
+    _, mean, total, grad_features, _ = results
+    assert padding.any() and not mean[padding].any() and not total[padding].any() and not grad_features[padding].any()
+
+
+def test_padded_tokenize_does_not_synchronize():
+    images, maps, max_patches, image_budget = padded_case(4)
+    calls = [lambda kwargs=kwargs: mixres.tokenize(images, maps, **kwargs)
+             for kwargs in adaptive_forms(maps, max_patches, image_budget)[:3]]
+    calls += [lambda: mixres.tokenize(images, maps, max_patches, threshold=0.25, mode="bilinear"),
+              lambda: mixres.tokenize(images, maps, [6, 9, 12, 15], max_patches=max_patches)]
+    grad = torch.randn(4, max_patches, 3, 16, 16, device=DEVICE)
+    features = torch.randn(4, max_patches, 5, device=DEVICE)
+
+    def run_all():
+        results = []
+        for call in calls:
+            mosaic = call()
+            ops.extract_patches_backward(grad, mosaic.boxes, 128, 192, "area")  # atomics: not compared below
+            results += [mosaic.tokens, mosaic.boxes, mosaic.centers, mosaic.lengths, mosaic.valid,
+                        mixres.grid_to_tokens(mosaic.to_grid(features), mosaic.boxes, 16)]
+        return results
+
+    expected = run_all()  # warm-up: lazy initialisation may synchronize once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = run_all()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, want in zip(results, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_padded_tokenize_cuda_graph_replay():
+    images, maps, max_patches, image_budget = padded_case(8)
+    thresholds = torch.tensor([0.5, 0.0], device=DEVICE)
+
+    def run():
+        tensors = mixres.tokenize(images, maps, image_budget, max_patches=max_patches, threshold=thresholds)
+        numbers = mixres.tokenize(images, maps, max_patches, threshold={64: 0.5, 32: 0.0}, mode="bilinear")
+        return (tensors.tokens, tensors.boxes, tensors.centers, tensors.lengths, tensors.valid, numbers.tokens,
+                numbers.boxes, numbers.lengths)
+
+    graph, static = captured_in_cuda_graph(run)
+    geo = QuadtreeGeometry(128, 192, 16, 64)
+    for seed in range(1, 4):
+        images.copy_(random_images(8, 3, 128, 192, seed=seed))
+        for m, new in zip(maps, random_pyramid(geo, 8, seed=seed, ties=seed == 2, device=DEVICE), strict=True):
+            m.copy_(new)
+        image_budget.copy_(image_budgets(geo, 8, max_patches, seed=seed).to(DEVICE, torch.int32))
+        thresholds.copy_(torch.tensor([0.25 * seed, -0.5 + 0.5 * seed]))
+        graph.replay()
+        for replayed, eager in zip(static, run(), strict=True):
+            assert torch.equal(replayed, eager)
+
+
+def test_padded_tokenize_compiles_fullgraph():
+    images, maps, max_patches, image_budget = padded_case(3)
+    thresholds = torch.tensor([0.5, 0.0], device=DEVICE)
+
+    def run(images, maps, image_budget, thresholds):
+        mosaic = mixres.tokenize(images, maps, image_budget, max_patches=max_patches, threshold=thresholds)
+        return mosaic.tokens, mosaic.boxes, mosaic.centers, mosaic.lengths, mosaic.valid
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True)
+    for got, expected in zip(compiled(images, maps, image_budget, thresholds), run(images, maps, image_budget,
+                                                                                  thresholds), strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_padded_tokenize_rejects_bad_inputs_on_the_host():
+    images, maps, max_patches, image_budget = padded_case(2)
+    with pytest.raises(ValueError, match="n_patches is on cpu but images are on cuda"):
+        mixres.tokenize(images, maps, image_budget.cpu(), max_patches=max_patches)
+    with pytest.raises(ValueError, match=r"threshold must be finite, got nan for patch size 32 \(threshold\[1\]\)"):
+        mixres.tokenize(images, maps, max_patches, threshold=torch.tensor([0.0, float("nan")]))
+    with pytest.raises(ValueError, match=r"n_patches\[1\] = 7 is unreachable"):
+        mixres.tokenize(images, maps, [6, 7], max_patches=max_patches)
+
+
 # ------------------------------------------------------------------------------------------------------ opcheck
 
 

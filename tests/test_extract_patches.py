@@ -48,17 +48,25 @@ def test_any_channel_count_and_strided_images(channels):
     torch.testing.assert_close(tokens, interpolate_each_leaf(images, boxes, 16, "area"))
 
 
+def with_padding(boxes: torch.Tensor) -> torch.Tensor:
+    """``boxes`` with every fifth one, and 7 more at the end, the padding box (0, 0, 0): padding among the leaves and
+    after them (an adaptive mosaic's), which must give zero tokens and no gradient wherever it is."""
+    padded = torch.cat([boxes, torch.zeros(boxes.shape[0], 7, 3, dtype=boxes.dtype)], dim=1)
+    padded[:, ::5] = 0
+    return padded
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_tokens_do_not_depend_on_the_thread_count(batch, mode):
     """With fewer images than threads, the CPU kernel cuts each image's leaves, taken by top row, into pieces of about
-    equal work, one task each. A mosaic's leaves, and boxes out of order, overlapping and scattered, must give every
-    token, bit for bit, on any number of threads."""
+    equal work, one task each. A mosaic's leaves, and boxes out of order, overlapping and scattered, with padding
+    boxes or without, must give every token, bit for bit, on any number of threads."""
     images, mosaic_boxes = random_boxes_and_images(batch=batch, n_patches=60, seed=7)
     scattered = random_boxes(batch, 40, images.shape[2], images.shape[3], sizes=[3, 8, 16, 24, 64, 100], seed=7)
     threads = torch.get_num_threads()
     try:
-        for boxes in (mosaic_boxes, scattered):
+        for boxes in (mosaic_boxes, scattered, with_padding(mosaic_boxes), with_padding(scattered)):
             expected = interpolate_each_leaf(images, boxes, 16, mode)
             first = None
             for count in (4, 3, 2, 1):
@@ -106,13 +114,15 @@ def test_backward_matches_autograd_through_the_oracle(extract, mode, patch_size)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("extract", EXTRACTS.values(), ids=EXTRACTS.keys())
 def test_arbitrary_boxes_match_the_oracle(extract, dtype, patch_size, mode):
-    """Overlapping boxes whose sides are not multiples of the token side, smaller than it, or up to 12x larger:
-    tokens and gradients, which sum the overlaps."""
+    """Overlapping boxes whose sides are not multiples of the token side, smaller than it, or up to 12x larger, and
+    padding boxes (0, 0, 0) among them: tokens (0 for padding) and gradients, which sum the overlaps (and take
+    nothing from padding)."""
     height, width = 96, 160
     images = torch.rand(3, 2, height, width, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     images = images.to(dtype).requires_grad_()
-    boxes = random_boxes(3, 50, height, width, sizes=[3, 5, 8, 13, 16, 24, 31, 40, 64, 96], seed=4)
+    boxes = with_padding(random_boxes(3, 50, height, width, sizes=[3, 5, 8, 13, 16, 24, 31, 40, 64, 96], seed=4))
     tokens = extract(images, boxes, patch_size, mode)
+    assert not tokens[(boxes == 0).all(-1)].any()  # exactly 0
     torch.testing.assert_close(tokens, interpolate_each_leaf(images.detach(), boxes, patch_size, mode),
                                rtol=oracles.TOLERANCE[dtype], atol=oracles.TOLERANCE[dtype])
     grad = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
@@ -128,6 +138,7 @@ def test_gradcheck_float64(mode):
     images = torch.rand(1, 2, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     pyramid = [torch.tensor([[[0.0, 1.0], [0.5, 0.2]]])]
     boxes = mixres.tokenize(images, pyramid, n_patches=7, min_patch_size=8, max_patch_size=16).boxes
+    boxes = torch.cat([boxes, torch.zeros(1, 2, 3, dtype=torch.int32)], dim=1)  # and two padding boxes
     images.requires_grad_()
     for patch_size in (8, 6, 20):
         assert torch.autograd.gradcheck(lambda x: torch.ops.mixres.extract_patches(x, boxes, patch_size, mode),
@@ -146,7 +157,7 @@ def test_half_precision_backward(mode):
     torch.testing.assert_close(half.grad.float(), full.grad, rtol=1.6e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("box", [[0, 0, 0], [-16, 0, 16], [0, 180, 16], [120, 0, 16]])
+@pytest.mark.parametrize("box", [[16, 32, 0], [0, 16, 0], [0, 0, -16], [-16, 0, 16], [0, 180, 16], [120, 0, 16]])
 def test_boxes_outside_the_image_are_rejected(box):
     images, boxes = random_boxes_and_images(batch=1)
     boxes[0, 5] = torch.tensor(box, dtype=torch.int32)
@@ -184,8 +195,10 @@ def _bad_extract_arguments():
                                                               r"the 64x64 image: need size >= 1, 0 <= y <= 64 - size"),
         ("negative x in the second image", (images, torch.tensor([[[0, 0, 8]], [[0, -1, 8]]], dtype=torch.int32), 8,
                                             "bilinear"), ValueError, r"boxes\[1, 0\] \(y=0, x=-1, size=8\)"),
+        # (0, 0, 0) is padding, and (32, 32, 0) an error.
         ("empty box", (images, boxes * torch.tensor([1, 1, 0], dtype=torch.int32), 8, "area"), ValueError,
-         r"boxes\[0, 0\] \(y=0, x=0, size=0\) is not inside"),
+         r"boxes\[1, 0\] \(y=32, x=32, size=0\) is not inside the 64x64 image: need size >= 1.* \(or the padding "
+         r"box \(0, 0, 0\)\)"),
         ("int64 boxes", (images, boxes.long(), 8, "area"), TypeError, "boxes must be int32"),
         ("boxes of 4 numbers", (images, torch.zeros(2, 1, 4, dtype=torch.int32), 8, "area"), ValueError,
          r"boxes must be \[B=2, N, 3\], got \[2, 1, 4\]"),

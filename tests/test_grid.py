@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 import mixres
 from mixres import grid_to_tokens, tokens_to_grid
 
+import oracles
 from helpers import random_mosaic, random_pyramid
 
 # (height, width, min_patch_size, max_patch_size): non-square, a 14 x 14 grid (odd halves), 3 to 4 sizes, one size.
@@ -140,8 +141,63 @@ def test_runs_on_the_meta_device():
     assert grid_to_tokens(grid, boxes, 16).shape == (3, boxes.shape[1], 7)
 
 
-def test_compiles_with_fullgraph_and_matches_eager():
+def padded_boxes(height, width, min_patch_size, max_patch_size, budgets, max_patches, seed=0):
+    """The boxes [B, max_patches, 3] of an adaptive mosaic with per-image ``budgets``: image b's leaves, then
+    padding (0, 0, 0)."""
+    geometry = mixres.QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
+    packed = oracles.pack(random_pyramid(geometry, len(budgets), seed), len(budgets))
+    boxes, lengths = torch.ops.mixres.build_quadtree_adaptive(packed, height, width, min_patch_size, max_patch_size,
+                                                              max_patches, torch.tensor(budgets), None)
+    assert lengths.tolist() == budgets
+    return boxes
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:4], ids=lambda g: "{}x{}_{}-{}".format(*g))
+def test_padding_paints_nothing_pools_to_zero_and_gets_no_gradient(geometry):
+    """Each image of a padded batch gives what its leaves alone give; padding entries pool to exactly 0 (mean too)
+    and get a zero gradient, and gradients of the grid take nothing from them."""
+    height, width, lo, hi = geometry
+    valid = mixres.valid_n_patches(height, width, lo, hi)
+    budgets = [valid[0], valid[-1], valid[len(valid) // 2]]
+    boxes = padded_boxes(*geometry, budgets, valid[-1])
+    features = randn(3, valid[-1], 4).requires_grad_()
+    grid = randn(3, 4, height // lo, width // lo, seed=1).requires_grad_()
+    painted = tokens_to_grid(features, boxes, lo, (height, width))
+    pooled = {reduce: grid_to_tokens(grid, boxes, lo, reduce) for reduce in ("sum", "mean")}
+    weights = randn(3, valid[-1], 4, seed=2)
+    grad_features, grad_grid = torch.autograd.grad((painted * grid).sum() + sum(
+        (p * weights).sum() for p in pooled.values()), (features, grid))
+    for b, n in enumerate(budgets):
+        alone_features = features[b:b + 1, :n].detach().requires_grad_()
+        alone_grid = grid[b:b + 1].detach().requires_grad_()
+        alone_painted = tokens_to_grid(alone_features, boxes[b:b + 1, :n], lo, (height, width))
+        alone_pooled = {reduce: grid_to_tokens(alone_grid, boxes[b:b + 1, :n], lo, reduce)
+                        for reduce in ("sum", "mean")}
+        alone_grads = torch.autograd.grad((alone_painted * alone_grid).sum() + sum(
+            (p * weights[b:b + 1, :n]).sum() for p in alone_pooled.values()), (alone_features, alone_grid))
+        assert torch.equal(painted[b:b + 1], alone_painted)
+        for reduce, values in pooled.items():
+            assert torch.equal(values[b:b + 1, :n], alone_pooled[reduce]) and not values[b, n:].any(), reduce
+        assert torch.equal(grad_features[b:b + 1, :n], alone_grads[0]) and not grad_features[b, n:].any()
+        assert torch.equal(grad_grid[b:b + 1], alone_grads[1])
+
+
+def test_padded_round_trip_gives_the_leaves_back_and_zero_padding():
+    boxes = padded_boxes(128, 192, 16, 64, [6, 60, 33, 96], 96, seed=3)
+    tokens = randn(4, 96, 3, dtype=torch.float32)
+    grid = tokens_to_grid(tokens, boxes, 16, (128, 192))
+    valid = (boxes[..., 2] > 0)[..., None]
+    assert torch.equal(grid_to_tokens(grid, boxes, 16, "mean"), torch.where(valid, tokens, 0))
+    # Padding leaves share the corner (0, 0) with a leaf: the leaf, not the padding, owns the cells there.
+    owner = tokens_to_grid(torch.arange(96.0).expand(4, -1)[..., None], boxes, 16, (128, 192))
+    assert (owner < torch.tensor([6, 60, 33, 96])[:, None, None, None]).all()
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["mosaic", "padded"])
+def test_compiles_with_fullgraph_and_matches_eager(padded):
     _, mosaic = random_mosaic()
+    if padded:
+        mosaic.boxes = padded_boxes(128, 192, 16, 64, [6, 60, 33], 60)
     tokens = randn(3, mosaic.n_patches, 4, dtype=torch.float32).requires_grad_()
     grid = randn(3, 4, 8, 12, seed=1, dtype=torch.float32).requires_grad_()
 

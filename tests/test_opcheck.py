@@ -42,6 +42,19 @@ def test_extract_patches(mode, dtype):
                           (grad.requires_grad_(), boxes, 128, 192, mode))
 
 
+@pytest.mark.parametrize("mode", ["area", "bilinear"])
+def test_extract_patches_of_a_padded_mosaic(mode):
+    packed, _, images = sample()
+    boxes, lengths = torch.ops.mixres.build_quadtree_adaptive(packed, 128, 192, 16, 64, 30,
+                                                              torch.tensor([30, 9], dtype=torch.int32), None)
+    assert lengths.tolist() == [30, 9]  # 21 padding boxes in image 1
+    images.requires_grad_()
+    torch.library.opcheck(torch.ops.mixres.extract_patches.default, (images, boxes, 16, mode))
+    grad = torch.rand(2, 30, 3, 16, 16, requires_grad=True)
+    torch.library.opcheck(torch.ops.mixres.extract_patches_backward.default, (grad, boxes, 128, 192, mode))
+    torch.library.opcheck(torch.ops.mixres.leaf_centers.default, (boxes, 16))
+
+
 def test_leaf_centers():
     _, boxes, _ = sample()
     torch.library.opcheck(torch.ops.mixres.leaf_centers.default, (boxes, 16))

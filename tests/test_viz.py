@@ -1,5 +1,7 @@
 """Mosaic pictures: render_tokens against a per-leaf loop, draw_mosaic and save_mosaic_figure (against the two
-panels drawn whole)."""
+panels drawn whole); a padded mosaic's pictures and JSON record are its images' leaves alone."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +10,10 @@ from PIL import Image
 
 import mixres
 from mixres import viz
+from mixres.apps.mosaic_files import save_mosaic
 from mixres.viz import draw_mosaic, render_tokens, save_mosaic_figure, save_mosaic_grid
 
-from helpers import random_mosaic
+from helpers import random_mosaic, random_pyramid
 
 
 def per_leaf_render(mosaic, mode):
@@ -111,3 +114,36 @@ def test_render_refuses_leaves_off_their_grid():
     boxes[0, 0, 1] += 8  # a 16-64 px leaf moved by 8 px: no longer on a multiple of its size
     with pytest.raises(ValueError, match="start on multiples of their size"):
         render_tokens(mixres.Mosaic(mosaic.tokens, boxes, mosaic.centers, mosaic.min_patch_size, mosaic.image_size))
+
+
+def padded_mosaic_and_each_image_alone():
+    """A padded mosaic (a threshold stops the images at different lengths) and each image's own mosaic at its
+    length."""
+    images, padded = random_mosaic(threshold=0.5)
+    lengths = padded.lengths.tolist()
+    assert len(set(lengths)) > 1 and max(lengths) < padded.n_patches
+    geometry = mixres.QuadtreeGeometry(128, 192, 16, 64)
+    pyramid = random_pyramid(geometry, 3, 0)  # random_mosaic's
+    alone = [mixres.tokenize(images[b:b + 1], [m[b:b + 1] for m in pyramid], n) for b, n in enumerate(lengths)]
+    return images, padded, alone
+
+
+def test_a_padded_mosaic_shows_each_image_as_its_leaves_alone(tmp_path):
+    images, padded, alone = padded_mosaic_and_each_image_alone()
+    rendered = render_tokens(padded)
+    for b, own in enumerate(alone):
+        assert torch.equal(rendered[b:b + 1], render_tokens(own))
+        drawn = np.asarray(draw_mosaic(images[b], padded.boxes[b]))
+        assert np.array_equal(drawn, np.asarray(draw_mosaic(images[b], own.boxes[0])))
+        figure = np.asarray(save_mosaic_figure(images[b], padded, tmp_path / "padded.png", index=b))
+        assert np.array_equal(figure, np.asarray(save_mosaic_figure(images[b], own, tmp_path / "alone.png")))
+
+
+def test_the_json_of_a_padded_mosaic_lists_its_leaves_only(tmp_path):
+    images, padded, alone = padded_mosaic_and_each_image_alone()
+    for b, own in enumerate(alone):
+        record = save_mosaic(images[b], padded, tmp_path, f"padded{b}", 64, index=b)
+        expected = save_mosaic(images[b], own, tmp_path, f"alone{b}", 64)
+        assert record.pop("max_patches") == padded.n_patches and "max_patches" not in expected
+        assert record == expected and record["n_patches"] == padded.lengths[b]
+        assert json.loads((tmp_path / f"padded{b}.json").read_text())["leaves"] == own.boxes[0].tolist()

@@ -21,16 +21,17 @@
 namespace mixres {
 namespace {
 
-// On the CPU the boxes can be read for free: reject any box outside the image before reading through it.
+// On the CPU the boxes can be read for free: reject any box outside the image before reading through it. The padding
+// box (0, 0, 0) reads nothing.
 void check_boxes_inside(const at::Tensor& boxes, int64_t height, int64_t width, const char* op) {
   const auto contiguous = boxes.contiguous();
   const Box* box = box_data(contiguous);
   const int64_t n_leaves = boxes.size(1);
   for (int64_t i = 0; i < contiguous.numel() / 3; ++i) {
-    TORCH_CHECK_VALUE(box_inside(box[i], height, width), op, ": boxes[", i / n_leaves, ", ", i % n_leaves,
-                      "] (y=", box[i].y, ", x=", box[i].x, ", size=", box[i].size, ") is not inside the ", height,
-                      "x", width, " image: need size >= 1, 0 <= y <= ", height, " - size and 0 <= x <= ", width,
-                      " - size");
+    TORCH_CHECK_VALUE(box_inside(box[i], height, width) || is_padding(box[i]), op, ": boxes[", i / n_leaves, ", ",
+                      i % n_leaves, "] (y=", box[i].y, ", x=", box[i].x, ", size=", box[i].size,
+                      ") is not inside the ", height, "x", width, " image: need size >= 1, 0 <= y <= ", height,
+                      " - size and 0 <= x <= ", width, " - size (or the padding box (0, 0, 0))");
   }
 }
 
@@ -275,14 +276,25 @@ int64_t pieces_per_image(int64_t batch, int64_t n_leaves, int64_t image_numel) {
 }
 
 // The leaves of one image by their top row, so that a task reads the image from top to bottom: the quadtree's
-// canonical order already is, other boxes are sorted (stably: the order changes no token).
+// canonical order already is, other boxes are sorted (stably: the order changes no token). Padding boxes are left
+// out: they read no pixel (zero_padding_tokens writes their tokens).
 void order_by_top_row(const Box* boxes, int64_t n_leaves, std::vector<int64_t>& order) {
-  order.resize(n_leaves);
-  std::iota(order.begin(), order.end(), 0);
+  order.clear();
+  for (int64_t n = 0; n < n_leaves; ++n) {
+    if (!is_padding(boxes[n])) order.push_back(n);
+  }
   bool sorted = true;
-  for (int64_t n = 1; n < n_leaves && sorted; ++n) sorted = boxes[n - 1].y <= boxes[n].y;
+  for (size_t k = 1; k < order.size() && sorted; ++k) sorted = boxes[order[k - 1]].y <= boxes[order[k]].y;
   if (!sorted) {
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return boxes[a].y < boxes[b].y; });
+  }
+}
+
+// The tokens of one image's padding boxes: zeros.
+template <typename scalar_t>
+void zero_padding_tokens(const Box* boxes, int64_t n_leaves, int64_t token_numel, scalar_t* tokens) {
+  for (int64_t n = 0; n < n_leaves; ++n) {
+    if (is_padding(boxes[n])) std::fill_n(tokens + n * token_numel, token_numel, scalar_t(0));
   }
 }
 
@@ -390,6 +402,7 @@ at::Tensor extract_patches_cpu(const at::Tensor& images, const at::Tensor& boxes
         const Box* image_boxes = box_ptr + b * n_leaves;
         const scalar_t* image = src_ptr + b * image_numel;
         scalar_t* image_tokens = token_ptr + b * n_leaves * token_numel;
+        if (task % pieces == 0) zero_padding_tokens(image_boxes, n_leaves, token_numel, image_tokens);
         order_by_top_row(image_boxes, n_leaves, order);
         const auto [first, last] = piece_range(image_boxes, order, patch, task % pieces, pieces);
         RowSweep<scalar_t> sweep(image, channels, plane, width, image_boxes, order.data() + first,
@@ -432,6 +445,7 @@ at::Tensor extract_patches_backward_cpu(const at::Tensor& grad_tokens, const at:
         for (int64_t n = 0; n < n_leaves; ++n) {
           const int64_t leaf = b * n_leaves + n;
           const Box& box = box_ptr[leaf];
+          if (is_padding(box)) continue;  // its token is a constant zero
           resize_leaf_backward(grad_ptr + leaf * token_numel, channels, height, width, box, patch, mode,
                                plans.get(box.size, patch, mode), out_ptr + b * channels * height * width);
         }

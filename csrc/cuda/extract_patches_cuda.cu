@@ -125,7 +125,8 @@ __device__ __forceinline__ TokenIndex<index_t> token_index(index_t o, index_t ch
 }
 
 // The top-left pixel, in `plane_origin`'s layout [B, C, H, W], of the leaf that token element `idx` belongs to;
-// nullptr if its box is not inside the image, which trips the device assert first where asserts are compiled in.
+// nullptr if its box is not inside the image, which trips the device assert first where asserts are compiled in (the
+// kernels test for the padding box (0, 0, 0) before they call this).
 // The host cannot read the boxes without a sync, so the kernels check them here; a failed assert stops the kernel
 // before any read or write outside the image.
 template <typename T, typename index_t>
@@ -166,9 +167,14 @@ extract_patches_kernel(const scalar_t* __restrict__ images, const Box* __restric
   for (index_t r = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < n_runs; r += stride) {
     const TokenIndex<index_t> idx = token_index(r * kRun, channels, patch);
     const Box box = boxes[idx.leaf];
-    const scalar_t* leaf = leaf_origin(images, box, idx, n_leaves, channels, height, width);
+    // A run lies within one token row (kRun divides patch): a padding box's runs are all zeros.
+    const bool padding = is_padding(box);
+    const scalar_t* leaf = padding ? nullptr : leaf_origin(images, box, idx, n_leaves, channels, height, width);
     acc_t value[kRun];
-    if (leaf == nullptr) {
+    if (padding) {
+#pragma unroll
+      for (int e = 0; e < kRun; ++e) value[e] = acc_t(0);
+    } else if (leaf == nullptr) {
 #pragma unroll
       for (int e = 0; e < kRun; ++e) value[e] = std::numeric_limits<acc_t>::quiet_NaN();
     } else {
@@ -203,6 +209,7 @@ extract_patches_backward_kernel(const scalar_t* __restrict__ grad_tokens, const 
   for (index_t o = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
     const TokenIndex<index_t> idx = token_index(o, channels, patch);
     const Box box = boxes[idx.leaf];
+    if (is_padding(box)) continue;  // its token is a constant zero: no gradient
     acc_t* leaf = leaf_origin(grad_images, box, idx, n_leaves, channels, height, width);
     if (leaf == nullptr) continue;
     const acc_t g = static_cast<acc_t>(grad_tokens[o]);

@@ -248,8 +248,9 @@ def _mosaic(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 except OSError as error:
                     parser.exit(1, f"{parser.prog}: error: cannot write to {args.out}: {error}\n")
                 leaves = ", ".join(f"{side} px: {count}" for side, count in record["leaves_per_size"].items())
-                print(f"{path}: {source[0]}x{source[1]} -> {height}x{width}, n_patches={n_patches} ({leaves}): "
-                      f"{args.out / path.stem}.png, .json")
+                cap = f" of at most {record['max_patches']}" if "max_patches" in record else ""
+                print(f"{path}: {source[0]}x{source[1]} -> {height}x{width}, n_patches={record['n_patches']}{cap} "
+                      f"({leaves}): {args.out / path.stem}.png, .json")
             del images, mosaic
     return 0
 

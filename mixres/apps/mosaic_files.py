@@ -22,8 +22,9 @@ def save_mosaic(photo: Tensor, mosaic: Mosaic, out: Path, stem: str, max_patch_s
                 **info) -> dict:
     """Writes ``out/<stem>.png`` (:func:`mixres.viz.save_mosaic_figure`: the photo with its leaf borders, then the
     mosaic rendered from its tokens) and ``out/<stem>.json``: ``info``, then the image's ``height`` and ``width``,
-    ``min_patch_size``, ``max_patch_size``, ``n_patches``, the ``leaves`` ``[[y, x, size], ...]`` and
-    ``leaves_per_size`` (``{"64": count, ...}``, largest first).
+    ``min_patch_size``, ``max_patch_size``, ``n_patches`` (this image's leaves), the ``leaves`` ``[[y, x, size],
+    ...]`` and ``leaves_per_size`` (``{"64": count, ...}``, largest first); for a padded mosaic (an adaptive
+    budget), also ``max_patches``, its padded length N_max. Padding is no leaf: it is in neither list.
 
     Args:
         photo: ``[C, H, W]`` in [0, 1], the image that ``mosaic[index]`` was made from.
@@ -35,10 +36,11 @@ def save_mosaic(photo: Tensor, mosaic: Mosaic, out: Path, stem: str, max_patch_s
     Returns:
         The JSON record (with int keys in ``leaves_per_size``).
     """
-    boxes = mosaic.boxes[index]
+    boxes = mosaic.image_leaves(index)
     height, width = mosaic.image_size
     record = {**info, "height": height, "width": width, "min_patch_size": mosaic.min_patch_size,
-              "max_patch_size": max_patch_size, "n_patches": mosaic.n_patches, "leaves": boxes.tolist(),
+              "max_patch_size": max_patch_size, "n_patches": len(boxes),
+              **({"max_patches": mosaic.n_patches} if mosaic.is_padded else {}), "leaves": boxes.tolist(),
               "leaves_per_size": leaves_per_size(boxes)}
     save_mosaic_figure(photo, mosaic, out / f"{stem}.png", index)
     (out / f"{stem}.json").write_text(json.dumps(record) + "\n")

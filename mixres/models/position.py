@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..grid import block_index, block_sides
+from .padding import neutral_padding
 
 if TYPE_CHECKING:
     from ..mosaic import Mosaic
@@ -123,7 +124,8 @@ class PositionEmbedding(nn.Module):
     reads_centers: ClassVar[bool]
 
     def forward(self, mosaic: Mosaic, vit: nn.Module) -> Tensor:
-        """The positions of ``mosaic``'s leaves, ``[B, N, D]``."""
+        """The positions of ``mosaic``'s leaves, ``[B, N, D]``. A padded mosaic's padding rows are those of a
+        stand-in leaf (:func:`mixres.models.padding.neutral_padding`): finite, whatever its padding holds."""
         raise NotImplementedError
 
     def no_weight_decay(self) -> set[str]:
@@ -150,6 +152,7 @@ class ResampledTable(PositionEmbedding):
                              "(pos_embed is None): use pos_embed='xy' or 'xy-learned'")
 
     def forward(self, mosaic: Mosaic, vit: nn.Module) -> Tensor:
+        mosaic = neutral_padding(mosaic)
         side = mosaic.min_patch_size
         grid = (mosaic.image_size[0] // side, mosaic.image_size[1] // side)
         table = vit.pos_embed[:, _table_prefix(vit):]
@@ -228,6 +231,7 @@ class SinCosXY(_FromCentres):
         self.dim = vit.embed_dim
 
     def forward(self, mosaic: Mosaic, vit: nn.Module) -> Tensor:
+        mosaic = neutral_padding(mosaic)
         return sincos_xy_embed(mosaic.centers, self.dim)
 
     def extra_repr(self) -> str:
@@ -245,6 +249,7 @@ class LearnedXY(_FromCentres):
         self.xy_embed = LearnedXYEmbed(grid, vit.embed_dim)
 
     def forward(self, mosaic: Mosaic, vit: nn.Module) -> Tensor:
+        mosaic = neutral_padding(mosaic)
         side = mosaic.min_patch_size
         return self.xy_embed(mosaic.centers, (mosaic.image_size[0] // side, mosaic.image_size[1] // side))
 

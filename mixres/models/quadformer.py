@@ -13,7 +13,7 @@ from ..mosaic import Mosaic, tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Scorer, create_scorer
 from .padding import (attention_mask, check_blocks_for_padding, check_lengths, check_pooling_for_padding,
-                      neutral_padding, pool_valid_tokens, run_blocks, zero_padding)
+                      pool_valid_tokens, run_blocks, zero_padding)
 from .position import LearnedXYEmbed, PositionEmbedding, pos_embed_class
 
 __all__ = ["Quadformer", "check_vit"]
@@ -234,7 +234,7 @@ class Quadformer(nn.Module):
         proj = vit.patch_embed.proj
         x = F.linear(mosaic.flat_tokens().to(proj.weight.dtype), proj.weight.flatten(1), proj.bias)
         x = vit.patch_embed.norm(x)
-        x = x + self.pos_embed(neutral_padding(mosaic), vit).to(x.dtype)
+        x = x + self.pos_embed(mosaic, vit).to(x.dtype)
         if mosaic.is_padded:
             x = zero_padding(x, mosaic.valid)
 
