@@ -214,6 +214,14 @@ def _threshold_values(threshold, geometry: QuadtreeGeometry) -> list | Tensor:
     return list(threshold)
 
 
+def check_threshold(threshold, geometry: QuadtreeGeometry) -> None:
+    """The errors :func:`tokenize` raises for ``threshold`` in ``geometry``, before any images: its form, and each
+    number finite (in float32, the scorers' dtype). A tensor's values are checked where they are used."""
+    values = _threshold_values(threshold, geometry)
+    if not isinstance(values, Tensor):
+        _thresholds(values, geometry, torch.empty(0))
+
+
 def _thresholds(values: list | Tensor, geometry: QuadtreeGeometry, packed: Tensor) -> Tensor:
     """The thresholds as the op takes them: ``[L]`` in the packed scores' dtype, on their device. Numbers are
     checked and rounded to the dtype here, and each filled in on the device (a fill is a kernel, which CUDA graphs

@@ -240,3 +240,34 @@ def test_what_cannot_read_a_padded_mosaic_says_so():
                                   (padded.lengths[:, None], ValueError, r"mosaic.lengths must have rank 1 \[B\]")]:
         with pytest.raises(error, match=match):
             model(dataclasses.replace(padded, lengths=lengths))
+
+
+def test_a_threshold_makes_the_model_run_on_padded_mosaics():
+    """``Quadformer(threshold=t)``: tokenize stops each image where t says (a padded mosaic, lengths that differ),
+    and the logits are each image's own at its length; ``threshold=None`` is the fixed budget again."""
+    model = tiny_quadformer(global_pool="avg", class_token=False)
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator, dtype=torch.float64)
+    images[:2, :, :, 64:] = 0.5  # flat halves: fewer leaves above the threshold
+    scores = model.score(images)
+    threshold = float(torch.quantile(torch.cat([level.flatten() for level in scores]), 0.6))
+    model.threshold = threshold
+    mosaic = model.tokenize(images)
+    assert mosaic.is_padded and len(set(mosaic.lengths.tolist())) > 1, mosaic.lengths
+    assert torch.equal(mosaic.boxes, mixres.tokenize(images, scores, 31, 16, 64, threshold=threshold).boxes)
+    with torch.no_grad():
+        logits = model(images)
+        for b, n in enumerate(mosaic.lengths.tolist()):
+            alone = model(model.tokenize(images[b:b + 1], n_patches=n))
+            torch.testing.assert_close(logits[b:b + 1], alone, rtol=0, atol=float64_tolerance(alone))
+    assert f"threshold={threshold!r}" in repr(model)
+    model.threshold = None
+    assert not model.tokenize(images).is_padded
+
+
+@pytest.mark.parametrize("threshold, error", [("high", TypeError), (float("nan"), ValueError),
+                                              ({32: 0.1}, ValueError)])
+def test_a_bad_threshold_fails_when_the_model_is_built(threshold, error):
+    with pytest.raises(error, match="threshold"):
+        timm.create_model("quadformer_vit_tiny_patch16_224", img_size=IMAGE_SIZE, embed_dim=32, depth=1, num_heads=2,
+                          threshold=threshold)

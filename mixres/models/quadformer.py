@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_images, check_nan_policy, check_resize_mode
-from ..mosaic import Mosaic, tokenize
+from ..mosaic import Mosaic, check_threshold, tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Scorer, create_scorer
 from .padding import (attention_mask, check_blocks_for_padding, check_lengths, check_pooling_for_padding,
@@ -63,6 +63,12 @@ class Quadformer(nn.Module):
             device-side assert on CUDA) or ``"lowest"`` (those patches are split last; for a pipeline that must
             keep running). Scorers that read pixels give NaN scores to the patches that hold NaN or Inf pixels.
             Change it at any time (``model.nan_policy = "lowest"``).
+        threshold: an adaptive budget (:func:`mixres.tokenize`'s ``threshold``): each image stops splitting when its
+            best leaf scores at or below it (one number, or ``{patch size: number}``), with ``n_patches`` as the
+            cap N_max. The model then runs on padded mosaics (masked attention and pooling): each image's logits
+            are those it gets alone at its own length. None (default): every image gets ``n_patches`` leaves.
+            Change it at any time (``model.threshold = 0.01``); :func:`mixres.calibrate_threshold` finds one for a
+            mean token count.
 
     Inputs: images ``[B, C, H, W]`` with the ViT's C input channels (normalised as for the ViT; H, W multiples of
     max_patch_size; any float dtype: the ViT gets the tokens in its own dtype), or a prepared
@@ -75,7 +81,7 @@ class Quadformer(nn.Module):
                  min_patch_size: int | None = None, max_patch_size: int | None = None, pos_embed: str = "resample",
                  resize_mode: str = "area", scorer_kwargs: dict | None = None,
                  input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None,
-                 nan_policy: str = "raise"):
+                 nan_policy: str = "raise", threshold=None):
         super().__init__()
         self.patch_size, self.in_chans, image_size = check_vit(vit)
         embedding = pos_embed_class(pos_embed)  # an unknown name fails before anything is built
@@ -90,6 +96,9 @@ class Quadformer(nn.Module):
         self.resize_mode = resize_mode
         self.n_patches = n_patches
         self.nan_policy = check_nan_policy(nan_policy)
+        if threshold is not None:
+            check_threshold(threshold, self.geometry)  # a bad one fails here rather than at the first batch
+        self.threshold = threshold
         # A name is built with its arguments; a built scorer is checked (and arguments for it refused) there too.
         self._scorer = create_scorer(scorer, min_patch_size, max_patch_size, **(scorer_kwargs or {}))
 
@@ -161,7 +170,8 @@ class Quadformer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"n_patches={self.n_patches}, patch sizes {self.min_patch_size}-{self.max_patch_size} px, "
-                f"pos_embed={self.pos_embed_kind!r}, resize_mode={self.resize_mode!r}, scorer={self.scorer!r}")
+                f"pos_embed={self.pos_embed_kind!r}, resize_mode={self.resize_mode!r}, scorer={self.scorer!r}"
+                + (f", threshold={self.threshold!r}" if self.threshold is not None else ""))
 
     def _apply(self, fn, recurse=True):
         # .half(), .bfloat16() and .to(dtype) would round input_mean and input_std to the model's dtype, and the
@@ -213,10 +223,11 @@ class Quadformer(nn.Module):
     def tokenize(self, images: Tensor, n_patches: int | None = None) -> Mosaic:
         """``images [B, C, H, W]`` (normalised as the ViT's inputs) -> their :class:`mixres.Mosaic`, the leaves
         chosen by the scorer (:meth:`score`) and resized to the ViT's patch size. NaN or infinite scores are
-        handled by ``self.nan_policy``."""
+        handled by ``self.nan_policy``. With ``self.threshold`` set, a padded mosaic of at most ``n_patches``
+        leaves per image."""
         return tokenize(images, self.score(images), self.n_patches if n_patches is None else n_patches,
                         self.min_patch_size, self.max_patch_size, self.patch_size, self.resize_mode,
-                        nan_policy=self.nan_policy)
+                        nan_policy=self.nan_policy, threshold=self.threshold)
 
     def embed(self, mosaic: Mosaic) -> Tensor:
         """A mosaic -> the token sequence entering the blocks, ``[B, prefix + N, D]``: leaves embedded by the
