@@ -27,7 +27,6 @@ Pooling reads each image's valid tokens by gathering the final features into the
 """
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,13 +47,19 @@ PACKED_ATTENTIONS = ("auto", "loop", "varlen", "padded")
 
 class Sequences:
     """The blocks' packed layout of a :class:`mixres.PackedMosaic` with ``n_prefix`` prefix tokens per image: what
-    each block needs to attend per image, computed once per forward, each piece when first asked for.
+    each block needs to attend per image, computed once per forward, on the device (a few index tensors of T' or
+    B x max_seqlen' entries).
 
     Attributes:
         cu_seqlens: ``[B + 1]`` int32, the images' cumulative lengths, prefix tokens included.
         max_seqlen: the longest image, prefix tokens included (a Python int).
         rows: T', the number of rows, ``T + B * n_prefix``.
         attention: the attention's implementation, one of :data:`PACKED_ATTENTIONS`.
+        images: ``[T']`` int64, each row's image; B for the tail.
+        in_image: ``[T']`` bool, False at the tail.
+        slots: ``[B, max_seqlen]`` int64, the row each slot of the padded layout reads (padding slots some row).
+        slot_valid: ``[B, max_seqlen]`` bool, the slots that hold a row.
+        row_slots: ``[T']`` int64, each row's slot in the flattened padded layout (the tail's: 0).
     """
 
     def __init__(self, packed: PackedMosaic, n_prefix: int, attention: str = "auto"):
@@ -63,46 +68,33 @@ class Sequences:
                              f"{attention!r}")
         self.batch = packed.batch_size
         self.n_prefix = n_prefix
-        steps = torch.arange(self.batch + 1, device=packed.cu_seqlens.device, dtype=torch.int32)
-        self.cu_seqlens = packed.cu_seqlens + n_prefix * steps
+        device = packed.cu_seqlens.device
+        self.cu_seqlens = packed.cu_seqlens + n_prefix * torch.arange(self.batch + 1, device=device,
+                                                                      dtype=torch.int32)
         self.max_seqlen = packed.max_seqlen + n_prefix
         self.rows = packed.total_tokens + self.batch * n_prefix
         self.attention = attention
+        self._bounds = None
 
-    @functools.cached_property
-    def images(self) -> Tensor:
-        """``[T']`` int64, each row's image; B for the tail."""
-        return row_images(self.cu_seqlens, self.rows)
-
-    @functools.cached_property
-    def in_image(self) -> Tensor:
-        """``[T']`` bool, False at the tail."""
-        return self.images < self.batch
-
-    @functools.cached_property
-    def bounds(self) -> list[int]:
-        """``cu_seqlens`` on the host: a copy, which synchronises with a GPU (the CPU's ``"loop"`` reads it)."""
-        return self.cu_seqlens.tolist()
-
-    @functools.cached_property
-    def slots(self) -> tuple[Tensor, Tensor]:
-        """The padded layout ``[B, max_seqlen]``: each slot's row (padding slots read some row) and whether it holds
-        one (``[B, max_seqlen]`` int64 and bool)."""
-        columns = torch.arange(self.max_seqlen, device=self.cu_seqlens.device)
-        valid = columns < self.cu_seqlens.diff()[:, None]
-        rows = (self.cu_seqlens[:-1, None].long() + columns).clamp(max=self.rows - 1)
-        return rows, valid
-
-    @functools.cached_property
-    def row_slots(self) -> Tensor:
-        """``[T']`` int64, each row's slot in the flattened padded layout (the tail reads slot 0)."""
+        self.images = row_images(self.cu_seqlens, self.rows)
+        self.in_image = self.images < self.batch
+        starts = self.cu_seqlens.long()
+        columns = torch.arange(self.max_seqlen, device=device)
+        self.slot_valid = columns < starts.diff()[:, None]
+        self.slots = (starts[:-1, None] + columns).clamp(max=self.rows - 1)
         images = self.images.clamp(max=self.batch - 1)
-        columns = torch.arange(self.rows, device=images.device) - self.cu_seqlens[images].long()
-        return torch.where(self.in_image, images * self.max_seqlen + columns, 0)
+        offsets = torch.arange(self.rows, device=device) - starts[images]
+        self.row_slots = torch.where(self.in_image, images * self.max_seqlen + offsets, 0)
+
+    def bounds(self) -> list[int]:
+        """``cu_seqlens`` on the host: a copy, made once, which synchronises with a GPU (the ``"loop"`` reads it)."""
+        if self._bounds is None:
+            self._bounds = self.cu_seqlens.tolist()
+        return self._bounds
 
     def to_padded(self, x: Tensor) -> Tensor:
         """Rows ``[T', ...]`` -> the padded layout ``[B, max_seqlen, ...]`` (padding slots hold copies of rows)."""
-        return x[self.slots[0]]
+        return x[self.slots]
 
     def from_padded(self, x: Tensor) -> Tensor:
         """The padded layout ``[B, max_seqlen, ...]`` -> rows ``[T', ...]``, the tail 0."""
@@ -200,15 +192,15 @@ def packed_attention(attn: nn.Module, x: Tensor, sequences: Sequences) -> Tensor
         # Flash attention leaves the tail's rows unwritten: they must stay finite (0 times NaN is NaN in a gradient).
         out = torch.where(sequences.in_image[:, None, None], out, 0)
     elif how == "loop":
-        bounds = sequences.bounds
+        bounds = sequences.bounds()
         parts = [_attend(attn, *(t[start:end].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
                  for start, end in zip(bounds[:-1], bounds[1:])]
         if bounds[-1] < rows:
             parts.append(q.new_zeros(rows - bounds[-1], *q.shape[1:]))
         out = torch.cat(parts)
     else:
-        rows_of, valid = sequences.slots
-        mask = attention_mask(valid, 0, q.dtype)  # [B, 1, 1, max_seqlen]
+        rows_of = sequences.slots
+        mask = attention_mask(sequences.slot_valid, 0, q.dtype)  # [B, 1, 1, max_seqlen]
         padded = _attend(attn, *(t[rows_of].transpose(1, 2) for t in (q, k, v)), mask)  # [B, H, L, d]
         out = sequences.from_padded(padded.transpose(1, 2))
     out = attn.norm(out.reshape(rows, attn.attn_dim))
@@ -218,14 +210,15 @@ def packed_attention(attn: nn.Module, x: Tensor, sequences: Sequences) -> Tensor
 
 
 def _drop_path(x: Tensor, module: nn.Module, sequences: Sequences) -> Tensor:
-    """timm's ``DropPath`` (stochastic depth) per image, as it drops per sample of a batch, not per row."""
+    """timm's ``DropPath`` (stochastic depth) per image, as it drops per sample of a batch, not per row: the same
+    draws from the same random state as timm's on a batch of B images (the tail is dropped)."""
     if isinstance(module, nn.Identity) or not module.training or module.drop_prob == 0.0:
         return x
     keep_prob = 1 - module.drop_prob
-    keep = x.new_empty(sequences.batch + 1).bernoulli_(keep_prob)  # one for each image, and one for the tail
+    keep = x.new_empty(sequences.batch).bernoulli_(keep_prob)
     if keep_prob > 0 and module.scale_by_keep:
         keep = keep / keep_prob
-    return x * keep[sequences.images].unsqueeze(-1)
+    return x * torch.cat([keep, keep.new_zeros(1)])[sequences.images].unsqueeze(-1)
 
 
 def packed_block(block: nn.Module, x: Tensor, sequences: Sequences) -> Tensor:
@@ -283,5 +276,4 @@ def pool_packed_tokens(vit: nn.Module, x: Tensor, sequences: Sequences) -> Tenso
     """
     if not vit.global_pool and getattr(vit, "attn_pool", None) is None:
         return x
-    _, valid = sequences.slots
-    return pool_valid_tokens(vit, sequences.to_padded(x), valid[:, sequences.n_prefix:])
+    return pool_valid_tokens(vit, sequences.to_padded(x), sequences.slot_valid[:, sequences.n_prefix:])
