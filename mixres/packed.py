@@ -101,7 +101,8 @@ class PackedMosaic:
 
         def gathered(values: Tensor, fill: float) -> Tensor:
             keep = valid.view(*valid.shape, *(1,) * (values.dim() - 1))
-            return torch.where(keep, values[rows], values.new_tensor(fill))
+            # A Python number, not a tensor made from it: copying that to a GPU would synchronise.
+            return torch.where(keep, values[rows], fill)
 
         return Mosaic(tokens=gathered(self.tokens, 0), boxes=gathered(self.boxes, 0),
                       centers=gathered(self.centers, -0.5), min_patch_size=self.min_patch_size,
@@ -176,7 +177,7 @@ def pack(mosaic: Mosaic, total_tokens: int | None = None) -> PackedMosaic:
 
     def gathered(values: Tensor, fill: float) -> Tensor:
         rows = values.flatten(0, 1)[leaves]
-        return torch.where(valid.view(-1, *(1,) * (rows.dim() - 1)), rows, rows.new_tensor(fill))
+        return torch.where(valid.view(-1, *(1,) * (rows.dim() - 1)), rows, fill)  # no copy from the host
 
     return PackedMosaic(tokens=gathered(mosaic.tokens, 0), boxes=gathered(mosaic.boxes, 0),
                         centers=gathered(mosaic.centers, -0.5), cu_seqlens=cu_seqlens, max_seqlen=longest,
