@@ -9,9 +9,10 @@ they cost what the valid leaves cost, unlike the padded layout's ``[B, N_max, D]
   image, the bounds read on the host. The CPU's choice, exact (each image's attention is its attention alone).
   Measured on this project's 2-core CPU VM (one thread, ViT-S/16 attention, 6 heads of 64, B = 16, lengths of
   49 + 3k with mean 106 of N_max 196, one class token; medians of 15 interleaved rounds, benchmarks' timing): the
-  loop 10.3 ms; the same loop writing into one output 9.4 ms; masked SDPA on the padded ``[16, 6, 197, 64]`` 23.4
-  ms (2.3x the loop); that plus gathering to and from the padded layout (``"padded"`` below) 27.4 ms (2.7x);
-  nested jagged tensors (``torch.nested.nested_tensor_from_jagged`` + SDPA) 50.1 ms (4.9x, and no
+  loop 10.3 ms (its outputs concatenated); the same loop writing into one output 9.4 ms (not taken: in-place
+  writes into a buffer under autograd, for 1 ms in a forward of seconds); masked SDPA on the padded
+  ``[16, 6, 197, 64]`` 23.4 ms (2.3x the loop); that plus gathering to and from the padded layout (``"padded"``
+  below) 27.4 ms (2.7x); nested jagged tensors (``torch.nested.nested_tensor_from_jagged`` + SDPA) 50.1 ms (4.9x, and no
   ``torch.inference_mode``); flex_attention with a document mask, eager, 659 ms (64x: without torch.compile it
   materialises the T x T scores). ``torch.nn.attention.varlen.varlen_attn`` does not run on the CPU (flash-attn's
   kernels only).
@@ -203,7 +204,7 @@ def packed_attention(attn: nn.Module, x: Tensor, sequences: Sequences) -> Tensor
         mask = attention_mask(sequences.slot_valid, 0, q.dtype)  # [B, 1, 1, max_seqlen]
         padded = _attend(attn, *(t[rows_of].transpose(1, 2) for t in (q, k, v)), mask)  # [B, H, L, d]
         out = sequences.from_padded(padded.transpose(1, 2))
-    out = attn.norm(out.reshape(rows, attn.attn_dim))
+    out = attn.norm(out.reshape(rows, attn.num_heads * attn.head_dim))  # timm's attn_dim (not in older timm)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))
