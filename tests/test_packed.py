@@ -187,6 +187,20 @@ def test_each_image_of_a_packed_batch_gets_its_padded_batch_logits(pos_embed, po
     assert (got[:reference.shape[0]] - reference).abs().max() > 1000 * float64_tolerance(reference)
 
 
+@pytest.mark.parametrize("vit_kwargs", [dict(qk_norm=True, init_values=0.5), dict(block_fn=ResPostBlock)],
+                         ids=["qk_norm-layer_scale", "ResPostBlock"])
+def test_the_blocks_options_run_packed_as_padded(vit_kwargs):
+    """The attention's q_norm and k_norm, layer scales, and the post-norm block, read from the ViT's own modules."""
+    model = tiny_quadformer("xy", **vit_kwargs)
+    padded = pad_mosaics(single_mosaics(model))
+    with torch.no_grad():
+        want = model(padded)
+        for attention in CPU_ATTENTIONS:
+            model.packed_attention = attention
+            got = model(mixres.pack(padded, total_tokens=60))
+            torch.testing.assert_close(got, want, rtol=0, atol=float64_tolerance(want), msg=attention)
+
+
 def test_packed_features_are_each_images_padded_features_with_its_prefix_in_front():
     model = tiny_quadformer("resample", **POOLINGS["avg_with_prefix"])  # a class token and two registers
     padded = pad_mosaics(single_mosaics(model))
