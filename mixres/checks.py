@@ -19,7 +19,7 @@ __all__ = ["FLOAT_DTYPES", "RESIZE_MODES", "NAN_POLICIES", "check_int", "check_p
            "check_rank", "check_float_dtype", "check_floating", "check_device", "check_batch", "check_images",
            "check_map", "check_boxes", "check_boxes_inside", "is_padding_box", "check_budgets", "check_budget_values",
            "check_thresholds", "check_threshold_values", "check_threshold_number", "is_number", "check_resize_mode",
-           "check_nan_policy"]
+           "check_nan_policy", "check_lengths"]
 
 # The dtypes of images and tokens.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -261,3 +261,14 @@ def check_nan_policy(nan_policy) -> str:
     if not isinstance(nan_policy, str) or nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {', '.join(map(repr, NAN_POLICIES))}, got {nan_policy!r}")
     return nan_policy
+
+
+def check_lengths(lengths, tokens: Tensor) -> Tensor:
+    """A padded mosaic's ``lengths``: int32 or int64 ``[B]`` on the device of its ``tokens [B, N, ...]``. Its values
+    are not read (that would synchronise with the device): each must be from 1 to N, as tokenize makes them (a
+    length of 0 makes average pooling NaN)."""
+    check_rank("mosaic.lengths", lengths, 1, "[B], the number of valid leaves of each image")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"mosaic.lengths must be int32 or int64, got {lengths.dtype}")
+    check_batch("mosaic.lengths", lengths, tokens.shape[0], holder="mosaic.tokens")
+    return check_device("mosaic.lengths", lengths, tokens.device, holder="mosaic.tokens are")

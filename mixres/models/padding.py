@@ -16,27 +16,14 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ..checks import check_batch, check_device, check_rank
-
 if TYPE_CHECKING:
     from ..mosaic import Mosaic
 
-__all__ = ["check_lengths", "neutral_padding", "zero_padding", "with_prefix", "attention_mask", "masked_pool",
+__all__ = ["neutral_padding", "zero_padding", "with_prefix", "attention_mask", "masked_pool",
            "run_blocks", "pool_valid_tokens", "check_pooling_for_padding", "check_blocks_for_padding", "MASKED_POOLS"]
 
 # The reductions over tokens that masked_pool computes (timm's global_pool names).
 MASKED_POOLS = ("avg", "max", "avgmax")
-
-
-def check_lengths(lengths, tokens: Tensor) -> Tensor:
-    """A padded mosaic's ``lengths``: int32 or int64 ``[B]`` on the device of its ``tokens [B, N, ...]``. Its values
-    are not read (that would synchronise with the device): each must be from 1 to N, as tokenize makes them (a
-    length of 0 makes average pooling NaN)."""
-    check_rank("mosaic.lengths", lengths, 1, "[B], the number of valid leaves of each image")
-    if lengths.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"mosaic.lengths must be int32 or int64, got {lengths.dtype}")
-    check_batch("mosaic.lengths", lengths, tokens.shape[0], holder="mosaic.tokens")
-    return check_device("mosaic.lengths", lengths, tokens.device, holder="mosaic.tokens are")
 
 
 def neutral_padding(mosaic: Mosaic) -> Mosaic:
@@ -107,54 +94,61 @@ def masked_pool(x: Tensor, valid: Tensor, pool_type: str) -> Tensor:
     raise ValueError(f"pool_type must be one of {', '.join(MASKED_POOLS)}, got {pool_type!r}")
 
 
-def run_blocks(blocks: nn.Sequential, x: Tensor, attn_mask: Tensor, checkpointing: bool = False) -> Tensor:
-    """timm's blocks one by one, each given ``attn_mask`` (``nn.Sequential`` and timm's ``checkpoint_seq`` pass
-    only x). With ``checkpointing``, each block is recomputed in the backward pass (``torch.utils.checkpoint``,
+def run_blocks(blocks: nn.Sequential, x: Tensor, checkpointing: bool = False, forward=None, **kwargs) -> Tensor:
+    """timm's blocks one by one, each given ``kwargs`` (``nn.Sequential`` and timm's ``checkpoint_seq`` pass only x).
+    With ``checkpointing``, each block is recomputed in the backward pass (``torch.utils.checkpoint``,
     non-reentrant), which is what timm's grad checkpointing does.
 
     Args:
-        blocks: timm blocks, ``block(x, attn_mask=...)``.
-        x: ``[B, L, D]``.
-        attn_mask: as :func:`attention_mask` makes it, ``[B, 1, 1, L]``.
+        blocks: timm blocks.
+        x: ``[B, L, D]`` (or the packed rows ``[T', D]``).
+        forward: how a block runs, ``forward(block, x, **kwargs)``; default ``block(x, **kwargs)``, e.g. with
+            ``attn_mask`` as :func:`attention_mask` makes it, ``[B, 1, 1, L]``.
 
     Returns:
-        ``[B, L, D]``.
+        x's shape.
     """
+    forward = _call_block if forward is None else forward
     for block in blocks:
         if checkpointing:
-            x = torch.utils.checkpoint.checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(forward, block, x, use_reentrant=False, **kwargs)
         else:
-            x = block(x, attn_mask=attn_mask)
+            x = forward(block, x, **kwargs)
     return x
 
 
+def _call_block(block: nn.Module, x: Tensor, **kwargs) -> Tensor:
+    return block(x, **kwargs)
+
+
 def check_pooling_for_padding(vit: nn.Module) -> None:
-    """A ValueError where :func:`pool_valid_tokens` cannot pool the ViT's padded features: a pooling that mixes
-    tokens without a mask (``global_pool="prr"``), or a ``forward_head``/``pool`` of the ViT's own (a subclass such as
-    DeiT's distilled ViT)."""
+    """A ValueError where :func:`pool_valid_tokens` cannot pool the ViT's padded (or packed) features: a pooling that
+    mixes tokens without a mask (``global_pool="prr"``), or a ``forward_head``/``pool`` of the ViT's own (a subclass
+    such as DeiT's distilled ViT)."""
     from timm.layers import AttentionPoolLatent
     from timm.models.vision_transformer import VisionTransformer
 
     attn_pool = getattr(vit, "attn_pool", None)
     if attn_pool is not None and not isinstance(attn_pool, AttentionPoolLatent):
-        raise ValueError(f"a padded mosaic needs a pooling that can skip padding: global_pool 'token', 'avg', 'max', "
-                         f"'avgmax', 'map' or '', but this ViT pools with {type(attn_pool).__name__} "
-                         f"(global_pool={vit.global_pool!r}), which takes no mask: use a fixed budget (lengths None)")
+        raise ValueError(f"a padded or packed mosaic needs a pooling that can skip padding: global_pool 'token', "
+                         f"'avg', 'max', 'avgmax', 'map' or '', but this ViT pools with {type(attn_pool).__name__} "
+                         f"(global_pool={vit.global_pool!r}), which takes no mask: use a fixed budget (lengths None), "
+                         f"unpacked")
     for method in ("forward_head", "pool"):
         if getattr(type(vit), method, None) is not getattr(VisionTransformer, method):
-            raise ValueError(f"a padded mosaic needs timm VisionTransformer's own {method}, which "
+            raise ValueError(f"a padded or packed mosaic needs timm VisionTransformer's own {method}, which "
                              f"{type(vit).__name__} overrides: pooling over valid tokens only is written for it; use "
                              f"a fixed budget (lengths None)")
 
 
 def check_blocks_for_padding(vit: nn.Module) -> None:
-    """A ValueError where the ViT's token pipeline cannot run on a padded mosaic: patch dropout while training,
-    which drops and reorders tokens (padding among them) whatever ``lengths`` says."""
+    """A ValueError where the ViT's token pipeline cannot run on a padded or packed mosaic: patch dropout while
+    training, which drops and reorders tokens (padding among them) whatever ``lengths`` says."""
     patch_drop = getattr(vit, "patch_drop", None)
     if patch_drop is not None and not isinstance(patch_drop, nn.Identity) and patch_drop.training:
-        raise ValueError("patch dropout (the ViT's patch_drop_rate > 0) cannot run on a padded mosaic while training: "
-                         "it would drop valid tokens and keep padding. Build the ViT with patch_drop_rate=0, or use a "
-                         "fixed budget")
+        raise ValueError("patch dropout (the ViT's patch_drop_rate > 0) cannot run on a packed or padded mosaic while "
+                         "training: it would drop valid tokens and keep padding. Build the ViT with patch_drop_rate=0, "
+                         "or use a fixed budget")
 
 
 def pool_valid_tokens(vit: nn.Module, x: Tensor, valid: Tensor) -> Tensor:

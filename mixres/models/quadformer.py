@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_images, check_nan_policy, check_resize_mode
+from ..checks import check_images, check_lengths, check_nan_policy, check_resize_mode
 from ..mosaic import Mosaic, check_threshold, tokenize
+from ..packed import PackedMosaic
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Scorer, create_scorer
-from .padding import (attention_mask, check_blocks_for_padding, check_lengths, check_pooling_for_padding,
+from .packing import Sequences, check_blocks_for_packing, insert_prefix, packed_block, pool_packed_tokens
+from .padding import (attention_mask, check_blocks_for_padding, check_pooling_for_padding,
                       pool_valid_tokens, run_blocks, zero_padding)
 from .position import LearnedXYEmbed, PositionEmbedding, pos_embed_class
 
@@ -74,8 +76,19 @@ class Quadformer(nn.Module):
     max_patch_size; any float dtype: the ViT gets the tokens in its own dtype), or a prepared
     :class:`mixres.Mosaic` whose tokens have the ViT's patch size and channels. A padded mosaic (``lengths`` set,
     each from 1 to N) runs with a key-padding mask and pools its valid tokens only (see
-    :mod:`mixres.models.padding`): image b's logits are those it gets alone at its own length.
+    :mod:`mixres.models.padding`): image b's logits are those it gets alone at its own length. So does a packed
+    one (:class:`mixres.PackedMosaic`, :func:`mixres.pack`), whose token-wise layers run on its T rows only and whose
+    attention runs per image (see :mod:`mixres.models.packing`): faster than the padded layout where images are
+    shorter than N on average.
+
+    Attributes:
+        packed_attention: how a packed mosaic's images attend (one of ``"auto"``, ``"loop"``, ``"varlen"``,
+            ``"padded"``; see :mod:`mixres.models.packing`). Default ``"auto"``: per image on the CPU, flash
+            attention's varlen kernel on CUDA in float16 and bfloat16, through the padded layout otherwise and under
+            torch.compile.
     """
+
+    packed_attention: str = "auto"
 
     def __init__(self, vit: nn.Module, n_patches: int = 100, scorer: str | Scorer = "pixel-blur",
                  min_patch_size: int | None = None, max_patch_size: int | None = None, pos_embed: str = "resample",
@@ -229,10 +242,28 @@ class Quadformer(nn.Module):
                         self.min_patch_size, self.max_patch_size, self.patch_size, self.resize_mode,
                         nan_policy=self.nan_policy, threshold=self.threshold)
 
-    def embed(self, mosaic: Mosaic) -> Tensor:
+    def embed(self, mosaic: Mosaic | PackedMosaic) -> Tensor:
         """A mosaic -> the token sequence entering the blocks, ``[B, prefix + N, D]``: leaves embedded by the
         ViT's patch-embedding weights, position embeddings added, prefix (class, register) tokens in front. A padded
-        mosaic's padding rows are 0 (whatever its padding leaves hold)."""
+        mosaic's padding rows are 0 (whatever its padding leaves hold). A packed mosaic gives its rows,
+        ``[T + B * prefix, D]``: each image's prefix tokens in front of its leaves, the static variant's tail 0."""
+        vit = self.vit
+        if isinstance(mosaic, PackedMosaic):
+            # The rows embed as one padded image whose valid leaves are the packed images' (the tail is padding).
+            rows = Mosaic(tokens=mosaic.tokens[None], boxes=mosaic.boxes[None], centers=mosaic.centers[None],
+                          min_patch_size=mosaic.min_patch_size, image_size=mosaic.image_size,
+                          lengths=mosaic.cu_seqlens[-1:])
+            x = insert_prefix(self._embed_leaves(rows)[0], self._prefix_tokens(mosaic.batch_size),
+                              mosaic.cu_seqlens)
+        else:
+            x = self._embed_leaves(mosaic)
+            prefix = self._prefix_tokens(x.shape[0])
+            if prefix is not None:
+                x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        return vit.pos_drop(x)
+
+    def _embed_leaves(self, mosaic: Mosaic) -> Tensor:
+        """A mosaic's leaves embedded, with their positions: ``[B, N, D]``, padding rows 0."""
         vit = self.vit
         if mosaic.patch_size != self.patch_size or mosaic.tokens.shape[2] != self.in_chans:
             raise ValueError(f"mosaic tokens must be [B, N, {self.in_chans}, {self.patch_size}, {self.patch_size}] "
@@ -248,38 +279,51 @@ class Quadformer(nn.Module):
         x = x + self.pos_embed(mosaic, vit).to(x.dtype)
         if mosaic.is_padded:
             x = zero_padding(x, mosaic.valid)
+        return x
 
+    def _prefix_tokens(self, batch: int) -> Tensor | None:
+        """The ViT's prefix tokens (class, then registers) with their positions, ``[B, prefix, D]``; None without."""
+        vit = self.vit
         prefix = []
         if vit.cls_token is not None:
-            prefix.append(vit.cls_token.expand(x.shape[0], -1, -1))
+            prefix.append(vit.cls_token.expand(batch, -1, -1))
         if getattr(vit, "reg_token", None) is not None:
-            prefix.append(vit.reg_token.expand(x.shape[0], -1, -1))
-        if prefix:
-            prefix = torch.cat(prefix, dim=1)
-            if vit.pos_embed is not None and not vit.no_embed_class:
-                prefix = prefix + vit.pos_embed[:, :vit.num_prefix_tokens]
-            x = torch.cat([prefix.to(x.dtype), x], dim=1)
-        return vit.pos_drop(x)
+            prefix.append(vit.reg_token.expand(batch, -1, -1))
+        if not prefix:
+            return None
+        prefix = torch.cat(prefix, dim=1)
+        if vit.pos_embed is not None and not vit.no_embed_class:
+            prefix = prefix + vit.pos_embed[:, :vit.num_prefix_tokens]
+        return prefix
 
-    def forward_features(self, x: Tensor | Mosaic, n_patches: int | None = None) -> Tensor:
+    def forward_features(self, x: Tensor | Mosaic | PackedMosaic, n_patches: int | None = None) -> Tensor:
         """Images or a mosaic -> the normed token features ``[B, prefix + N, D]``.
 
         A padded mosaic (``mosaic.lengths`` set) runs the blocks with a key-padding mask: no token attends to
         padding, so each valid token's features are those of its image run alone at its own length. The padding
-        rows hold finite values that mean nothing; pool with ``forward_head(x, valid=mosaic.valid)``."""
+        rows hold finite values that mean nothing; pool with ``forward_head(x, valid=mosaic.valid)``.
+
+        A packed mosaic gives packed features ``[T + B * prefix, D]`` (see :meth:`embed`), each image's tokens
+        attending to its own only (``self.packed_attention``); pool with ``forward_head(x, packed=mosaic)``."""
         vit = self.vit
-        mosaic = x if isinstance(x, Mosaic) else self.tokenize(x, n_patches)
-        if mosaic.is_padded:
+        mosaic = x if isinstance(x, (Mosaic, PackedMosaic)) else self.tokenize(x, n_patches)
+        packed = isinstance(mosaic, PackedMosaic)
+        if packed or mosaic.is_padded:
             check_blocks_for_padding(vit)
+        if packed:
+            check_blocks_for_packing(vit)
         x = self.embed(mosaic)
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
         checkpointing = getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting()
-        if mosaic.is_padded:
+        if packed:
+            sequences = Sequences(mosaic, vit.num_prefix_tokens, self.packed_attention)
+            x = run_blocks(vit.blocks, x, checkpointing, forward=packed_block, sequences=sequences)
+        elif mosaic.is_padded:
             # The mask is built on the device from lengths: no host synchronisation. timm's checkpoint_seq cannot
             # pass it, so the blocks run one by one, each checkpointed on its own.
             mask = attention_mask(mosaic.valid, x.shape[1] - mosaic.n_patches, x.dtype)
-            x = run_blocks(vit.blocks, x, mask, checkpointing)
+            x = run_blocks(vit.blocks, x, checkpointing, attn_mask=mask)
         elif checkpointing:
             from timm.models import checkpoint_seq
 
@@ -288,24 +332,40 @@ class Quadformer(nn.Module):
             x = vit.blocks(x)
         return vit.norm(x)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False, valid: Tensor | None = None) -> Tensor:
+    def forward_head(self, x: Tensor, pre_logits: bool = False, valid: Tensor | None = None,
+                     packed: PackedMosaic | None = None) -> Tensor:
         """Features ``[B, prefix + N, D]`` -> logits ``[B, num_classes]`` (pooled features ``[B, D]`` with
         ``pre_logits``), by the ViT's own pooling, ``fc_norm`` and head.
 
         ``valid``: ``[B, N]`` bool, a padded mosaic's ``mosaic.valid``: pooling then reads valid tokens only
         (class token: as is; ``avg``, ``max``, ``avgmax``: over the valid leaves, and the prefix tokens where the
-        ViT pools them too; ``map``: attention pooling with padding masked). ``global_pool="prr"`` is refused."""
+        ViT pools them too; ``map``: attention pooling with padding masked). ``global_pool="prr"`` is refused.
+
+        ``packed``: the :class:`mixres.PackedMosaic` whose packed features ``x [T + B * prefix, D]`` these are: each
+        image is pooled the same way over its own tokens. Without pooling (``global_pool=""``) the rows stay
+        packed: ``[T + B * prefix, num_classes]``."""
         vit = self.vit
-        if valid is None:
+        if valid is not None and packed is not None:
+            raise ValueError("forward_head takes valid (padded features) or packed (packed features), not both")
+        if valid is None and packed is None:
             return vit.forward_head(x, pre_logits=pre_logits)
         check_pooling_for_padding(vit)
-        x = vit.head_drop(vit.fc_norm(pool_valid_tokens(vit, x, valid)))
+        if packed is not None:
+            pooled = pool_packed_tokens(vit, x, Sequences(packed, vit.num_prefix_tokens, self.packed_attention))
+        else:
+            pooled = pool_valid_tokens(vit, x, valid)
+        x = vit.head_drop(vit.fc_norm(pooled))
         return x if pre_logits else vit.head(x)
 
-    def forward(self, x: Tensor | Mosaic, n_patches: int | None = None) -> Tensor:
-        """Images ``[B, C, H, W]`` or a :class:`mixres.Mosaic` -> logits ``[B, num_classes]``. ``n_patches``
-        overrides the model's budget for this call (images only; a mosaic has its own). A padded mosaic's image b
-        gets the logits it gets alone at its own length ``lengths[b]`` (up to float rounding)."""
+    def forward(self, x: Tensor | Mosaic | PackedMosaic, n_patches: int | None = None) -> Tensor:
+        """Images ``[B, C, H, W]``, a :class:`mixres.Mosaic` or a :class:`mixres.PackedMosaic` -> logits
+        ``[B, num_classes]``. ``n_patches`` overrides the model's budget for this call (images only; a mosaic has its
+        own). A padded or packed mosaic's image b gets the logits it gets alone at its own length (up to float
+        rounding)."""
+        if isinstance(x, PackedMosaic):
+            if n_patches is not None:
+                raise ValueError(f"n_patches={n_patches} was given with a packed mosaic, which has its own leaves")
+            return self.forward_head(self.forward_features(x), packed=x)
         if isinstance(x, Mosaic) and n_patches is not None and n_patches != x.n_patches:
             raise ValueError(f"n_patches={n_patches} was given with a mosaic of {x.n_patches} leaves")
         mosaic = x if isinstance(x, Mosaic) else self.tokenize(x, n_patches)
