@@ -233,11 +233,12 @@ def _lowest_stopping_t(values: Tensor, weights: Tensor) -> Tensor:
     the lowest (where every t stops at s)."""
     low = _ordered(torch.full_like(weights, -math.inf).view(torch.int64))
     high = _ordered(torch.full_like(weights, math.inf).view(torch.int64))
-    # Invariant: every key above high stops and low does not (low is -inf, or a t that does not stop). The keys
-    # span less than 2^64, so 64 halvings leave high = low + 1: the smallest key that stops.
+    # Invariant: high stops, and low does not or is -inf (where the clamped threshold may stop, but t must be
+    # finite). The keys span less than 2^64, so 64 halvings leave high = low + 1: the smallest key that stops.
     for _ in range(64):
         middle = (low >> 1) + (high >> 1) + (low & high & 1)  # floor((low + high) / 2), without overflow
         stops = _level_thresholds(_ordered(middle).view(torch.float64), weights, values.dtype) >= values
+        stops &= middle != low  # middle is low once high = low + 1
         high = torch.where(stops, middle, high)
         low = torch.where(stops, low, middle)
     return _ordered(high).view(torch.float64)
@@ -280,8 +281,8 @@ def _search(chunks: list[Tensor], geometry: QuadtreeGeometry, max_patches: int, 
         candidates, lows = torch.zeros(1, dtype=torch.float64, device=device), -inf
     elif below.isfinite().item():
         candidates, lows = torch.cat([below, representatives]), torch.cat([-inf, starts])
-    else:  # the lowest start is the lowest float64: nothing lies below it
-        candidates, lows = representatives, starts
+    else:  # the lowest start is the lowest finite float64, so its counts hold for every t below the next start
+        candidates, lows = representatives, torch.cat([-inf, starts[1:]])
     bounds = torch.cat([lows, inf]).tolist()  # candidate i gives its counts to every t in [bounds[i], bounds[i+1])
     weight_tensor = torch.tensor(weights, dtype=torch.float64, device=device)
     n_images = sum(chunk.shape[0] for chunk in chunks)
