@@ -43,9 +43,11 @@ def thresholds_of(t: float, weights: dict, dtype: torch.dtype) -> dict:
 
 
 def achievable_totals(orders, n_roots: int, weights: dict, dtype: torch.dtype) -> set[int]:
-    """Every total of leaves over the sample that some threshold gives, for weights that are powers of two: the
-    counts change only where t * w[size] crosses a picked leaf's score, so t = score / w (exact) for every pick, and
-    a t below them all (no image stops) unless a score is the dtype's lowest value, give them all."""
+    """Every total of leaves over the sample that some threshold gives, for weights that are powers of two and
+    scores that are not 0 (nor tiny) where they differ: the counts change only where t * w[size] crosses a picked
+    leaf's score, so t = score / w (exact) for every pick, and a t below them all (no image stops) unless a score
+    is the dtype's lowest value, give them all. (Near 0, t * w underflows at different t for different w: with
+    weights 0.25 and 0.5, t = -2^-148 gives float32 thresholds -0.0 and -2^-149, so only the first stops at 0.)"""
     lowest = float(np.finfo(np.float32 if dtype == torch.float32 else np.float64).min)
     scores = [score for picks in orders for score, _ in picks]
     totals = {sum(n_roots + 3 * len(picks) for picks in orders)} if min(scores, default=0) > lowest else set()
@@ -123,6 +125,8 @@ def samples(draw):
     kind = draw(st.sampled_from(["none", "powers of two", "any"]))
     weight = POWERS_OF_TWO if kind == "powers of two" else st.floats(0.01, 100)
     weights = None if kind == "none" else {size: draw(weight) for size in geometry.splittable_sizes}
+    if kind == "powers of two":  # no score of 0, for achievable_totals (ties from {1, 2, 3})
+        pyramid = [m + 1 for m in pyramid]
     target = draw(st.floats(geometry.n_roots, cap))
     return geometry, max_patches, pyramid, weights, target, kind != "any"
 
@@ -254,6 +258,22 @@ def test_a_score_over_its_weight_past_its_own_interval():
     assert result.mean_tokens == 8 and high == ratio and low < ratio
     assert low * 0.75 >= score and math.nextafter(low, -math.inf) * 0.75 < score
     check_calibration(result, [level64, level32], geometry, 8, weights, 11, False)
+
+
+def test_steps_that_underflow_makes_near_zero():
+    """Scores of 0 at weights 0.25 and 0.5 (float32): for t just below 0, t * 0.25 rounds to -0.0, which stops at
+    0, while t * 0.5 is still below 0. So a step lies between -2^-148 and 0 that no t = score / w shows: here
+    the only mean as near 17 as 17.5 (hypothesis found it)."""
+    geometry = QuadtreeGeometry(32, 32, 4, 32)
+    pyramid = [torch.tensor([[[2.0]], [[0.0]]]),
+               torch.tensor([[[2.0, 0.0], [1.0, 0.0]], [[1.0, 1.0], [1.0, 0.0]]]),
+               torch.tensor([[[2.0, 2.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0], [2.0, 0.0, 2.0, 2.0], [2.0, 2.0, 2.0, 2.0]],
+                             [[1.0, 2.0, 0.0, 0.0], [1.0, 0.0, 2.0, 0.0], [1.0, 0.0, 1.0, 2.0], [2.0, 1.0, 2.0, 0.0]]])]
+    weights = {32: 0.25, 16: 0.5, 8: 0.25}
+    result = mixres.calibrate_threshold(pyramid, blank_images(geometry, 2), 17, None, 4, 32, level_weights=weights)
+    assert result.mean_tokens == 17.5 and -2 ** -148 <= result.threshold < 0
+    assert result.thresholds[32] == result.thresholds[8] == 0.0 and result.thresholds[16] < 0
+    check_calibration(result, pyramid, geometry, 17, weights, None, False)
 
 
 def test_the_range_is_exact_where_t_times_w_rounds():
