@@ -61,26 +61,29 @@ def calibrate_threshold(scores, images: Tensor, mean_tokens: float, max_patches:
     """The stopping threshold t whose mean token count on a sample of images is ``mean_tokens``.
 
     Every image of the sample is tokenized greedily up to ``max_patches`` leaves, stopping when its best leaf scores
-    at or below t (``thresholds[s] = t * level_weights[s]`` for leaves of size s). Its number of leaves is a
-    non-increasing step function of t, which changes only where a level's threshold crosses one of that level's
-    score values; so is the sample's mean. The search bisects over those values (sorted, distinct, per level):
-    O(log P) quadtree runs over the sample for P distinct scores, and no loop over leaves in Python. It is exact:
+    at or below the threshold of its size, ``thresholds[s]`` = t * ``level_weights[s]`` rounded to the scores' dtype
+    (and clamped to its finite range), as the quadtree compares them. Its number of leaves is a non-increasing step
+    function of t, which changes only where a level's threshold crosses one of that level's score values; so is the
+    sample's mean. The search bisects over those values (sorted, distinct, per level): about 2 log2(K) quadtree
+    runs over the sample for K distinct scores (K <= B * P), and no loop over leaves in Python. It is exact:
 
     - the mean at the returned t is, of every mean the sample can reach with any t, the one nearest
       ``mean_tokens``; between two equally near, the smaller one (fewer tokens);
-    - many t give that mean, every t in ``threshold_range``: the returned one lies in the middle of that range by
-      rank of the score values (not at a step, where a slightly different image would change the count).
+    - every t in ``threshold_range`` gives that mean. The returned one lies in the middle of that range by rank of
+      the score values in it, not at one of its ends, where a slightly different image would change the count.
       Without weights it is one of the scores (with weights, a score divided by its weight, where that lands in
-      the range); the lowest mean, the roots alone, comes at t = the highest score.
+      the range); t at or above every score / weight gives the roots alone, t below every one ``max_patches``.
 
-    ``tokenize(images, scores, n_patches=max_patches, threshold=calibration.thresholds)`` then gives these images
-    ``mean_tokens`` leaves on average, and other images of the same kind about as many.
+    ``tokenize(images, scores, n_patches=calibration.max_patches, threshold=calibration.thresholds)`` then gives
+    these images ``calibration.mean_tokens`` leaves on average, and other images like them about as many. Without
+    weights, ``threshold=calibration.threshold`` is the same.
 
     The sample's scores are packed once and kept (``[B, P]`` floats); the scorer and each quadtree run take
     ``batch_size`` images at a time, so memory holds one chunk's activations and boxes ``[batch_size, N_max, 3]``.
     The result is the same for every ``batch_size`` (given a scorer that scores each image alike in any batch).
-    Works on the CPU and on CUDA. Not for the hot path: it reads one scalar triple (the sum, least and most of the
-    lengths) on the host per step of the search, and checks the scores' finiteness once per chunk.
+    Works on the CPU and on CUDA. Not for the hot path: each step of the search reads one triple of integers on the
+    host (the sum, least and most of the sample's lengths), and a few reads more come before and after it (the
+    finiteness of each chunk's scores, the candidate thresholds, the result).
 
     Args:
         scores: every form :func:`mixres.tokenize` takes, for ``images``: a pyramid (a list of maps ``[B, H/s, W/s]``
@@ -117,7 +120,7 @@ def calibrate_threshold(scores, images: Tensor, mean_tokens: float, max_patches:
     Example:
         >>> images = torch.rand(64, 3, 224, 224)  # a sample of the data set, 49 to 196 leaves of 16-32 px
         >>> calibration = mixres.calibrate_threshold(mixres.PixelBlur(16, 32), images, mean_tokens=100)
-        >>> calibration.mean_tokens, calibration.min_tokens, calibration.max_tokens  # e.g. (100.0, 64, 142)
+        >>> calibration.mean_tokens, calibration.min_tokens, calibration.max_tokens  # e.g. (100.0, 76, 130)
         >>> mosaic = mixres.tokenize(images, mixres.PixelBlur(16, 32), n_patches=calibration.max_patches,
         ...                          threshold=calibration.thresholds)
     """
