@@ -5,6 +5,7 @@ the prefix property: an image stops before the first split whose leaf scores at 
 The thresholds a t gives are t * w rounded to the scores' dtype by NumPy. Brute force over every score value gives
 every mean a sample can reach (exactly so for weights that are powers of two, where t * w and its rounding commute).
 """
+import inspect
 import math
 from fractions import Fraction
 
@@ -367,6 +368,20 @@ def test_nan_scores_ranked_lowest():
         result = mixres.calibrate_threshold(pyramid, blank_images(geometry, 2), target, nan_policy="lowest")
         assert math.isfinite(result.threshold) and result.mean_tokens == (mean or result.mean_tokens)
         check_calibration(result, ranked, geometry, target, None, None, True)
+
+
+@pytest.mark.skipif("threshold" not in inspect.signature(mixres.tokenize).parameters,
+                    reason="needs tokenize(threshold=...), the adaptive tokenize (issue 15, items 1-2)")
+@pytest.mark.parametrize("weights", [None, {64: 0.5, 32: 1.5}], ids=["one threshold", "weights"])
+def test_tokenize_at_the_thresholds_gives_the_calibrated_counts(weights):
+    images = torch.rand(9, 3, 128, 192, generator=torch.Generator().manual_seed(5))
+    scorer = mixres.PixelBlur(16, 64)
+    result = mixres.calibrate_threshold(scorer, images, 41.5, level_weights=weights, batch_size=4)
+    forms = [result.thresholds] + ([result.threshold] if weights is None else [])
+    for threshold in forms:
+        lengths = mixres.tokenize(images, scorer, n_patches=result.max_patches, threshold=threshold).lengths
+        assert (lengths.double().mean().item(), lengths.min().item(), lengths.max().item()) == (
+            result.mean_tokens, result.min_tokens, result.max_tokens)
 
 
 # ------------------------------------------------------------------------------------------------------- bad input
