@@ -161,7 +161,8 @@ def _check_level_weights(level_weights, geometry: QuadtreeGeometry) -> list[floa
         raise TypeError(f"level_weights must be a dict {{patch size: weight}} or None, got "
                         f"{type(level_weights).__name__}")
     keys = list(level_weights)
-    if sorted(keys, key=repr) != sorted(sizes, key=repr) or sorted(keys) != sorted(sizes):
+    if not all(isinstance(key, numbers.Integral) and not isinstance(key, bool) for key in keys) or sorted(
+            keys) != sorted(sizes):
         raise ValueError(f"level_weights must have one weight per splittable patch size, keys {sizes} (the "
                          f"smallest size, {geometry.min_patch_size}, is never split), got keys {keys}")
     weights = []

@@ -428,6 +428,8 @@ BAD_INPUTS = [
     ("weight nan", bad_call(level_weights={64: math.nan, 32: 1.0}), ValueError, r"level_weights\[64\] must be pos"),
     ("weight str", bad_call(level_weights={64: "1", 32: 1.0}), TypeError, r"level_weights\[64\] must be a number"),
     ("weights list", bad_call(level_weights=[1.0, 1.0]), TypeError, r"level_weights must be a dict"),
+    ("weights str keys", bad_call(level_weights={"64": 1.0, "32": 1.0}), ValueError,
+     r"level_weights must have one weight per splittable patch size, keys \[64, 32\].*got keys \['64', '32'\]"),
     ("batch_size zero", bad_call(batch_size=0), ValueError, r"batch_size must be a positive int, got 0"),
     ("batch_size float", bad_call(batch_size=2.0), TypeError, r"batch_size must be a positive int"),
     ("empty batch", bad_call(images=blank_images(GEOMETRY, 0), scores=random_pyramid(GEOMETRY, 0)), ValueError,
