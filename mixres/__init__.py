@@ -5,6 +5,7 @@
 import functools
 
 from . import checks, datasets, ops, reference, scorers, viz
+from .budgets import ThresholdCalibration, calibrate_threshold
 from .grid import grid_to_tokens, tokens_to_grid
 from .mosaic import Mosaic, tokenize
 from .packed import PackedMosaic, pack
@@ -30,7 +31,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mixres' has no attribute {name!r}")
 
 
-__all__ = ["Mosaic", "tokenize", "PackedMosaic", "pack", "tokens_to_grid", "grid_to_tokens", "valid_n_patches",
-           "QuadtreeGeometry", "PackedPyramid", "pack_pyramid", "saliency_to_pyramid", "PixelBlur", "FeatureBased",
-           "GradCAM", "Entropy", "Random", "Uniform", "Precomputed", "create_scorer", "checks", "datasets", "models",
-           "ops", "reference", "scorers", "viz"]
+__all__ = ["Mosaic", "tokenize", "PackedMosaic", "pack", "calibrate_threshold", "ThresholdCalibration",
+           "tokens_to_grid", "grid_to_tokens", "valid_n_patches", "QuadtreeGeometry", "PackedPyramid", "pack_pyramid",
+           "saliency_to_pyramid", "PixelBlur", "FeatureBased", "GradCAM", "Entropy", "Random", "Uniform",
+           "Precomputed", "create_scorer", "checks", "datasets", "models", "ops", "reference", "scorers", "viz"]

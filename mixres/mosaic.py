@@ -13,8 +13,8 @@ from . import ops
 from .checks import (NAN_POLICIES, check_budget_values, check_budgets, check_floating, check_images, check_int,
                      check_nan_policy, check_resize_mode, check_threshold_number, check_threshold_values, is_number)
 from .grid import tokens_to_grid
-from .pyramid import QuadtreeGeometry, pack_scores
-from .scorers.base import Scorer
+from .pyramid import QuadtreeGeometry
+from .scoring import is_scorer, packed_scores, scorer_patch_sizes
 
 __all__ = ["Mosaic", "tokenize", "Backend", "NAN_POLICIES"]
 
@@ -114,13 +114,6 @@ class Mosaic:
         return tokens_to_grid(features, self.boxes, self.min_patch_size, self.image_size)
 
 
-def _rank_non_finite_lowest(packed: Tensor) -> Tensor:
-    """``nan_policy="lowest"``: NaN and -Inf scores become the lowest finite value of the scores' dtype, +Inf the
-    highest. Elementwise, so no host synchronisation, and the same on every device."""
-    extremes = torch.finfo(packed.dtype)
-    return torch.nan_to_num(packed, nan=extremes.min, posinf=extremes.max, neginf=extremes.min)
-
-
 def _first_non_finite_pixel(images: Tensor) -> str | None:
     """Where ``images`` (on the CPU) hold NaN or Inf, in words; None if they are finite."""
     bad = ~torch.isfinite(images)
@@ -129,23 +122,6 @@ def _first_non_finite_pixel(images: Tensor) -> str | None:
     batch, channel, y, x = bad.nonzero()[0].tolist()
     return (f"{int(bad.sum())} NaN or Inf values (the first, {images[batch, channel, y, x].item()}, in image "
             f"{batch}, channel {channel}, at (y, x) = ({y}, {x}))")
-
-
-def _patch_sizes(scores, min_patch_size: int | None, max_patch_size: int | None) -> tuple[int, int]:
-    """The tokenizer's patch sizes: the arguments, else the scorer's own (its ``min_patch_size`` and
-    ``max_patch_size`` attributes), else 16 and 64. A scorer whose sizes contradict the arguments is an error."""
-    sizes = []
-    for name, given, default in (("min_patch_size", min_patch_size, 16), ("max_patch_size", max_patch_size, 64)):
-        own = getattr(scores, name, None) if _is_scorer(scores) else None
-        if given is not None and own is not None and given != own:
-            raise ValueError(f"{name}={given} but the scorer {scores!r} scores patches for {name}={own}: pass "
-                             f"the same sizes to both, or leave {name} out of tokenize")
-        sizes.append(next(size for size in (given, own, default) if size is not None))
-    return sizes[0], sizes[1]
-
-
-def _is_scorer(scores) -> bool:
-    return callable(scores) and not isinstance(scores, Tensor)
 
 
 def _budgets(n_patches, max_patches, threshold, geometry: QuadtreeGeometry,
@@ -388,7 +364,7 @@ def tokenize(images: Tensor, scores, n_patches: int | Tensor | Sequence[int] = 1
         ([16, 100], [16, 100])
     """
     check_images(images)
-    min_patch_size, max_patch_size = _patch_sizes(scores, min_patch_size, max_patch_size)
+    min_patch_size, max_patch_size = scorer_patch_sizes(scores, min_patch_size, max_patch_size)
     height, width = images.shape[-2:]
     geometry = QuadtreeGeometry(height, width, min_patch_size, max_patch_size)
     n_patches, budgets = _budgets(n_patches, max_patches, threshold, geometry, images)
@@ -397,13 +373,8 @@ def tokenize(images: Tensor, scores, n_patches: int | Tensor | Sequence[int] = 1
         "patch_size", patch_size, low=1, valid="a positive int or None (= min_patch_size)")
     check_resize_mode(mode)
     check_nan_policy(nan_policy)
-    scorer = scores if _is_scorer(scores) else None
-    if scorer is not None:
-        # A Scorer packs its own pyramid, without a list of maps in between where it computes the packed layout.
-        scores = scorer.packed(images) if isinstance(scorer, Scorer) else scorer(images)
-    packed = pack_scores(scores, geometry, images.shape[0], images.device)
-    if nan_policy == "lowest":
-        packed = _rank_non_finite_lowest(packed)
+    scorer = scores if is_scorer(scores) else None
+    packed = packed_scores(images, scores, geometry, nan_policy)
     thresholds = None if threshold is None else _thresholds(threshold, geometry, packed)
     boxes, lengths = _build_quadtree(backend, packed, images, geometry, n_patches, scorer, budgets, thresholds)
     return Mosaic(

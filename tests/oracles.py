@@ -65,12 +65,13 @@ def unpack(packed: torch.Tensor, height: int, width: int, min_patch_size: int, m
 
 
 def greedy_leaves(score, height: int, width: int, min_patch_size: int, max_patch_size: int, n_splits: int,
-                  thresholds=None) -> list[tuple[int, int, int]]:
+                  thresholds=None, picks: list | None = None) -> list[tuple[int, int, int]]:
     """One image's leaves (y, x, size), sorted by (y, x), after docs/design.md's greedy with a heap of Python tuples:
     from the grid of s_max roots, up to ``n_splits`` times, split the splittable leaf (side > s_min) of the highest
     score, ties to the smallest top-left corner (y, x), into its four quadrants. With ``thresholds`` (a list, one
     per splittable size coarse to fine), the loop stops at the first step whose best leaf scores at or below the
-    threshold of its size (DESIGN.md's stopping rule). ``score[size][row][col]``: the maps as nested lists.
+    threshold of its size (DESIGN.md's stopping rule). ``score[size][row][col]``: the maps as nested lists. Each
+    split appends (score, size) of the leaf it splits to ``picks``, when given: the greedy order.
 
     Leaves are disjoint, so no two share a corner and (-score, y, x) orders the heap exactly. Scores and thresholds
     are compared as Python floats, which hold float16, bfloat16, float32 and float64 values exactly."""
@@ -91,6 +92,8 @@ def greedy_leaves(score, height: int, width: int, min_patch_size: int, max_patch
         if thresholds is not None and -negated <= thresholds[sizes.index(size)]:
             break
         heapq.heappop(heap)
+        if picks is not None:
+            picks.append((-negated, size))
         half = size // 2
         for dy, dx in ((0, 0), (0, half), (half, 0), (half, half)):
             add(y + dy, x + dx, half)
@@ -112,6 +115,20 @@ def quadtree(pyramid, height: int, width: int, min_patch_size: int, max_patch_si
     boxes = [greedy_leaves(_score_lists(pyramid, min_patch_size, max_patch_size, b), height, width, min_patch_size,
                            max_patch_size, (n_patches - n_roots) // 3) for b in range(batch)]
     return torch.tensor(boxes, dtype=torch.int32).reshape(batch, n_patches, 3)
+
+
+def greedy_order(pyramid, height: int, width: int, min_patch_size: int, max_patch_size: int, n_splits: int,
+                 batch: int | None = None) -> list[list[tuple[float, int]]]:
+    """Per image, the (score, size) of the leaf that each of :func:`greedy_leaves`' ``n_splits`` splits splits, in
+    order. The greedy order does not depend on where it stops (DESIGN.md's prefix property), so under a threshold an
+    image stops before the first of them that scores at or below the threshold of its size."""
+    batch = as_maps(pyramid, min_patch_size, max_patch_size)[0].shape[0] if batch is None else batch
+    orders = []
+    for b in range(batch):
+        orders.append([])
+        greedy_leaves(_score_lists(pyramid, min_patch_size, max_patch_size, b), height, width, min_patch_size,
+                      max_patch_size, n_splits, picks=orders[-1])
+    return orders
 
 
 def quadtree_adaptive(pyramid, height: int, width: int, min_patch_size: int, max_patch_size: int, max_patches: int,
