@@ -1,5 +1,6 @@
 """Inputs shared by the tests: random score pyramids, with and without ties, and mosaics; subprocess runs.
 The oracles are in oracles.py."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -144,3 +145,15 @@ def float64_tolerance(reference):
     threads and without vector instructions): 64 units hold any order. A token that leaks through the mask moves
     the outputs by more than 10^10 of that."""
     return 64 * 2**-53 * reference.abs().max().item()
+
+
+@contextlib.contextmanager
+def raising_on_host_sync(enabled: bool = True):
+    """Within it, a CUDA call that synchronises with the host raises (``torch.cuda.set_sync_debug_mode("error")``);
+    the default mode is back afterwards, whatever happens. ``enabled=False``: a no-op, for code that may sync."""
+    if enabled:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -15,7 +15,7 @@ from mixres import reference
 from mixres.pyramid import QuadtreeGeometry
 
 import oracles
-from helpers import captured_in_cuda_graph, random_boxes, random_pyramid, run_script
+from helpers import captured_in_cuda_graph, raising_on_host_sync, random_boxes, random_pyramid, run_script
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -354,11 +354,8 @@ def test_build_quadtree_adaptive_does_not_synchronize():
              lambda: mixres.ops.build_quadtree_adaptive(scores, *args, image_budget, thresholds[0])]
     expected = [call() for call in calls]  # warm-up: lazy initialisation may synchronize once
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with raising_on_host_sync():
         results = [call() for call in calls]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     for got, want in zip(results, expected, strict=True):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -625,13 +622,10 @@ def test_pixel_blur_scorer_does_not_synchronize():
     scorer = mixres.PixelBlur(16, 64)
     expected = scorer(images)  # warm-up: lazy initialisation may synchronize once
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with raising_on_host_sync():
         pyramid = scorer(images)
         ops.pixel_blur_scores(images.half(), 8, 64)
         mosaic = mixres.tokenize(images, pyramid, n_patches=budgets(QuadtreeGeometry(128, 192, 16, 64))[1])
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(a, b) for a, b in zip(pyramid, expected))
     assert mosaic.boxes.device == images.device
 
@@ -694,14 +688,11 @@ def test_tokenize_does_not_synchronize():
     for scores in (maps, saliency):  # warm-up: lazy initialisation may synchronize once
         mixres.tokenize(images, scores, n_patches=n_patches, mode="bilinear")
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with raising_on_host_sync():
         for scores in (maps, saliency):
             for mode in MODES:
                 mosaic = mixres.tokenize(images.detach(), scores, n_patches=n_patches, mode=mode)
                 ops.extract_patches_backward(grad, mosaic.boxes, height, width, mode)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_tokenize_cuda_graph_replay():
@@ -858,11 +849,8 @@ def test_padded_tokenize_does_not_synchronize():
 
     expected = run_all()  # warm-up: lazy initialisation may synchronize once
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with raising_on_host_sync():
         results = run_all()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     for got, want in zip(results, expected, strict=True):
         assert torch.equal(got, want)
 
@@ -983,11 +971,8 @@ def test_grid_ops_match_cpu_and_do_not_synchronize():
     boxes, features, grid = grid_case()
     grid_ops_and_gradients(features, grid, boxes)  # warm-up: lazy initialisation may synchronize once
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with raising_on_host_sync():
         results = grid_ops_and_gradients(features, grid, boxes)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     # Gathers and the same pairwise sums in the same order (no atomics): identical to the CPU, forward and backward.
     for got, expected in zip(results, grid_ops_and_gradients(features.cpu(), grid.cpu(), boxes.cpu())):
         assert got.is_cuda and torch.equal(got.cpu(), expected)
@@ -1023,11 +1008,8 @@ def test_quadformer_on_cuda_matches_the_cpu_and_needs_no_host_sync():
         model.to(DEVICE)
         cuda_images = images.to(DEVICE)
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with raising_on_host_sync():
             logits = model(cuda_images)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(logits.cpu(), expected, rtol=1e-4, atol=1e-4)
 
 

@@ -19,7 +19,7 @@ from mixres.models import Quadformer, UniformGrid, grid_for_budget
 from mixres.scorers import Entropy, FeatureBased, GradCAM, PixelBlur, Precomputed, Random, Uniform
 
 import oracles
-from helpers import random_pyramid
+from helpers import raising_on_host_sync, random_pyramid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -312,13 +312,10 @@ def test_lowest_policy_on_cuda_needs_no_sync_and_matches_the_cpu():
     scorers = [PixelBlur(16, 64), Entropy(16, 64)]
     on_cuda = images.cuda(), [level.cuda() for level in pyramid]
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with raising_on_host_sync():
         from_pyramid = mixres.tokenize(*on_cuda, 60, nan_policy="lowest")
         from_scorers = [(mixres.tokenize(on_cuda[0], scorer, 60, nan_policy="lowest"), scorer(on_cuda[0]))
                         for scorer in scorers]
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     expected = mixres.tokenize(images, pyramid, 60, nan_policy="lowest")
     assert torch.equal(from_pyramid.boxes.cpu(), expected.boxes)
     for mosaic, scores in from_scorers:

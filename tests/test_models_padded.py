@@ -13,7 +13,7 @@ import torch
 import mixres
 from mixres.models import POS_EMBEDS, Quadformer
 
-from helpers import float64_tolerance, pad_mosaics
+from helpers import float64_tolerance, pad_mosaics, raising_on_host_sync
 
 IMAGE_SIZE = 128
 # Three budgets of the 128 px geometry with 16-64 px leaves (mixres.valid_n_patches): one image at N_max, two shorter.
@@ -202,11 +202,8 @@ def test_the_padded_forward_on_cuda_does_not_synchronize_and_matches_float64(poo
     with torch.no_grad():
         model(padded)  # warm-up: lazy initialisation may synchronize once
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with raising_on_host_sync():
             logits = model(padded)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.isfinite(model(padded)).all()  # the float mask meets bfloat16 attention
     # float32 on the GPU against float64 on the CPU: each logit is a few dozen float32 sums rounded to 2^-24

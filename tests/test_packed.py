@@ -16,9 +16,9 @@ from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock
 import mixres
 from mixres.models import Quadformer
 
-from helpers import captured_in_cuda_graph, pad_mosaics, random_mosaic, run_script
-from test_models_padded import (IMAGE_SIZE, LENGTHS, POOLINGS, float64_tolerance, single_mosaics, tiny_quadformer,
-                                use_fused_attention)
+from helpers import (captured_in_cuda_graph, float64_tolerance, pad_mosaics, raising_on_host_sync, random_mosaic,
+                     run_script)
+from test_models_padded import IMAGE_SIZE, LENGTHS, POOLINGS, single_mosaics, tiny_quadformer, use_fused_attention
 
 # The attention implementations that run on the CPU ("varlen" is flash attention's, CUDA only).
 CPU_ATTENTIONS = ("loop", "padded")
@@ -327,12 +327,8 @@ def test_the_static_packed_forward_on_cuda_does_not_synchronize_and_matches_floa
             model.packed_attention = attention
             run()  # warm-up: lazy initialisation may synchronize once
             torch.cuda.synchronize()
-            if attention != "loop":  # the loop reads the images' bounds on the host
-                torch.cuda.set_sync_debug_mode("error")
-            try:
+            with raising_on_host_sync(attention != "loop"):  # the loop reads the images' bounds on the host
                 logits = run()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
             # float32 on the GPU against float64 on the CPU: 64 units of 2^-24 of the largest logit, as for padded.
             for b, want in enumerate(truth):
                 torch.testing.assert_close(logits[b].cpu().double(), want, rtol=0,
@@ -363,11 +359,8 @@ def test_varlen_attention_on_cuda_in_bfloat16_matches_the_padded_attention(packi
             model.packed_attention = attention
             results[attention] = model(packed).float()
             torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
+            with raising_on_host_sync():
                 features = model.forward_features(packed)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
             assert torch.isfinite(features).all()
     assert torch.equal(results["auto"], results["varlen"])
     want = results["padded"]

@@ -10,6 +10,8 @@ from torch import nn
 import mixres
 from mixres.scorers.gradcam import GradCAM
 
+from helpers import raising_on_host_sync
+
 timm = pytest.importorskip("timm")
 
 N_CLASSES = 5
@@ -388,10 +390,7 @@ def test_cuda_matches_cpu_without_host_sync():
         # cuDNN convolutions round their inputs to TF32 by default.
         torch.testing.assert_close(g.cpu(), w, rtol=1e-2, atol=1e-2 * w.abs().max().item())
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with raising_on_host_sync():
         scorer(images, cuda_labels)
         scorer(images, labels)
         scorer(images)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
