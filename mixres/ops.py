@@ -222,24 +222,32 @@ if _IMPORT_ERROR is None:
         torch._check(scores.dim() == 2, lambda: "scores must be [B, P]")
         return scores.new_empty(scores.shape[0], n_patches, 3, dtype=torch.int32)
 
+    def _check_one_device(op: str, first: tuple[str, Tensor], *others: tuple[str, Tensor | None]) -> None:
+        """A meta tensor among real ones sends the call to the fake kernel: without this check, it would return
+        uninitialised memory on the real tensors' device."""
+        name, tensor = first
+        for other_name, other in others:
+            if other is not None and other.device != tensor.device:
+                raise ValueError(f"mixres.{op}: {other_name} is on {other.device} but {name} are on {tensor.device}: "
+                                 f"put both on one device")
+
     @torch.library.register_fake("mixres::build_quadtree_adaptive")
     def _(scores, height, width, min_patch_size, max_patch_size, max_patches, budgets, thresholds):
         torch._check(scores.dim() == 2, lambda: "scores must be [B, P]")
-        # A meta tensor among real ones sends the call here: without this, its outputs would be uninitialised.
-        for name, value in (("budgets", budgets), ("thresholds", thresholds)):
-            if value is not None and value.device != scores.device:
-                raise ValueError(f"{_ADAPTIVE_OP}: {name} is on {value.device} but scores are on {scores.device}: "
-                                 f"put both on one device")
+        _check_one_device("build_quadtree_adaptive", ("scores", scores), ("budgets", budgets),
+                          ("thresholds", thresholds))
         return (scores.new_empty(scores.shape[0], max_patches, 3, dtype=torch.int32),
                 scores.new_empty(scores.shape[0], dtype=torch.int32))
 
     @torch.library.register_fake("mixres::extract_patches")
     def _(images, boxes, patch_size, mode):
         torch._check(images.dim() == 4 and boxes.dim() == 3, lambda: "images [B, C, H, W], boxes [B, N, 3]")
+        _check_one_device("extract_patches", ("images", images), ("boxes", boxes))
         return images.new_empty(images.shape[0], boxes.shape[1], images.shape[1], patch_size, patch_size)
 
     @torch.library.register_fake("mixres::extract_patches_backward")
     def _(grad_tokens, boxes, height, width, mode):
+        _check_one_device("extract_patches_backward", ("grad_tokens", grad_tokens), ("boxes", boxes))
         return grad_tokens.new_empty(grad_tokens.shape[0], grad_tokens.shape[2], height, width)
 
     @torch.library.register_fake("mixres::leaf_centers")

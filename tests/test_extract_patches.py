@@ -165,6 +165,18 @@ def test_boxes_outside_the_image_are_rejected(box):
         torch.ops.mixres.extract_patches(images, boxes, 16, "area")
 
 
+def test_a_meta_tensor_among_cpu_ones_is_rejected():
+    """A meta tensor sends the call to the fake kernel, which must not hand back uninitialised CPU memory."""
+    images, boxes = random_boxes_and_images(batch=1)
+    with pytest.raises(ValueError, match="boxes is on meta but images are on cpu"):
+        torch.ops.mixres.extract_patches(images, boxes.to("meta"), 16, "area")
+    grad = torch.rand(1, boxes.shape[1], 3, 16, 16)
+    with pytest.raises(ValueError, match="boxes is on meta but grad_tokens are on cpu"):
+        torch.ops.mixres.extract_patches_backward(grad, boxes.to("meta"), 128, 192, "area")
+    with pytest.raises(ValueError, match="boxes is on cpu but grad_tokens are on meta"):
+        torch.ops.mixres.extract_patches_backward(grad.to("meta"), boxes, 128, 192, "area")
+
+
 def test_bad_mode_and_box_dtype_are_rejected():
     images, boxes = random_boxes_and_images(batch=1)
     with pytest.raises(ValueError, match="mode must be 'area' or 'bilinear'"):
