@@ -19,7 +19,7 @@ import torch
 import mixres
 from mixres.apps.end_to_end import interleaved_ms
 
-from conftest import CONFIGS, DEVICE, inputs, record, report
+from conftest import CONFIGS, DEVICE, inputs, median_seconds, record, report
 from timers import pedantic_runner
 
 BATCH = int(os.environ.get("MIXRES_BENCH_BATCH", "256" if DEVICE.type == "cuda" else "64"))
@@ -42,7 +42,7 @@ def test_tokenize(benchmark, config, impl):
     benchmark.group = f"{config} B={BATCH} {DEVICE.type}"
     mosaic = benchmark.pedantic(run, warmup_rounds=2, rounds=20 if impl == "ops" else 5, iterations=1)
     assert mosaic.tokens.shape == (BATCH, n_patches, 3, min_size, min_size)
-    images_per_second = BATCH / benchmark.stats.stats.median
+    images_per_second = BATCH / median_seconds(benchmark)
     benchmark.extra_info.update(images_per_second=images_per_second, device=str(DEVICE), batch=BATCH,
                                 torch=torch.__version__, threads=torch.get_num_threads())
     record(f"{config} B={BATCH} {DEVICE.type}", impl, images_per_second)
