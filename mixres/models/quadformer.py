@@ -332,6 +332,78 @@ class Quadformer(nn.Module):
             x = vit.blocks(x)
         return vit.norm(x)
 
+    def forward_intermediates(self, x: Tensor | Mosaic, indices: int | Sequence[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False,
+                              n_patches: int | None = None):
+        """timm's ``forward_intermediates`` for a Quadformer: the features of chosen blocks, for dense heads.
+
+        Args:
+            x: images ``[B, C, H, W]`` (tokenized as :meth:`forward` does) or a :class:`mixres.Mosaic`, padded or not
+                (a packed one: ``unpack()`` it first).
+            indices: the blocks whose outputs to return: the last n for an int, all for None, those listed for a
+                sequence (negative indices count from the end), as timm's ``feature_take_indices``.
+            return_prefix_tokens: also return each block's prefix tokens (class, registers) ``[B, prefix, D]``.
+            norm: apply the ViT's final norm to each returned block output.
+            stop_early: run no block past the last one asked for.
+            output_fmt: ``"NCHW"``: each leaf's feature painted over the min_patch_size cells it covers,
+                ``[B, D, H / s_min, W / s_min]`` (:meth:`mixres.Mosaic.to_grid`; padding paints nothing; contiguous);
+                ``"NLC"``: per leaf, ``[B, N, D]``, in the mosaic's order (``output_dict`` gives the mosaic).
+            intermediates_only: return the list of block outputs alone.
+            output_dict: return a dict: ``"image_intermediates"``, ``"image_intermediates_prefix"`` (with
+                ``return_prefix_tokens``), ``"image_features"`` (the final normed features ``[B, prefix + N, D]``,
+                unless ``intermediates_only``) and ``"mosaic"``.
+            n_patches: the budget for images (as :meth:`forward`'s).
+
+        Returns:
+            As timm's: ``(final features, intermediates)``, the intermediates alone, or the dict; with
+            ``return_prefix_tokens`` (and no dict) each intermediate is a pair (leaf features, prefix tokens).
+
+        With ``pos_embed="resample"`` and a mosaic of min_patch_size leaves only, the features are the plain ViT's
+        ``forward_intermediates``' (its tokens are in the same raster order).
+        """
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if isinstance(x, PackedMosaic):
+            raise ValueError("forward_intermediates takes images or a Mosaic, not a PackedMosaic: pass "
+                             "packed.unpack() (the grids are per image)")
+        vit = self.vit
+        mosaic = x if isinstance(x, Mosaic) else self.tokenize(x, n_patches)
+        take_indices, max_index = feature_take_indices(len(vit.blocks), indices)
+        if mosaic.is_padded:
+            check_blocks_for_padding(vit)
+        x = vit.norm_pre(vit.patch_drop(self.embed(mosaic)))
+        n_prefix = x.shape[1] - mosaic.n_patches
+        block_kwargs = {"attn_mask": attention_mask(mosaic.valid, n_prefix, x.dtype)} if mosaic.is_padded else {}
+        checkpointing = getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting()
+        intermediates = []
+        for index, block in enumerate(vit.blocks[:max_index + 1] if stop_early else vit.blocks):
+            x = run_blocks([block], x, checkpointing, **block_kwargs)
+            if index in take_indices:
+                intermediates.append(vit.norm(x) if norm else x)
+        prefix_tokens = [y[:, :n_prefix] for y in intermediates]
+        intermediates = [y[:, n_prefix:] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [mosaic.to_grid(y).contiguous() for y in intermediates]
+        if output_dict:
+            result = {"image_intermediates": intermediates, "mosaic": mosaic}
+            if return_prefix_tokens and n_prefix:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = vit.norm(x)
+            return result
+        if return_prefix_tokens and n_prefix:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        return intermediates if intermediates_only else (vit.norm(x), intermediates)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's: drops the ViT's blocks past the last of ``indices`` (and its final norm, its head), for a model
+        that only serves :meth:`forward_intermediates`. Returns the kept indices."""
+        return self.vit.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+
     def forward_head(self, x: Tensor, pre_logits: bool = False, valid: Tensor | None = None,
                      packed: PackedMosaic | None = None) -> Tensor:
         """Features ``[B, prefix + N, D]`` -> logits ``[B, num_classes]`` (pooled features ``[B, D]`` with
