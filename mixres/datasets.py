@@ -199,9 +199,9 @@ class SmallObjects(torch.utils.data.Dataset):
 
         Returns:
             ``images [n, 3, H, W]``, ``labels [n]`` int64, and with ``return_boxes`` also ``boxes [n, 4]`` int64
-            (y0, x0, y1, x1), each the label's digit's (:meth:`box`). ``dtype=torch.float32`` gives the items exactly; ``torch.uint8`` gives
-            ``round(255 * image)``, a quarter of the memory (10,000 images of 256 x 256 take 7.9 GB in float32,
-            2 GB in uint8).
+            (y0, x0, y1, x1), each the label's digit's (:meth:`box`). ``dtype=torch.float32`` gives the items
+            exactly; ``torch.uint8`` gives ``round(255 * image)``, a quarter of the memory (10,000 images of 256 x
+            256 take 7.9 GB in float32, 2 GB in uint8).
         """
         if count is None:
             count = self.length - start

@@ -211,6 +211,20 @@ def test_several_objects_depend_only_on_split_seed_and_index():
     assert not (images[:, None] == images[None]).flatten(2).all(dim=2).fill_diagonal_(False).any()
 
 
+# What objects=(lo, hi) is for: a threshold calibrated for a mean of 40 tokens gives the images with more digits
+# more tokens. Measured on these 96 items (20, 28, 26, 22 images of 1, 2, 3, 4 digits): 35.5, 36.7, 40.8 and 47.4
+# tokens on average. benchmarks/adaptive_budgets_coverage.py measures it on 2000 items (in its results/ file).
+def test_adaptive_budgets_give_images_with_more_digits_more_tokens():
+    dataset = SmallObjects("val", 96, objects=(1, 4))
+    images = dataset.tensors()[0]
+    counts = torch.tensor([len(dataset.boxes(index)) for index in range(len(dataset))])
+    scorer = mixres.PixelBlur(16, 64)
+    calibration = mixres.calibrate_threshold(scorer, images, mean_tokens=40)
+    lengths = mixres.tokenize(images, scorer, n_patches=256, threshold=calibration.thresholds).lengths.float()
+    by_count = [lengths[counts == k].mean().item() for k in (1, 2, 3, 4)]
+    assert by_count[3] > by_count[0] + 8 and by_count[2] > by_count[0]
+
+
 def test_images_larger_than_the_textures_tile_them():
     image, _ = SmallObjects("train", 1, image_size=576)[0]  # the textures are 512 x 512
     assert image.shape == (3, 576, 576)
