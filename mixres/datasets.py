@@ -12,6 +12,8 @@ texture is faint), and gives it 16 px leaves, which a Quadformer sees at full re
     >>> image, label = train[0]                       # [3, 256, 256] float32 in [0, 1], int in [0, 10)
     >>> images, labels = train.tensors()              # the whole split: [10000, 3, 256, 256], [10000]
     >>> box = train.box(0)                            # (y0, x0, y1, x1) of the digit's ink, in pixels
+    >>> crowded = mixres.datasets.SmallObjects("train", objects=(1, 4))   # 1-4 digits; the label is the largest
+    >>> boxes, digits = crowded.boxes(0), crowded.digits(0)              # every digit's box, the label's first
 
 Measured with the defaults, on the first 512 val items, by ``benchmarks/small_objects_legibility.py`` (its output:
 ``benchmarks/results/small_objects_legibility.md``):
@@ -23,6 +25,23 @@ Measured with the defaults, on the first 512 val items, by ``benchmarks/small_ob
   told where it is), downsampled by area averaging, reads 99.6% of the val digits at full resolution, 99.0% at
   half resolution and 57% at a quarter. Half resolution loses almost nothing when the digit's place is known: the
   differences between a Quadformer and a uniform grid should show at budgets below 64 tokens.
+
+Information density that varies from image to image (``objects=(lo, hi)``, issue 15's test of adaptive token
+budgets): each image holds from lo to hi digits, their number drawn uniformly, none overlapping, and the label is the
+**largest** digit. A fixed budget gives every image the same number of 16 px leaves, too few for an image of four
+digits or too many for an image of one; an adaptive one (``tokenize(..., threshold=t)``) can give the first more.
+Why the largest digit:
+
+- the label depends on every object: any digit the model cannot read may be the largest, since the digits' places,
+  sizes and colours are drawn alike (the others are uniform from 0 to the label: with k digits the largest is
+  unique with probability (label / (label + 1))**(k - 1)), so only an image whose digits are all legible is read
+  for sure;
+- it stays within reach of the tiny ViT of ``benchmarks/small_objects.sh``, whose max pooling over the tokens
+  computes it directly: if each token's features say "a digit >= d is here", for d = 1..9, their maximum over the
+  tokens says "the largest digit is >= d". Reading one digit is what that ViT learns in 10 epochs (44-48% top-1,
+  benchmarks/RESULTS.md). A sum modulo 10 would need attention to combine every digit's value, and a count of the
+  digits would need no reading at all (a 32 px leaf shows that a digit is there), so resolution would not matter;
+- the labels stay balanced (the largest digit is drawn as today's single digit is), so chance stays 1 / num_classes.
 
 Everything is generated on the fly, deterministically, from data that ships with the installed packages: no
 download. Needs scikit-image (``pip install mixres[demo]``).
@@ -44,12 +63,18 @@ TEXTURES = ("brick", "grass", "gravel")
 SPLITS = ("train", "val")
 MULTIPLE = 64  # the largest patch of the Quadformer demos: images are a whole number of 64 px roots
 _DIGITS = "0123456789"
+# The least gap between two digits' boxes, in pixels, with objects=(lo, hi): each digit stays a separate shape.
+OBJECT_GAP = 4
+# Placement attempts per digit: __init__ checks that each attempt succeeds with probability >= 1/2 (see
+# _check_objects_fit), so they all fail with probability <= 2**-64, and then the item is an error, not a hang.
+_PLACEMENT_TRIES = 64
 # ITU-R BT.601 luma weights of R, G, B (as the Entropy scorer): contrast is measured in luma.
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 
 class SmallObjects(torch.utils.data.Dataset):
-    """A digit 8-11 px high on a faint 256 x 256 texture; the label is the digit.
+    """A digit 8-11 px high on a faint 256 x 256 texture; the label is the digit. With ``objects=(lo, hi)``, lo to hi
+    digits; the label is the largest.
 
     Item ``i`` is a deterministic function of (split, seed, i): it is drawn from its own random stream, so items
     can be made in any order, by any worker, and the train and val splits never share an item.
@@ -62,7 +87,11 @@ class SmallObjects(torch.utils.data.Dataset):
       - object: the digit ``label`` in Pillow's default font (anti-aliased, hinted: crisp 1 px strokes), at a font
         size drawn from ``object_size``, rotated by a whole number of degrees in [-max_rotation, max_rotation], and
         painted fully inside the image at a random position, in a random colour whose luma differs by at least 0.35
-        from the mean of the background under it.
+        from the mean of the background under it;
+      - with ``objects=(lo, hi)``: k digits, k uniform in [lo, hi]. The first is the label; each other is uniform
+        in [0, label], so the label is the largest. Each has its own size, rotation and colour, drawn as above,
+        and its own position, drawn again until its box is at least ``OBJECT_GAP`` (4) px from every earlier box.
+        The default ``(1, 1)`` draws exactly the items of the single-digit dataset.
 
     Args:
         split: ``"train"`` or ``"val"``.
@@ -79,14 +108,19 @@ class SmallObjects(torch.utils.data.Dataset):
             splits on the texture: 52% of the digits' centres in a 16 px leaf at n_patches=64, not 98%
             (``benchmarks/small_objects_legibility.py``).
         max_rotation: the largest rotation of the digit, in degrees, in [0, 45].
+        objects: ``(lo, hi)``, the range of the number of digits per image (inclusive), 1 <= lo <= hi, and hi
+            digits of the largest font size must fit the image with room to spare (an error says when they do not:
+            at 256 px and the default sizes, up to 17).
 
     Items are ``(image [3, image_size, image_size] float32 in [0, 1], label int)``; ``box(i)`` tells where the digit
-    is, and ``tensors()`` makes the whole split at once.
+    (the label's) is, ``boxes(i)`` and ``digits(i)`` where every digit is and which, and ``tensors()`` makes the
+    whole split at once.
     """
 
     def __init__(self, split: str = "train", length: int = 10_000, image_size: int = 256,
                  object_size: tuple[int, int] = (11, 17), num_classes: int = 10, seed: int = 0,
-                 background_contrast: tuple[float, float] = (0.015, 0.035), max_rotation: int = 15):
+                 background_contrast: tuple[float, float] = (0.015, 0.035), max_rotation: int = 15,
+                 objects: tuple[int, int] = (1, 1)):
         if split not in SPLITS:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length < 2 ** 62:
@@ -115,14 +149,20 @@ class SmallObjects(torch.utils.data.Dataset):
                              f"{background_contrast!r}")
         if isinstance(max_rotation, bool) or not isinstance(max_rotation, int) or not 0 <= max_rotation <= 45:
             raise ValueError(f"max_rotation must be an int from 0 to 45 degrees, got {max_rotation!r}")
+        fewest, most = _int_pair("objects", objects)
+        if not 1 <= fewest <= most:
+            raise ValueError(f"objects must be (lo, hi) with 1 <= lo <= hi digits per image, got {objects!r}")
+        _check_objects_fit(most, hi, image_size)
         self.split, self.length, self.image_size = split, length, image_size
         self.object_size, self.num_classes, self.seed = (lo, hi), num_classes, seed
         self.background_contrast, self.max_rotation = contrast, max_rotation
+        self.objects = (fewest, most)
 
     def __repr__(self) -> str:
         return (f"SmallObjects(split={self.split!r}, length={self.length}, image_size={self.image_size}, "
                 f"object_size={self.object_size}, num_classes={self.num_classes}, seed={self.seed}, "
-                f"background_contrast={self.background_contrast}, max_rotation={self.max_rotation})")
+                f"background_contrast={self.background_contrast}, max_rotation={self.max_rotation}, "
+                f"objects={self.objects})")
 
     def __len__(self) -> int:
         return self.length
@@ -133,14 +173,25 @@ class SmallObjects(torch.utils.data.Dataset):
         return image, label
 
     def box(self, index: int) -> tuple[int, int, int, int]:
-        """Where item ``index``'s digit is: ``(y0, x0, y1, x1)`` in pixels, the tight box of its ink (every pixel
-        the digit paints, even faintly), ends exclusive. Cheap: it draws the item's parameters, not its image."""
+        """Where item ``index``'s digit is (with several, the first, whose digit is the label): ``(y0, x0, y1,
+        x1)`` in pixels, the tight box of its ink (every pixel the digit paints, even faintly), ends exclusive.
+        Cheap: it draws the item's parameters, not its image."""
         return self._draw(self._index(index))[1]
 
+    def boxes(self, index: int) -> list[tuple[int, int, int, int]]:
+        """Where each of item ``index``'s digits is, as :meth:`box` gives one: the label's first, then the others in
+        the order they were drawn (``digits(index)``'s). Non-overlapping, at least ``OBJECT_GAP`` px apart."""
+        return [digit["box"] for digit in self._draw(self._index(index))[0]["objects"]]
+
+    def digits(self, index: int) -> list[int]:
+        """Item ``index``'s digits, in :meth:`boxes`' order: the label first, each other at most the label."""
+        return [digit["digit"] for digit in self._draw(self._index(index))[0]["objects"]]
+
     def item(self, index: int) -> tuple[Tensor, int, tuple[int, int, int, int]]:
-        """``(image [3, H, W] float32 in [0, 1], label, box (y0, x0, y1, x1))``: an item with its digit's box."""
+        """``(image [3, H, W] float32 in [0, 1], label, box (y0, x0, y1, x1))``: an item with its (label's) digit's
+        box."""
         params, box = self._draw(self._index(index))
-        return torch.from_numpy(self._render(params, box)), params["label"], box
+        return torch.from_numpy(self._render(params)), params["label"], box
 
     def tensors(self, count: int | None = None, start: int = 0, dtype: torch.dtype = torch.float32,
                 return_boxes: bool = False):
@@ -148,9 +199,9 @@ class SmallObjects(torch.utils.data.Dataset):
 
         Returns:
             ``images [n, 3, H, W]``, ``labels [n]`` int64, and with ``return_boxes`` also ``boxes [n, 4]`` int64
-            (y0, x0, y1, x1). ``dtype=torch.float32`` gives the items exactly; ``torch.uint8`` gives
-            ``round(255 * image)``, a quarter of the memory (10,000 images of 256 x 256 take 7.9 GB in float32,
-            2 GB in uint8).
+            (y0, x0, y1, x1), each the label's digit's (:meth:`box`). ``dtype=torch.float32`` gives the items
+            exactly; ``torch.uint8`` gives ``round(255 * image)``, a quarter of the memory (10,000 images of 256 x
+            256 take 7.9 GB in float32, 2 GB in uint8).
         """
         if count is None:
             count = self.length - start
@@ -170,9 +221,9 @@ class SmallObjects(torch.utils.data.Dataset):
             params, box = self._draw(start + row)
             labels[row], boxes[row] = params["label"], torch.tensor(box)
             if dtype == torch.float32:
-                self._render(params, box, out=rows[row])
+                self._render(params, out=rows[row])
             else:
-                np.rint(self._render(params, box, out=buffer) * 255, out=buffer)
+                np.rint(self._render(params, out=buffer) * 255, out=buffer)
                 rows[row] = buffer
         return (images, labels, boxes) if return_boxes else (images, labels)
 
@@ -204,7 +255,8 @@ class SmallObjects(torch.utils.data.Dataset):
         return int(self._generator(run, stream=1).permutation(self.num_classes)[position])
 
     def _draw(self, index: int) -> tuple[dict, tuple[int, int, int, int]]:
-        """Every random choice of item ``index``, and the digit's box."""
+        """Every random choice of item ``index`` (its digits' in ``params["objects"]``), and the label's digit's
+        box. The draws of a single digit come in the order they always did, so objects=(1, 1) keeps every item."""
         rng = self._generator(index, stream=0)
         size = self.image_size
         label = self._label(index)
@@ -219,29 +271,50 @@ class SmallObjects(torch.utils.data.Dataset):
             "grey": float(rng.uniform(0.25, 0.75)),
             "contrast": float(rng.uniform(*self.background_contrast)),
             "tint": rng.uniform(0.85, 1.15, size=3),
-            "font_size": int(rng.integers(self.object_size[0], self.object_size[1] + 1)),
-            "angle": int(rng.integers(-self.max_rotation, self.max_rotation + 1)),
-            "hue": rng.uniform(size=3),
-            "luma_side": float(rng.uniform()),
-            "luma_offset": float(rng.uniform()),
         }
-        mask = _glyph(_DIGITS[label], params["font_size"], params["angle"])
-        mask_h, mask_w = mask.shape
-        y0, x0 = int(rng.integers(size - mask_h + 1)), int(rng.integers(size - mask_w + 1))
-        return params, (y0, x0, y0 + mask_h, x0 + mask_w)
+        count = 1 if self.objects == (1, 1) else int(rng.integers(self.objects[0], self.objects[1] + 1))
+        params["objects"] = []
+        for number in range(count):
+            digit = {
+                "digit": label if number == 0 else int(rng.integers(label + 1)),
+                "font_size": int(rng.integers(self.object_size[0], self.object_size[1] + 1)),
+                "angle": int(rng.integers(-self.max_rotation, self.max_rotation + 1)),
+                "hue": rng.uniform(size=3),
+                "luma_side": float(rng.uniform()),
+                "luma_offset": float(rng.uniform()),
+            }
+            mask_h, mask_w = _glyph(_DIGITS[digit["digit"]], digit["font_size"], digit["angle"]).shape
+            digit["box"] = self._place(rng, mask_h, mask_w, [other["box"] for other in params["objects"]])
+            params["objects"].append(digit)
+        return params, params["objects"][0]["box"]
 
-    def _render(self, params: dict, box: tuple[int, int, int, int], out: np.ndarray | None = None) -> np.ndarray:
+    def _place(self, rng: np.random.Generator, height: int, width: int,
+               taken: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+        """A box ``height x width`` at a random place inside the image, at least ``OBJECT_GAP`` px from every box
+        in ``taken`` (the first draw, when there is none)."""
+        size = self.image_size
+        for _ in range(_PLACEMENT_TRIES):
+            y0, x0 = int(rng.integers(size - height + 1)), int(rng.integers(size - width + 1))
+            box = (y0, x0, y0 + height, x0 + width)
+            if all(_apart(box, other) for other in taken):
+                return box
+        raise RuntimeError(f"no room for a {height} x {width} digit apart from {taken} in {_PLACEMENT_TRIES} tries "
+                           f"(a chance below 2**-64): {self!r}")
+
+    def _render(self, params: dict, out: np.ndarray | None = None) -> np.ndarray:
         """The image ``[3, H, W]`` float32 of an item from its parameters, written into ``out`` if given.
 
         In numpy, single-threaded: each operation is too small for torch's thread pool to pay off, and its
         threads spin and stall when the cores are busy (a DataLoader's other workers)."""
         image = self._background(params, out)
-        y0, x0, y1, x1 = box
-        under = image[:, y0:y1, x0:x1]
-        colour = _colour(params, under.mean(axis=(1, 2), dtype=np.float64)).astype(np.float32)[:, None, None]
-        alpha = _glyph(_DIGITS[params["label"]], params["font_size"], params["angle"])
-        # Anti-aliased paint: alpha-blend the colour over the texture.
-        under += alpha * (colour - under)
+        for digit in params["objects"]:
+            y0, x0, y1, x1 = digit["box"]
+            # The digits' boxes are apart: each one's colour is set against the texture alone.
+            under = image[:, y0:y1, x0:x1]
+            colour = _colour(digit, under.mean(axis=(1, 2), dtype=np.float64)).astype(np.float32)[:, None, None]
+            alpha = _glyph(_DIGITS[digit["digit"]], digit["font_size"], digit["angle"])
+            # Anti-aliased paint: alpha-blend the colour over the texture.
+            under += alpha * (colour - under)
         return image
 
     def _background(self, params: dict, out: np.ndarray | None = None) -> np.ndarray:
@@ -271,6 +344,29 @@ def _int_pair(name: str, value) -> tuple[int, int]:
             any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in value):
         raise TypeError(f"{name} must be a pair of ints (lo, hi), got {value!r}")
     return int(value[0]), int(value[1])
+
+
+def _apart(box: tuple[int, int, int, int], other: tuple[int, int, int, int]) -> bool:
+    """Whether two boxes (y0, x0, y1, x1) are at least ``OBJECT_GAP`` px apart, along y or along x."""
+    return (box[2] + OBJECT_GAP <= other[0] or other[2] + OBJECT_GAP <= box[0]
+            or box[3] + OBJECT_GAP <= other[1] or other[3] + OBJECT_GAP <= box[1])
+
+
+def _check_objects_fit(most: int, font_size: int, image_size: int) -> None:
+    """A ValueError unless ``most`` digits of ``font_size`` fit an ``image_size`` image easily: each placement
+    attempt must succeed with probability >= 1/2. A digit's box is at most g px a side, g = its unrotated ink's
+    diagonal + 2 (bicubic rotation spreads it); an earlier box rules out fewer than (2 (g + OBJECT_GAP))**2 of the
+    (image_size - g + 1)**2 places of the next box's corner."""
+    if most == 1:
+        return
+    side = max(int(np.ceil(np.hypot(*_glyph(digit, font_size, 0).shape))) for digit in _DIGITS) + 2
+    places = (image_size - side + 1) ** 2
+    ruled_out = (most - 1) * (2 * (side + OBJECT_GAP)) ** 2
+    if 2 * ruled_out > places:
+        fit = 1 + places // (2 * (2 * (side + OBJECT_GAP)) ** 2)
+        raise ValueError(f"objects allows up to {most} digits, too many for {image_size} px images at font size "
+                         f"{font_size} (boxes up to {side} px, {OBJECT_GAP} px apart): at most {fit} fit easily; "
+                         f"lower objects[1] or object_size[1], or raise image_size")
 
 
 def _colour(params: dict, background: np.ndarray) -> np.ndarray:

@@ -145,6 +145,86 @@ def test_entropy_finds_the_digit_too_and_random_does_not(val64):
     assert found_random < 0.2 and 0.7 < ratio_random < 1.3
 
 
+# -- objects=(lo, hi): several digits, the label the largest ------------------------------------------------------
+
+def test_one_object_is_the_single_digit_dataset():
+    single, explicit = SmallObjects("val", 12), SmallObjects("val", 12, objects=(1, 1))
+    images, labels, boxes = single.tensors(return_boxes=True)
+    images_explicit, labels_explicit, boxes_explicit = explicit.tensors(return_boxes=True)
+    assert torch.equal(images, images_explicit) and torch.equal(labels, labels_explicit)
+    assert torch.equal(boxes, boxes_explicit)
+    for index in range(12):
+        assert single.boxes(index) == [single.box(index)] and single.digits(index) == [int(labels[index])]
+
+
+def apart(box, other, gap):
+    """Whether boxes (y0, x0, y1, x1) are at least ``gap`` px apart along y or x, written from the definition."""
+    rows_apart = max(box[0], other[0]) - min(box[2], other[2]) >= gap
+    cols_apart = max(box[1], other[1]) - min(box[3], other[3]) >= gap
+    return rows_apart or cols_apart
+
+
+def test_several_objects_lie_inside_apart_and_the_label_is_the_largest():
+    dataset = SmallObjects("train", 200, objects=(1, 4))
+    counts = []
+    for index in range(len(dataset)):
+        boxes, digits = dataset.boxes(index), dataset.digits(index)
+        label = dataset[index][1]
+        assert len(boxes) == len(digits) and 1 <= len(boxes) <= 4
+        counts.append(len(boxes))
+        assert digits[0] == label == max(digits) and all(0 <= digit <= label for digit in digits)
+        assert boxes[0] == dataset.box(index)
+        for number, (y0, x0, y1, x1) in enumerate(boxes):
+            assert 0 <= y0 < y1 <= 256 and 0 <= x0 < x1 <= 256 and y1 - y0 <= 16 and x1 - x0 <= 16
+            assert all(apart(boxes[number], other, 4) for other in boxes[number + 1:])
+    # Every count from 1 to 4, about equally often (50 expected each).
+    assert sorted(set(counts)) == [1, 2, 3, 4] and min(counts.count(k) for k in (1, 2, 3, 4)) > 30
+    # Some images repeat their largest digit, and smaller ones come in every value.
+    others = [digit for index in range(len(dataset)) for digit in dataset.digits(index)[1:]]
+    assert set(others) == set(range(10))
+
+
+def test_several_objects_are_painted_each_in_its_box():
+    dataset = SmallObjects("val", 12, objects=(2, 4))
+    for index in range(len(dataset)):
+        image, label, box = dataset.item(index)
+        assert box == dataset.boxes(index)[0] and label == max(dataset.digits(index))
+        painted = (image.numpy() != dataset._background(dataset._draw(index)[0])).any(axis=0)
+        inside = np.zeros_like(painted)
+        for y0, x0, y1, x1 in dataset.boxes(index):
+            inside[y0:y1, x0:x1] = True
+            # Each digit touches every side of its box: it is painted, and its box is tight.
+            assert painted[y0, x0:x1].any() and painted[y1 - 1, x0:x1].any()
+            assert painted[y0:y1, x0].any() and painted[y0:y1, x1 - 1].any()
+        assert not painted[~inside].any()
+
+
+def test_several_objects_depend_only_on_split_seed_and_index():
+    first, again = SmallObjects("train", 30, objects=(1, 4)), SmallObjects("train", 30, objects=(1, 4))
+    for index in (11, 0, 29, 11):
+        assert torch.equal(first[index][0], again[index][0]) and first.boxes(index) == again.boxes(index)
+    images, labels = first.tensors()
+    assert torch.equal(labels.bincount(minlength=10), torch.full((10,), 3))  # still balanced
+    for other in (SmallObjects("val", 30, objects=(1, 4)), SmallObjects("train", 30, seed=1, objects=(1, 4))):
+        other_images = other.tensors()[0]
+        assert not (images[:, None] == other_images[None]).flatten(2).all(dim=2).any()
+    assert not (images[:, None] == images[None]).flatten(2).all(dim=2).fill_diagonal_(False).any()
+
+
+# What objects=(lo, hi) is for: a threshold calibrated for a mean of 40 tokens gives the images with more digits
+# more tokens. Measured on these 96 items (20, 28, 26, 22 images of 1, 2, 3, 4 digits): 35.5, 36.7, 40.8 and 47.4
+# tokens on average. benchmarks/adaptive_budgets_coverage.py measures it on 2000 items (in its results/ file).
+def test_adaptive_budgets_give_images_with_more_digits_more_tokens():
+    dataset = SmallObjects("val", 96, objects=(1, 4))
+    images = dataset.tensors()[0]
+    counts = torch.tensor([len(dataset.boxes(index)) for index in range(len(dataset))])
+    scorer = mixres.PixelBlur(16, 64)
+    calibration = mixres.calibrate_threshold(scorer, images, mean_tokens=40)
+    lengths = mixres.tokenize(images, scorer, n_patches=256, threshold=calibration.thresholds).lengths.float()
+    by_count = [lengths[counts == k].mean().item() for k in (1, 2, 3, 4)]
+    assert by_count[3] > by_count[0] + 8 and by_count[2] > by_count[0]
+
+
 def test_images_larger_than_the_textures_tile_them():
     image, _ = SmallObjects("train", 1, image_size=576)[0]  # the textures are 512 x 512
     assert image.shape == (3, 576, 576)
@@ -162,6 +242,10 @@ def test_images_larger_than_the_textures_tile_them():
     ({"seed": -1}, "seed must be an int"),
     ({"background_contrast": (0.1, 0.05)}, "background_contrast must be"),
     ({"max_rotation": 90}, "max_rotation must be"),
+    ({"objects": (0, 2)}, r"objects must be \(lo, hi\) with 1 <= lo <= hi"),
+    ({"objects": (3, 2)}, r"objects must be \(lo, hi\) with 1 <= lo <= hi"),
+    ({"objects": (1, 18)}, "objects allows up to 18 digits, too many for 256 px images at font size 17.*at most 17"),
+    ({"objects": (1, 2), "image_size": 64}, "too many for 64 px images.*raise image_size"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -171,6 +255,8 @@ def test_bad_arguments_are_named(kwargs, message):
 def test_bad_argument_types_are_named():
     with pytest.raises(TypeError, match="object_size must be a pair of ints"):
         SmallObjects(object_size=12)
+    with pytest.raises(TypeError, match="objects must be a pair of ints"):
+        SmallObjects(objects=4)
     with pytest.raises(TypeError, match="background_contrast must be a pair of numbers"):
         SmallObjects(background_contrast="faint")
     with pytest.raises(ValueError, match="outside the dataset"):
