@@ -25,12 +25,13 @@ from torch import Tensor
 
 from ..checks import RESIZE_MODES
 from ..image_files import load_image
-from ..mosaic import tokenize
+from ..mosaic import check_threshold, tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Random, create_scorer
 from .fitting import fit_to_multiple, fitted_size, nearest_valid_n_patches
 from .mosaic_files import save_mosaic
-from .options import COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, add_device_option, json_object
+from .options import (COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, add_device_option, add_threshold_option,
+                      format_threshold, json_object)
 from .timing import device_name, format_throughput, kernel_label, median_seconds, throughput_row, time_tokenizer
 
 __all__ = ["main", "build_parser", "load_image"]
@@ -173,11 +174,13 @@ def _source_size(parser: argparse.ArgumentParser, path: Path) -> tuple[int, int]
 
 
 def _budget(parser: argparse.ArgumentParser, args: argparse.Namespace, path: Path, size: tuple[int, int]) -> int:
-    """The leaves of one image of ``size`` (resized): ``-n`` itself when reachable, else its nearest valid budget
-    with ``--nearest`` and a usage error without; about a third of the most leaves when ``-n`` is not given."""
+    """The leaves of one image of ``size`` (resized), or their cap with ``--threshold``: ``-n`` itself when
+    reachable, else its nearest valid budget with ``--nearest`` and a usage error without; when ``-n`` is not given,
+    about a third of the most leaves (with ``--threshold``, the most: no cap)."""
     geometry = QuadtreeGeometry(*size, args.min, args.max)
     if args.n_patches is None:
-        return nearest_valid_n_patches(geometry, geometry.max_patches / 3)
+        return geometry.max_patches if args.threshold is not None else \
+            nearest_valid_n_patches(geometry, geometry.max_patches / 3)
     if args.nearest:
         return nearest_valid_n_patches(geometry, args.n_patches)
     try:
@@ -200,6 +203,11 @@ def _mosaic(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     _geometry(parser, args, args.max, args.max, f"--min {args.min} --max {args.max}")
     if args.size is not None:
         _geometry(parser, args, args.size, args.size, f"--size {args.size} with --max {args.max}")
+    if args.threshold is not None:
+        try:  # its sizes are the splittable ones, the same for every image
+            check_threshold(args.threshold, QuadtreeGeometry(args.max, args.max, args.min, args.max))
+        except (ValueError, TypeError) as error:
+            parser.error(f"--threshold: {error}")
     stems: dict[str, Path] = {}
     for path in args.images:
         if path.stem in stems:
@@ -234,24 +242,30 @@ def _mosaic(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             _require_memory(parser, _mosaic_bytes(0, height * width, batch), what, args.device, "lower --batch")
     _writable_folder(parser, args.out, "--out")
 
+    counts = []  # each image's leaves, in the order printed
     for (height, width, n_patches), indices in groups.items():
         for start in range(0, len(indices), args.batch):
             chunk = indices[start:start + args.batch]
             images = _read_batch(parser, [args.images[index] for index in chunk], (height, width), args)
-            mosaic = tokenize(images.to(args.device), scorer, n_patches, mode=args.mode)
+            mosaic = tokenize(images.to(args.device), scorer, n_patches, mode=args.mode, threshold=args.threshold)
             for position, index in enumerate(chunk):
                 path, source = args.images[index], sources[index]
                 try:
                     record = save_mosaic(images[position], mosaic, args.out, path.stem, args.max, position,
                                          image=str(path), source_size=list(source), scorer=repr(scorer),
-                                         mode=args.mode)
+                                         mode=args.mode,
+                                         **({"threshold": args.threshold} if args.threshold is not None else {}))
                 except OSError as error:
                     parser.exit(1, f"{parser.prog}: error: cannot write to {args.out}: {error}\n")
                 leaves = ", ".join(f"{side} px: {count}" for side, count in record["leaves_per_size"].items())
                 cap = f" of at most {record['max_patches']}" if "max_patches" in record else ""
                 print(f"{path}: {source[0]}x{source[1]} -> {height}x{width}, n_patches={record['n_patches']}{cap} "
                       f"({leaves}): {args.out / path.stem}.png, .json")
+                counts.append(record["n_patches"])
             del images, mosaic
+    if args.threshold is not None and len(counts) > 1:
+        print(f"{len(counts)} images, threshold {format_threshold(args.threshold)}: {sum(counts) / len(counts):.1f} "
+              f"tokens per image on average (min {min(counts)}, max {max(counts)})")
     return 0
 
 
@@ -477,9 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "size are tokenized together; every image is checked before anything is written.")
     mosaic.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     mosaic.add_argument("-n", "--n-patches", type=POSITIVE, default=None,
-                        help="leaves per image; an unreachable budget is an error naming the nearest valid ones "
-                             "(see mixres budgets) unless --nearest (default: the valid budget nearest to a third "
-                             "of the most)")
+                        help="leaves per image, or their cap with --threshold; an unreachable budget is an error "
+                             "naming the nearest valid ones (see mixres budgets) unless --nearest (default: the valid "
+                             "budget nearest to a third of the most; with --threshold, the most)")
+    add_threshold_option(mosaic, ": each image gets its own number of leaves, printed (mixres budgets --mean-tokens "
+                                 "finds a T for a mean)")
     mosaic.add_argument("--nearest", action="store_true",
                         help="round -n to each image's nearest valid budget (the smaller on a tie)")
     mosaic.add_argument("--scorer", default="pixel-blur", choices=COMMAND_LINE_SCORERS, help="the leaves' scorer")

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset, Subset
+from torch.utils.data import IterableDataset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
 from ..models import load_weights, read_state_dict
 from ..pyramid import QuadtreeGeometry
-from .loaders import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, release_loader,
+from .loaders import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, evenly_spaced, release_loader,
                       report_unreadable, skip_unreadable_images)
 from .model_builder import build_model
 from .options import (COUNT, POSITIVE, HelpFormatter, IntegerList, add_amp_option, add_data_kwargs_option,
@@ -247,13 +247,6 @@ def write_results(rows: Sequence[dict], output: str | Path, config: dict | None 
 
 
 # ------------------------------------------------------------------------------------------------------ command
-def _evenly_spaced(dataset, limit: int):
-    """At most ``limit`` items spread over the whole dataset: a folder sorted by class gives every class."""
-    if limit >= len(dataset):
-        return dataset
-    return Subset(dataset, [round(i * (len(dataset) - 1) / max(limit - 1, 1)) for i in range(limit)])
-
-
 def _head_classes(state: dict[str, Tensor]) -> int | None:
     """The number of classes of a Quadformer's, a UniformGrid's or a plain ViT's state dict: its head's outputs
     (None: no head)."""
@@ -334,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         warnings.warn(f"the data has {len(classes)} classes but the model {model.num_classes}: set --num-classes",
                       stacklevel=2)
     if args.limit is not None and not isinstance(dataset, IterableDataset):
-        dataset = _evenly_spaced(dataset, args.limit)
+        dataset = evenly_spaced(dataset, args.limit)
     unreadable = None
     if args.skip_bad_images:
         size = len(dataset)
