@@ -20,9 +20,9 @@ from .loaders import MAX_SEED
 
 __all__ = ["HelpFormatter", "add_model_options", "check_model_options", "add_device_option", "usable_device",
            "add_workers_option", "add_seed_option", "add_data_kwargs_option", "add_amp_option", "autocast",
-           "json_object", "require_file", "Threshold", "add_threshold_option", "add_adaptive_options", "check_adaptive_options",
-           "format_threshold", "QUADFORMER_OPTIONS", "AMP_DTYPES", "COMMAND_LINE_SCORERS", "Integer", "Real",
-           "IntegerList", "INDEX_MAX", "SIDE_MAX", "SEED_MAX", "SIDE", "COUNT", "POSITIVE"]
+           "json_object", "require_file", "Threshold", "add_threshold_option", "add_adaptive_options",
+           "check_adaptive_options", "format_threshold", "QUADFORMER_OPTIONS", "AMP_DTYPES", "COMMAND_LINE_SCORERS",
+           "Integer", "Real", "IntegerList", "INDEX_MAX", "SIDE_MAX", "SEED_MAX", "SIDE", "COUNT", "POSITIVE"]
 
 # The options that configure a Quadformer, each named as the Quadformer argument it sets.
 QUADFORMER_OPTIONS = ("n_patches", "scorer", "scorer_kwargs", "pos_embed", "min_patch_size", "max_patch_size")
