@@ -4,6 +4,7 @@
     mixres bench --device cuda --batch 256 --vit
     mixres bench --end-to-end --vit vit_small_patch16_224 --scorers pixel-blur,feature
     mixres budgets --size 224 --min 16 --max 32
+    mixres budgets --size 224 --min 16 --max 32 --mean-tokens 64 100 --data /data/imagenet --scorer pixel-blur
 
 ``python -m mixres`` is the same command. Bad options, missing or unreadable images and an output folder that cannot
 be written end with a one-line message and exit status 2, without a traceback.
@@ -25,13 +26,14 @@ from torch import Tensor
 
 from ..checks import RESIZE_MODES
 from ..image_files import load_image
+from ..budgets import calibrate_threshold
 from ..mosaic import check_threshold, tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Random, create_scorer
 from .fitting import fit_to_multiple, fitted_size, nearest_valid_n_patches
 from .mosaic_files import save_mosaic
-from .options import (COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, add_device_option, add_threshold_option,
-                      format_threshold, json_object)
+from .options import (COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, Real, add_data_kwargs_option,
+                      add_device_option, add_seed_option, add_threshold_option, format_threshold, json_object)
 from .timing import device_name, format_throughput, kernel_label, median_seconds, throughput_row, time_tokenizer
 
 __all__ = ["main", "build_parser", "load_image"]
@@ -281,6 +283,21 @@ def _read_batch(parser: argparse.ArgumentParser, paths: Sequence[Path], size: tu
     return images
 
 
+def _check_json_path(parser: argparse.ArgumentParser, path: Path | None) -> None:
+    """A usage error when ``--json`` (None: not given) names a folder, or one that cannot be written."""
+    if path is not None:
+        if path.is_dir():
+            parser.error(f"--json {path}: a folder; give a file name")
+        _writable_folder(parser, path.parent, "--json")
+
+
+def _write_json(parser: argparse.ArgumentParser, path: Path, results: dict) -> None:
+    try:
+        path.write_text(json.dumps(results, indent=2) + "\n")
+    except OSError as error:
+        parser.exit(1, f"{parser.prog}: error: cannot write {path}: {error}\n")
+
+
 # ---------------------------------------------------------------------------------------------------------- bench
 def _vit_dtype(device: torch.device) -> torch.dtype:
     """The dtype of the ViTs that ``mixres bench`` times: bf16 on CUDA (as benchmarks/test_cuda_costs.py times
@@ -380,10 +397,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # The images, their tokens and the reference's temporaries: 2-3.6x the images measured (2 x 2048 px, CPU).
     _require_memory(parser, 4 * FLOAT_PIXEL * batch * height * width,
                     f"a batch of {batch} random {height}x{width} images", device, "lower --batch, --size or --width")
-    if args.json is not None:
-        if args.json.is_dir():
-            parser.error(f"--json {args.json}: a folder; give a file name")
-        _writable_folder(parser, args.json.parent, "--json")
+    _check_json_path(parser, args.json)
     model = _vit(parser, args.vit, geometry, args.n_patches, device) if args.vit else None
     end_to_end_vit = _end_to_end_vit(parser, args, geometry, device) if args.end_to_end else None
 
@@ -425,10 +439,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                   "tokenize_runs": kernel_label(device), "batch": batch, "height": height, "width": width,
                   "n_patches": args.n_patches, "min_patch_size": args.min, "max_patch_size": args.max,
                   "mode": args.mode, "repeats": args.repeats}
-        try:
-            args.json.write_text(json.dumps({"config": config, **results}, indent=2) + "\n")
-        except OSError as error:
-            parser.exit(1, f"{parser.prog}: error: cannot write {args.json}: {error}\n")
+        _write_json(parser, args.json, {"config": config, **results})
     return 0
 
 
@@ -460,6 +471,14 @@ def _budgets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     geometry = _size_geometry(parser, args)
     first, last = geometry.n_roots, geometry.max_patches
     count = (last - first) // 3 + 1
+    if (args.mean_tokens is None) != (args.data is None):
+        parser.error("--mean-tokens and --data go together: the threshold is calibrated on the images of --data"
+                     if args.data is None else "--data is for --mean-tokens: give the mean token counts to calibrate")
+    if args.mean_tokens is not None:
+        return _calibrate(parser, args, geometry)
+    if args.n_patches is not None or args.json is not None:
+        parser.error(f"{'-n' if args.n_patches is not None else '--json'} is for the calibration: give --mean-tokens "
+                     f"and --data")
     print(f"{geometry.height}x{geometry.width} px, {args.min}-{args.max} px leaves: {first} roots of {args.max} px, "
           f"at most {last} leaves of {args.min} px; n_patches = {first} + 3k (each split adds 3), {count} budgets:")
     if args.all or count <= LISTED_BUDGETS:
@@ -468,6 +487,53 @@ def _budgets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     else:
         head, tail = range(first, first + 15, 3), range(last - 12, last + 1, 3)
         print(f"{' '.join(map(str, head))} ... {' '.join(map(str, tail))}\n(--all lists every one)")
+    return 0
+
+
+def _calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace, geometry: QuadtreeGeometry) -> int:
+    """``mixres budgets --mean-tokens M... --data D``: the threshold of each mean token count on a sample of the
+    images of ``--data`` (resized and centre-cropped to the quadtree's size), with ``--scorer``; prints each one's
+    t and the sample's mean, least and most tokens per image, and writes them to ``--json``."""
+    from .adaptive import calibration_record, calibration_sample, check_mean_tokens, describe_calibration
+    from .loaders import UnreadableImageError, build_dataset, release_loader
+
+    try:
+        cap = geometry.max_patches if args.n_patches is None else geometry.check_n_patches(args.n_patches)
+    except ValueError as error:
+        parser.error(f"--n-patches: {error}")
+    for mean_tokens in args.mean_tokens:
+        problem = check_mean_tokens(mean_tokens, geometry.n_roots, cap)
+        if problem:
+            parser.error(problem)
+    _check_json_path(parser, args.json)
+    try:
+        scorer = create_scorer(args.scorer, args.min, args.max, **args.scorer_kwargs)
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        parser.error(f"--scorer {args.scorer}: {error} (its arguments go in --scorer-kwargs)")
+    try:  # the scorers read images in [0, 1]: no normalisation
+        dataset = build_dataset(args.data, args.split, (geometry.height, geometry.width), (0.0,) * 3, (1.0,) * 3,
+                                train=False, length=args.calibration_images, seed=args.seed,
+                                generator_kwargs=args.data_kwargs)
+        images = calibration_sample(dataset, args.calibration_images).to(args.device)
+    except UnreadableImageError as error:
+        release_loader(error)
+        parser.error(f"--data: {error.brief}")
+    except (ValueError, TypeError, OSError) as error:
+        parser.error(f"--data: {error}")
+    print(f"{geometry.height}x{geometry.width} px, {args.min}-{args.max} px leaves ({geometry.n_roots} roots, cap "
+          f"{cap}), scorer {args.scorer}, {images.shape[0]} images of {args.data} ({args.split}) on {args.device}:")
+    records = []
+    for mean_tokens in args.mean_tokens:
+        calibration = calibrate_threshold(scorer, images, mean_tokens, max_patches=cap, batch_size=args.batch)
+        records.append(calibration_record(calibration, images.shape[0]))
+        print(describe_calibration(calibration, images.shape[0]))
+    print("Give a threshold back as --threshold T (mixres mosaic, python -m mixres.train / mixres.evaluate), or "
+          "tokenize(..., threshold=T)")
+    if args.json is not None:
+        config = {"data": str(args.data), "split": args.split, "images": images.shape[0], "height": geometry.height,
+                  "width": geometry.width, "min_patch_size": args.min, "max_patch_size": args.max, "cap": cap,
+                  "scorer": args.scorer, "scorer_kwargs": args.scorer_kwargs, "device": str(args.device)}
+        _write_json(parser, args.json, {"config": config, "calibrations": records})
     return 0
 
 
@@ -555,15 +621,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench, parser=bench)
 
     budgets = commands.add_parser(
-        "budgets", formatter_class=HelpFormatter, help="list the valid n_patches of an image size",
+        "budgets", formatter_class=HelpFormatter,
+        help="list the valid n_patches of an image size, or calibrate adaptive budgets' thresholds",
         description="Lists the reachable n_patches of a quadtree over an image: from the grid of --max roots, "
-                    "each split adds 3 leaves, up to the grid of --min leaves.")
+                    "each split adds 3 leaves, up to the grid of --min leaves. With --mean-tokens and --data, "
+                    "calibrates instead the threshold of adaptive budgets (mixres.calibrate_threshold) whose mean "
+                    "token count per image is M on a sample of the images, with --scorer, and prints each t with "
+                    "the sample's mean, least and most tokens per image.")
     budgets.add_argument("--size", type=SIDE, required=True, help="image height")
     budgets.add_argument("--width", type=SIDE, default=None, help="image width (default: --size)")
     _add_patch_options(budgets)
     budgets.add_argument("--all", action="store_true",
                          help=f"list every budget (default: all up to {LISTED_BUDGETS}, else the first and last "
                               f"few)")
+    calibration = budgets.add_argument_group("calibration of adaptive budgets (--mean-tokens)")
+    calibration.add_argument("--mean-tokens", type=Real(1), nargs="+", default=None, metavar="M",
+                             help="the mean token counts per image to find thresholds for, from the roots' count to "
+                                  "the cap -n")
+    calibration.add_argument("--data", default=None,
+                             help="the images: a folder of class sub-folders (or of split folders), small-objects "
+                                  "(generated), or a timm dataset name (torch/cifar10, read under $MIXRES_DATA); "
+                                  "resized and centre-cropped to --size x --width")
+    calibration.add_argument("--split", default="val", help="the split of --data")
+    add_data_kwargs_option(calibration)
+    calibration.add_argument("--calibration-images", type=POSITIVE, default=256,
+                             help="images of the sample, spread evenly over the data")
+    calibration.add_argument("-n", "--n-patches", type=POSITIVE, default=None,
+                             help="the cap N_max on each image's leaves (default: the most, no cap)")
+    calibration.add_argument("--scorer", default="pixel-blur", choices=COMMAND_LINE_SCORERS,
+                             help="the leaves' scorer")
+    calibration.add_argument("--scorer-kwargs", type=json_object, default={}, metavar="JSON",
+                             help="the scorer's arguments, a JSON object")
+    calibration.add_argument("--batch", type=POSITIVE, default=64, help="images scored and split at a time")
+    add_seed_option(calibration, "seed of generated data (small-objects)")
+    add_device_option(calibration)
+    calibration.add_argument("--json", type=Path, default=None, metavar="PATH",
+                             help="also write the calibrations to PATH")
     budgets.set_defaults(run=_budgets, parser=budgets)
     return parser
 
