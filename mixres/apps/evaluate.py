@@ -480,8 +480,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if thresholds:
         print(MACS_ADAPTIVE_NOTE)
     print(f"images/s and us/image: the whole forward (scorer, tokenize, ViT; adaptive: packed) on batches of "
-          f"{rows[0]['batch_size']}, median of {args.timed_batches} after {args.warmup} warm-up calls; top-1 over {rows[0]['n_images']} "
-          f"images" + (f" ({len(unreadable)} unreadable ones left out)" if unreadable else ""))
+          f"{rows[0]['batch_size']}, median of {args.timed_batches} after {args.warmup} warm-up calls; top-1 over "
+          f"{rows[0]['n_images']} images" + (f" ({len(unreadable)} unreadable ones left out)" if unreadable else ""))
     print("Wrote " + ", ".join(str(path) for path in paths.values() if path is not None))
     return rows
 
