@@ -646,8 +646,8 @@ def test_mosaic_with_a_threshold_gives_each_image_its_own_leaves_under_the_cap(i
     from mixres.image_files import load_image
     from mixres.scorers import PixelBlur
 
-    status, printed, _ = run(capsys, "mosaic", *images[:3], "--threshold", "64=0.02,32=0.01", "-n", "40", "--nearest", "-o",
-                             tmp_path / "out")
+    status, printed, _ = run(capsys, "mosaic", *images[:3], "--threshold", "64=0.02,32=0.01", "-n", "40", "--nearest",
+                             "-o", tmp_path / "out")
     assert status == 0
     counts = []
     for path in images[:3]:
