@@ -320,6 +320,19 @@ def test_interleaved_rounds_run_in_order_and_take_the_median_of_the_timed_rounds
                                                   "multiple of max_patch_size 64: resize or crop it to 192 or 256; or "
                                                   "max_patch_size=32"),
     (["budgets"], "the following arguments are required: --size"),
+    (["mosaic", "{photo}", "--threshold", "64=0.1"], "--threshold: threshold as a dict must have one entry per "
+                                                     "splittable patch size, keys [64, 32]"),
+    (["mosaic", "{photo}", "--threshold", "1e39"], "--threshold: threshold must be finite in the scores' dtype "
+                                                   "float32, got 1e+39"),
+    (["budgets", "--size", "64", "--mean-tokens", "10"], "--mean-tokens and --data go together"),
+    (["budgets", "--size", "64", "--data", "{tmp}"], "--data is for --mean-tokens"),
+    (["budgets", "--size", "64", "-n", "10"], "-n is for the calibration: give --mean-tokens and --data"),
+    (["budgets", "--size", "64", "--max", "32", "--data", "{tmp}", "--mean-tokens", "10", "17"],
+     "--mean-tokens 17 must be from 4 (the roots: no image has fewer leaves) to 16 (the cap, --n-patches)"),
+    (["budgets", "--size", "64", "--max", "32", "--data", "{tmp}", "--mean-tokens", "14", "-n", "13"],
+     "--mean-tokens 14 must be from 4 (the roots: no image has fewer leaves) to 13"),
+    (["budgets", "--size", "64", "--max", "32", "--data", "{tmp}/nowhere", "--mean-tokens", "10"],
+     "--data: "),
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_usage_errors(argv, message, images, tmp_path, capsys, monkeypatch):
@@ -625,3 +638,52 @@ def test_mosaic_holds_one_batch_of_images_at_a_time(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(cli, "tokenize", counting_tokenize)
     status, printed, _ = run(capsys, "mosaic", *sorted(tmp_path.glob("*.png")), "--batch", 2, "-o", tmp_path / "out")
     assert status == 0 and len(printed.splitlines()) == 5
+
+
+# ------------------------------------------------------------------------------------------- adaptive budgets
+def test_mosaic_with_a_threshold_gives_each_image_its_own_leaves_under_the_cap(images, tmp_path, capsys):
+    import mixres
+    from mixres.image_files import load_image
+    from mixres.scorers import PixelBlur
+
+    status, printed, _ = run(capsys, "mosaic", *images[:3], "--threshold", "64=0.02,32=0.01", "-n", "40", "--nearest",
+                             "-o", tmp_path / "out")
+    assert status == 0
+    counts = []
+    for path in images[:3]:
+        record = json.loads((tmp_path / "out" / f"{path.stem}.json").read_text())
+        image = load_image(path)
+        image = torch.nn.functional.interpolate(image[None], size=(record["height"], record["width"]),
+                                                mode="bilinear", antialias=True).clamp(0, 1) \
+            if tuple(image.shape[-2:]) != (record["height"], record["width"]) else image[None]
+        cap = record["max_patches"]
+        expected = mixres.tokenize(image, PixelBlur(16, 64), cap, threshold={64: 0.02, 32: 0.01}).lengths.item()
+        assert record["threshold"] == {"64": 0.02, "32": 0.01} and record["n_patches"] == expected
+        assert len(record["leaves"]) == expected <= cap
+        assert f"{path}: " in printed and f"n_patches={expected} of at most {cap} " in printed
+        counts.append(expected)
+    assert len(set(counts)) > 1
+    assert f"3 images, threshold 64=0.02,32=0.01: {sum(counts) / 3:.1f} tokens per image on average (min " \
+           f"{min(counts)}, max {max(counts)})" in printed
+
+
+def test_budgets_calibrates_thresholds_for_mean_token_counts(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    import mixres
+    from mixres.apps.loaders import build_dataset
+    from mixres.scorers import PixelBlur
+
+    status, printed, _ = run(capsys, "budgets", "--size", "64", "--max", "32", "--mean-tokens", "7", "12.5", "--data",
+                             "small-objects", "--calibration-images", "20", "--json", tmp_path / "t.json")
+    assert status == 0, printed
+    assert "64x64 px, 16-32 px leaves (4 roots, cap 16), scorer pixel-blur, 20 images of small-objects" in printed
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["config"]["images"] == 20 and [c["target"] for c in saved["calibrations"]] == [7, 12.5]
+    # The images of small-objects' val split (20 of them, as generated with --seed 0), tokenized at each threshold.
+    dataset = build_dataset("small-objects", "val", 64, (0.0,) * 3, (1.0,) * 3, train=False, length=20)
+    images = torch.stack([dataset[index][0] for index in range(20)])
+    for calibration in saved["calibrations"]:
+        lengths = mixres.tokenize(images, PixelBlur(16, 32), 16, threshold=calibration["threshold"]).lengths
+        assert (lengths.double().mean().item(), lengths.min().item(), lengths.max().item()) == \
+            (calibration["mean_tokens"], calibration["min_tokens"], calibration["max_tokens"])
+        assert f"--mean-tokens {calibration['target']:g}: threshold {calibration['threshold']!r} " in printed

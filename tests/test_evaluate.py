@@ -194,6 +194,79 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_hint(tmp_path, monkeypatc
     assert "pip install matplotlib" in capsys.readouterr().out
 
 
+# ------------------------------------------------------------------------------------------- adaptive budgets
+def test_an_adaptive_point_reports_each_images_tokens_macs_at_its_own_length_and_times_the_packed_forward(
+        monkeypatch):
+    import mixres
+
+    model = Quadformer(tiny_vit(), n_patches=16)
+    # From flat to busy, busiest in the top-left quarter: 1 to 16 leaves at this threshold.
+    images = torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * \
+        torch.linspace(0, 1, 12).view(-1, 1, 1, 1) ** 3
+    images[:, :, :32, :32] *= 3
+    labels = torch.arange(12) % 5
+    threshold = {64: 0.3, 32: 0.6}
+    # What the row must state, from tokenize and the model's padded forward.
+    lengths = mixres.tokenize(images, model.score(images), 16, 16, 64, threshold=threshold).lengths
+    assert len(lengths.unique()) >= 4  # the images get different lengths
+    with torch.no_grad():
+        model.threshold = threshold
+        top1 = (model(images).argmax(dim=1) == labels).double().mean().item()
+        model.threshold = None
+    packed = []
+    monkeypatch.setattr(evaluate, "pack", lambda mosaic: packed.append(mosaic.lengths) or mixres.pack(mosaic))
+
+    loader = DataLoader(TensorDataset(images, labels), batch_size=5)
+    rows = evaluate.evaluate_budgets(model, loader, [16], thresholds=[("--threshold", threshold)], warmup=0,
+                                     timed_batches=1, progress=False)
+    assert [row["method"] for row in rows] == ["quadformer", "uniform", "adaptive"]
+    row = rows[2]
+    assert (row["budget"], row["n_patches"], row["threshold"], row["source"], row["timed_forward"]) == \
+        (16, 16, "64=0.3,32=0.6", "--threshold", "packed")
+    assert (row["mean_tokens"], row["min_tokens"], row["max_tokens"]) == \
+        (lengths.double().mean().item(), lengths.min().item(), lengths.max().item())
+    assert row["top1"] == pytest.approx(top1, abs=1e-12)
+    assert row["gmacs"] == pytest.approx(sum(vit_macs(n) for n in lengths.tolist()) / 12 / 1e9, rel=1e-12)
+    assert row["gmacs_padded"] == pytest.approx(vit_macs(16) / 1e9, rel=1e-12)
+    assert len(packed) == 3 + 1  # the 3 batches, then the timed call (on the first batch)
+    assert model.threshold is None  # put back
+    assert rows[0]["mean_tokens"] == rows[0]["min_tokens"] == rows[0]["max_tokens"] == 16  # a fixed budget
+    assert rows[0]["gmacs"] == rows[0]["gmacs_padded"] == pytest.approx(vit_macs(16) / 1e9, rel=1e-12)
+    model.threshold = 0.5
+    with pytest.raises(ValueError, match="the model has a threshold"):
+        evaluate.evaluate_budgets(model, loader, [16], progress=False)
+
+
+def test_the_sweep_calibrates_mean_tokens_and_adds_a_training_checkpoints_threshold(image_folder, tmp_path, capsys):
+    from mixres.models import create_model
+
+    model = create_model("quadformer_vit_tiny_patch16_224", img_size=64, num_classes=5, embed_dim=32, depth=1,
+                         num_heads=2)
+    torch.save({"model": model.state_dict(), "args": {"model": "quadformer_vit_tiny_patch16_224", "n_patches": 13},
+                "threshold": {64: 0.01, 32: 0.02}}, tmp_path / "last.pt")
+    output = tmp_path / "eval"
+    rows = evaluate.main([*CLI_MODEL, "--data", str(image_folder), "--budgets", "4", "--batch-size", "4",
+                          "--workers", "0", "--warmup", "0", "--timed-batches", "1", "--checkpoint",
+                          str(tmp_path / "last.pt"), "--mean-tokens", "7", "10", "--calibration-images", "10",
+                          "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert re.search(r"calibrated on the evaluation images: --mean-tokens 7: threshold \S+ .* over 10 images", printed)
+    assert "Their images/s time the packed forward" in printed
+    adaptive = [row for row in rows if row["method"] == "adaptive"]
+    assert [row["source"] for row in adaptive] == ["checkpoint last.pt", "--mean-tokens 7", "--mean-tokens 10"]
+    assert all(row["budget"] == 13 and row["n_images"] == 10 for row in adaptive)  # the checkpoint's cap
+    assert adaptive[0]["threshold"] == "64=0.01,32=0.02"
+    saved = json.loads((output / "budgets.json").read_text())
+    calibrations = saved["config"]["calibrations"]
+    # Calibrated on the same 10 images that are evaluated: the rows state the calibration's counts.
+    assert len(calibrations) == 2
+    for row, calibration in zip(adaptive[1:], calibrations):
+        assert (row["mean_tokens"], row["min_tokens"], row["max_tokens"]) == \
+            (calibration["mean_tokens"], calibration["min_tokens"], calibration["max_tokens"])
+        assert float(row["threshold"]) == calibration["threshold"]
+    assert adaptive[1]["mean_tokens"] < adaptive[2]["mean_tokens"]
+
+
 # ------------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("options, message", [
     (["--budgets", "1,5"], r"n_patches=5 is unreachable.*nearest valid: 4 or 7"),
@@ -203,6 +276,12 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_hint(tmp_path, monkeypatc
     (["--model-kwargs", "{depth: 1}"], "not JSON"),
     (["--pretrained-file", "missing.pth"], "no such file"),
     (["--batch-size", "0"], "argument --batch-size: expected an integer from 1"),
+    (["--threshold", "0.1", "--mean-tokens", "7"], "argument --mean-tokens: not allowed with argument --threshold"),
+    (["--n-patches", "13", "--mean-tokens", "7", "14"], r"--mean-tokens 14 must be from 1 \(the roots: no image has "
+                                                         r"fewer leaves\) to 13 \(the cap, --n-patches\)"),
+    (["--threshold", "0.1", "64=0.1"], r"--threshold 64=0.1: threshold as a dict must have one entry per splittable "
+                                       r"patch size, keys \[64, 32\]"),
+    (["--threshold", "nan"], "argument --threshold: expected a finite number"),
 ])
 def test_bad_options_exit_with_a_clear_message(image_folder, tmp_path, capsys, options, message):
     argv = [*CLI_MODEL, "--data", str(image_folder), "--workers", "0", "--output", str(tmp_path), *options]

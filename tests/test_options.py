@@ -28,7 +28,9 @@ RANGES = {
                      "--n-patches": ("int", 1, INT64), "--min": ("int", 1, SIDE), "--max": ("int", 1, SIDE),
                      "--repeats": ("int", 1, INT64)},
     "mixres budgets": {"--size": ("int", 1, SIDE), "--width": ("int", 1, SIDE), "--min": ("int", 1, SIDE),
-                       "--max": ("int", 1, SIDE)},
+                       "--max": ("int", 1, SIDE), "--mean-tokens": ("float", 1, math.inf),
+                       "--calibration-images": ("int", 1, INT64), "--n-patches": ("int", 1, INT64),
+                       "--batch": ("int", 1, INT64), "--seed": ("int", 0, SEED)},
     "python -m mixres.train": {
         "--num-classes": ("int", 1, INT64), "--img-size": ("int", 1, SIDE), "--n-patches": ("int", 1, INT64),
         "--min-patch-size": ("int", 1, SIDE), "--max-patch-size": ("int", 1, SIDE),
@@ -36,12 +38,14 @@ RANGES = {
         "--epochs": ("int", 1, INT64), "--batch-size": ("int", 1, INT64), "--lr": ("float", 0, 1, False),
         "--min-lr": ("float", 0, 1), "--weight-decay": ("float", 0, math.inf),
         "--warmup-epochs": ("float", 0, math.inf), "--grad-clip": ("float", 0, math.inf, False),
-        "--seed": ("int", 0, SEED)},
+        "--seed": ("int", 0, SEED), "--mean-tokens": ("float", 1, math.inf), "--calibration-images": ("int", 1, INT64)},
     "python -m mixres.evaluate": {
         "--num-classes": ("int", 1, INT64), "--img-size": ("int", 1, SIDE), "--min-patch-size": ("int", 1, SIDE),
         "--max-patch-size": ("int", 1, SIDE), "--val-length": ("int", 1, INT64), "--batch-size": ("int", 1, INT64),
         "--limit": ("int", 1, INT64), "--workers": ("int", 0, WORKERS), "--budgets": ("list", 1, INT64),
-        "--warmup": ("int", 0, INT64), "--timed-batches": ("int", 1, INT64), "--seed": ("int", 0, SEED)},
+        "--warmup": ("int", 0, INT64), "--timed-batches": ("int", 1, INT64), "--seed": ("int", 0, SEED),
+        "--n-patches": ("int", 1, INT64), "--mean-tokens": ("float", 1, math.inf),
+        "--calibration-images": ("int", 1, INT64)},
     "python -m mixres.demo": {"--n-patches": ("int", 1, INT64), "--batch": ("int", 1, 4096),
                               "--repeats": ("int", 1, INT64)},
 }
@@ -139,3 +143,34 @@ def test_the_limits_themselves_are_accepted():
                              "--warmup-epochs", "10", "--epochs", "10", "--seed", str(SEED), "--workers", "0",
                              "--grad-clip", "1e300", "--batch-size", str(INT64)])
     assert (args.lr, args.min_lr, args.seed, args.batch_size) == (1, 1, SEED, INT64)
+
+
+THRESHOLD_COMMANDS = {"mixres mosaic": cli.main, "python -m mixres.train": train.parse_args,
+                      "python -m mixres.evaluate": evaluate.main}
+
+
+@pytest.mark.parametrize("command", THRESHOLD_COMMANDS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "abc", "", "64=", "=0.1", "64=nan", "64=0.1,64=0.2",
+                                   "0=0.1", "-32=0.1", "64:0.1", "1e999"])
+def test_a_threshold_that_is_no_finite_number_per_size_is_a_usage_error(command, value, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_mosaic", lambda *args: pytest.fail("work started before the options were checked"))
+    monkeypatch.setattr(evaluate, "build_model", lambda *args: pytest.fail("work started"))
+    argv = [*REQUIRED.get(command, []), f"--threshold={value}"]
+    with pytest.raises(SystemExit) as exit_:
+        if command.startswith("mixres "):
+            raise SystemExit(cli.main([command.split()[1], *argv]))
+        THRESHOLD_COMMANDS[command](argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"{command}: error: argument --threshold: expected a finite number (0.05), or one per patch size "
+        f"(64=0.05,32=0.02), got {value!r}")
+
+
+def test_thresholds_parse_to_a_number_or_one_per_size():
+    from mixres.apps.options import Threshold, format_threshold
+
+    parse = Threshold()
+    assert parse("0.05") == 0.05 and parse("-1e-3") == -1e-3
+    assert parse("64=0.05,32=0.02") == {64: 0.05, 32: 0.02} and list(parse("32=1,64=2")) == [32, 64]
+    for threshold in (0.1 + 0.2, {64: 1 / 3, 32: 2e-7}):
+        assert parse(format_threshold(threshold)) == threshold  # every digit kept

@@ -226,7 +226,8 @@ def test_training_and_evaluation_examples_run(substitutes):
         else:
             continue
         ran.append(module)
-    assert ran == ["mixres.train", "mixres.evaluate"], f"README commands not run: {ran}"
+    assert ran == ["mixres.train", "mixres.train", "mixres.evaluate", "mixres.evaluate"], \
+        f"README commands not run: {ran}"
     assert (substitutes["out"] / "out" / "eval" / "budgets.csv").exists()
 
 
@@ -239,7 +240,7 @@ def test_mixres_command_examples_run(substitutes, capsys):
             continue
         assert cli.main(small(words[1:], substitutes, model_kwargs=False)) == 0, words
         ran.append(words[1])
-    assert ran == ["mosaic", "bench", "budgets"], f"README commands not run: {ran}"
+    assert ran == ["mosaic", "bench", "budgets", "budgets", "mosaic"], f"README commands not run: {ran}"
     # "out/mosaic/photo.png (leaf borders, tokens) and .json (leaves)"
     assert all((substitutes["out"] / "out" / "mosaic" / f"photo.{suffix}").exists() for suffix in ("png", "json"))
     assert "49 52 55" in capsys.readouterr().out

@@ -84,11 +84,12 @@ def one_epoch(colours, tmp_path_factory):
     return output / "last.pt"
 
 
-def read_log(output):
+def read_log(output, strings=()):
+    """The rows of log.jsonl, checked to be those of log.csv (numbers, but the columns named in ``strings``)."""
     rows = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     with open(output / "log.csv", newline="") as file:
         csv_rows = list(csv.DictReader(file))
-    assert [{key: float(value) for key, value in row.items()} for row in csv_rows] == rows
+    assert [{key: value if key in strings else float(value) for key, value in row.items()} for row in csv_rows] == rows
     return rows
 
 
@@ -402,6 +403,18 @@ def test_a_quadformer_checkpoint_file_starts_a_quadformer_whole(tmp_path):
       for seed in (-1, -2**63, 2**63, 2**64, 2**200)],
     (["--data", "small-objects", "--skip-bad-images"], "--skip-bad-images: skipping unreadable images is for image "
                                                        "folders: this data has no image files"),
+    (["--data", "{colours}", "--threshold", "nan"], r"argument --threshold: expected a finite number \(0.05\), or "
+                                                    r"one per patch size \(64=0.05,32=0.02\), got 'nan'"),
+    (["--data", "{colours}", "--threshold", "32=0.1,32=0.2"], "argument --threshold: expected a finite number"),
+    (["--data", "{colours}", "--threshold", "64=0.1"], r"--threshold: threshold as a dict must have one entry per "
+                                                       r"splittable patch size, keys \[64, 32\]"),
+    (["--data", "{colours}", "--threshold", "0.1", "--mean-tokens", "10"],
+     "argument --mean-tokens: not allowed with argument --threshold"),
+    (["--data", "{colours}", "--threshold", "0.1", "--uniform-grid"],
+     "--threshold gives each image its own number of tokens, which the uniform grid .* cannot"),
+    (["--data", "{colours}", "--mean-tokens", "8"], r"--mean-tokens 8 must be from 1 \(the roots: no image has fewer "
+                                                    r"leaves\) to 7 \(the cap, --n-patches\)"),
+    (["--data", "{colours}", "--mean-tokens", "0.5"], "argument --mean-tokens: expected a finite number at least 1"),
 ])
 def test_bad_options_exit_with_a_usage_error(colours, tmp_path, capsys, options, message):
     options = [option.format(tmp=tmp_path, colours=colours) for option in options]
@@ -534,3 +547,74 @@ def test_uniform_grid_baseline_trains_at_the_budgets_grid(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "vit_tiny_patch16_224", "--uniform-grid", "--data", str(tmp_path)])
     assert "--uniform-grid is the baseline of a Quadformer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ adaptive budgets
+@pytest.fixture
+def tokenized_lengths(monkeypatch):
+    """The lengths of every padded mosaic that a Quadformer tokenizes while the test runs (one tensor a batch)."""
+    from mixres.models import Quadformer
+
+    lengths, tokenize = [], Quadformer.tokenize
+
+    def recording(self, images, n_patches=None):
+        mosaic = tokenize(self, images, n_patches)
+        assert mosaic.is_padded and mosaic.n_patches == self.n_patches  # padded to the cap
+        lengths.append(mosaic.lengths.clone())
+        return mosaic
+
+    monkeypatch.setattr(Quadformer, "tokenize", recording)
+    return lengths
+
+
+def test_a_threshold_trains_on_padded_mosaics_of_each_images_own_length_and_is_logged(colours, tmp_path,
+                                                                                       tokenized_lengths):
+    result = run(colours, tmp_path, "--epochs", "1", "--n-patches", "16", "--threshold", "64=0.01,32=0.002")
+    lengths = torch.cat(tokenized_lengths)
+    assert len(lengths) == 40 + 19  # the training images, then the validation ones
+    assert lengths.min() >= 1 and lengths.max() <= 16 and len(lengths.unique()) > 1  # some images stop early
+    assert math.isfinite(result["train_loss"]) and result["threshold"] == "64=0.01,32=0.002"
+    assert read_log(tmp_path, strings=("threshold",))[0]["threshold"] == "64=0.01,32=0.002"
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["threshold"] == {64: 0.01, 32: 0.002} and last["args"]["calibration"] is None
+
+
+def test_mean_tokens_calibrates_once_on_the_training_images_and_a_resumed_run_keeps_it(colours, tmp_path, capsys,
+                                                                                      tokenized_lengths, monkeypatch):
+    from mixres.apps import adaptive
+
+    run(colours, tmp_path, "--epochs", "1", "--n-patches", "16", "--mean-tokens", "10", "--calibration-images", "24")
+    out = capsys.readouterr().out
+    assert re.search(r"calibrated on the training images: --mean-tokens 10: threshold \S+ .* over 24 images", out)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    record = last["args"]["calibration"]
+    assert record["target"] == 10 and record["max_patches"] == 16 and record["sample_images"] == 24
+    assert last["threshold"] == record["threshold"] and read_log(tmp_path)[0]["threshold"] == record["threshold"]
+    # What the record states holds for the sample, tokenized at the threshold: 24 training images, evenly spaced,
+    # through the evaluation transform.
+    model = build_model(train.parse_args([*TINY, "--n-patches", "16", "--data", str(colours)]), num_classes=4)
+    model.threshold = record["threshold"]
+    images = build_dataset(colours, "train", 64, model.input_mean.flatten().tolist(),
+                           model.input_std.flatten().tolist(), train=False)
+    sample = torch.stack([images[round(i * 39 / 23)][0] for i in range(24)])
+    tokenized_lengths.clear()
+    model.tokenize(sample)
+    (lengths,) = tokenized_lengths
+    assert (lengths.double().mean().item(), lengths.min().item(), lengths.max().item()) == \
+        (record["mean_tokens"], record["min_tokens"], record["max_tokens"])
+    assert abs(record["mean_tokens"] - 10) <= 1.5  # 24 images, each step of the mean is 3 / 24
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("the resumed run calibrated again")
+
+    monkeypatch.setattr(adaptive, "calibrate_model", no_calibration)
+    run(colours, tmp_path, "--epochs", "2", "--n-patches", "16", "--mean-tokens", "10", "--resume", "auto")
+    assert "the checkpoint's calibration: threshold" in capsys.readouterr().out
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["threshold"] == record["threshold"]
+
+
+def test_adaptive_budgets_need_a_quadformer(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "vit_tiny_patch16_224", "--mean-tokens", "10", "--data", str(tmp_path)])
+    assert "--mean-tokens sets adaptive budgets of a Quadformer: the model must be a quadformer_* one" in \
+        capsys.readouterr().err

@@ -4,6 +4,7 @@
     mixres bench --device cuda --batch 256 --vit
     mixres bench --end-to-end --vit vit_small_patch16_224 --scorers pixel-blur,feature
     mixres budgets --size 224 --min 16 --max 32
+    mixres budgets --size 224 --min 16 --max 32 --mean-tokens 64 100 --data /data/imagenet --scorer pixel-blur
 
 ``python -m mixres`` is the same command. Bad options, missing or unreadable images and an output folder that cannot
 be written end with a one-line message and exit status 2, without a traceback.
@@ -25,12 +26,14 @@ from torch import Tensor
 
 from ..checks import RESIZE_MODES
 from ..image_files import load_image
-from ..mosaic import tokenize
+from ..budgets import calibrate_threshold
+from ..mosaic import check_threshold, tokenize
 from ..pyramid import QuadtreeGeometry, default_max_patch_size
 from ..scorers import Random, create_scorer
 from .fitting import fit_to_multiple, fitted_size, nearest_valid_n_patches
 from .mosaic_files import save_mosaic
-from .options import COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, add_device_option, json_object
+from .options import (COMMAND_LINE_SCORERS, POSITIVE, SIDE, HelpFormatter, Real, add_data_kwargs_option,
+                      add_device_option, add_seed_option, add_threshold_option, format_threshold, json_object)
 from .timing import device_name, format_throughput, kernel_label, median_seconds, throughput_row, time_tokenizer
 
 __all__ = ["main", "build_parser", "load_image"]
@@ -173,11 +176,13 @@ def _source_size(parser: argparse.ArgumentParser, path: Path) -> tuple[int, int]
 
 
 def _budget(parser: argparse.ArgumentParser, args: argparse.Namespace, path: Path, size: tuple[int, int]) -> int:
-    """The leaves of one image of ``size`` (resized): ``-n`` itself when reachable, else its nearest valid budget
-    with ``--nearest`` and a usage error without; about a third of the most leaves when ``-n`` is not given."""
+    """The leaves of one image of ``size`` (resized), or their cap with ``--threshold``: ``-n`` itself when
+    reachable, else its nearest valid budget with ``--nearest`` and a usage error without; when ``-n`` is not given,
+    about a third of the most leaves (with ``--threshold``, the most: no cap)."""
     geometry = QuadtreeGeometry(*size, args.min, args.max)
     if args.n_patches is None:
-        return nearest_valid_n_patches(geometry, geometry.max_patches / 3)
+        return geometry.max_patches if args.threshold is not None else \
+            nearest_valid_n_patches(geometry, geometry.max_patches / 3)
     if args.nearest:
         return nearest_valid_n_patches(geometry, args.n_patches)
     try:
@@ -200,6 +205,11 @@ def _mosaic(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     _geometry(parser, args, args.max, args.max, f"--min {args.min} --max {args.max}")
     if args.size is not None:
         _geometry(parser, args, args.size, args.size, f"--size {args.size} with --max {args.max}")
+    if args.threshold is not None:
+        try:  # its sizes are the splittable ones, the same for every image
+            check_threshold(args.threshold, QuadtreeGeometry(args.max, args.max, args.min, args.max))
+        except (ValueError, TypeError) as error:
+            parser.error(f"--threshold: {error}")
     stems: dict[str, Path] = {}
     for path in args.images:
         if path.stem in stems:
@@ -234,24 +244,30 @@ def _mosaic(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             _require_memory(parser, _mosaic_bytes(0, height * width, batch), what, args.device, "lower --batch")
     _writable_folder(parser, args.out, "--out")
 
+    counts = []  # each image's leaves, in the order printed
     for (height, width, n_patches), indices in groups.items():
         for start in range(0, len(indices), args.batch):
             chunk = indices[start:start + args.batch]
             images = _read_batch(parser, [args.images[index] for index in chunk], (height, width), args)
-            mosaic = tokenize(images.to(args.device), scorer, n_patches, mode=args.mode)
+            mosaic = tokenize(images.to(args.device), scorer, n_patches, mode=args.mode, threshold=args.threshold)
             for position, index in enumerate(chunk):
                 path, source = args.images[index], sources[index]
                 try:
                     record = save_mosaic(images[position], mosaic, args.out, path.stem, args.max, position,
                                          image=str(path), source_size=list(source), scorer=repr(scorer),
-                                         mode=args.mode)
+                                         mode=args.mode,
+                                         **({"threshold": args.threshold} if args.threshold is not None else {}))
                 except OSError as error:
                     parser.exit(1, f"{parser.prog}: error: cannot write to {args.out}: {error}\n")
                 leaves = ", ".join(f"{side} px: {count}" for side, count in record["leaves_per_size"].items())
                 cap = f" of at most {record['max_patches']}" if "max_patches" in record else ""
                 print(f"{path}: {source[0]}x{source[1]} -> {height}x{width}, n_patches={record['n_patches']}{cap} "
                       f"({leaves}): {args.out / path.stem}.png, .json")
+                counts.append(record["n_patches"])
             del images, mosaic
+    if args.threshold is not None and len(counts) > 1:
+        print(f"{len(counts)} images, threshold {format_threshold(args.threshold)}: {sum(counts) / len(counts):.1f} "
+              f"tokens per image on average (min {min(counts)}, max {max(counts)})")
     return 0
 
 
@@ -265,6 +281,21 @@ def _read_batch(parser: argparse.ArgumentParser, paths: Sequence[Path], size: tu
     for slot, path in zip(images, paths):
         slot.copy_(fit_to_multiple(_read_image(parser, path, False), args.max, args.size))
     return images
+
+
+def _check_json_path(parser: argparse.ArgumentParser, path: Path | None) -> None:
+    """A usage error when ``--json`` (None: not given) names a folder, or one that cannot be written."""
+    if path is not None:
+        if path.is_dir():
+            parser.error(f"--json {path}: a folder; give a file name")
+        _writable_folder(parser, path.parent, "--json")
+
+
+def _write_json(parser: argparse.ArgumentParser, path: Path, results: dict) -> None:
+    try:
+        path.write_text(json.dumps(results, indent=2) + "\n")
+    except OSError as error:
+        parser.exit(1, f"{parser.prog}: error: cannot write {path}: {error}\n")
 
 
 # ---------------------------------------------------------------------------------------------------------- bench
@@ -366,10 +397,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # The images, their tokens and the reference's temporaries: 2-3.6x the images measured (2 x 2048 px, CPU).
     _require_memory(parser, 4 * FLOAT_PIXEL * batch * height * width,
                     f"a batch of {batch} random {height}x{width} images", device, "lower --batch, --size or --width")
-    if args.json is not None:
-        if args.json.is_dir():
-            parser.error(f"--json {args.json}: a folder; give a file name")
-        _writable_folder(parser, args.json.parent, "--json")
+    _check_json_path(parser, args.json)
     model = _vit(parser, args.vit, geometry, args.n_patches, device) if args.vit else None
     end_to_end_vit = _end_to_end_vit(parser, args, geometry, device) if args.end_to_end else None
 
@@ -411,10 +439,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                   "tokenize_runs": kernel_label(device), "batch": batch, "height": height, "width": width,
                   "n_patches": args.n_patches, "min_patch_size": args.min, "max_patch_size": args.max,
                   "mode": args.mode, "repeats": args.repeats}
-        try:
-            args.json.write_text(json.dumps({"config": config, **results}, indent=2) + "\n")
-        except OSError as error:
-            parser.exit(1, f"{parser.prog}: error: cannot write {args.json}: {error}\n")
+        _write_json(parser, args.json, {"config": config, **results})
     return 0
 
 
@@ -446,6 +471,14 @@ def _budgets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     geometry = _size_geometry(parser, args)
     first, last = geometry.n_roots, geometry.max_patches
     count = (last - first) // 3 + 1
+    if (args.mean_tokens is None) != (args.data is None):
+        parser.error("--mean-tokens and --data go together: the threshold is calibrated on the images of --data"
+                     if args.data is None else "--data is for --mean-tokens: give the mean token counts to calibrate")
+    if args.mean_tokens is not None:
+        return _calibrate(parser, args, geometry)
+    if args.n_patches is not None or args.json is not None:
+        parser.error(f"{'-n' if args.n_patches is not None else '--json'} is for the calibration: give --mean-tokens "
+                     f"and --data")
     print(f"{geometry.height}x{geometry.width} px, {args.min}-{args.max} px leaves: {first} roots of {args.max} px, "
           f"at most {last} leaves of {args.min} px; n_patches = {first} + 3k (each split adds 3), {count} budgets:")
     if args.all or count <= LISTED_BUDGETS:
@@ -454,6 +487,53 @@ def _budgets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     else:
         head, tail = range(first, first + 15, 3), range(last - 12, last + 1, 3)
         print(f"{' '.join(map(str, head))} ... {' '.join(map(str, tail))}\n(--all lists every one)")
+    return 0
+
+
+def _calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace, geometry: QuadtreeGeometry) -> int:
+    """``mixres budgets --mean-tokens M... --data D``: the threshold of each mean token count on a sample of the
+    images of ``--data`` (resized and centre-cropped to the quadtree's size), with ``--scorer``; prints each one's
+    t and the sample's mean, least and most tokens per image, and writes them to ``--json``."""
+    from .adaptive import calibration_record, calibration_sample, check_mean_tokens, describe_calibration
+    from .loaders import UnreadableImageError, build_dataset, release_loader
+
+    try:
+        cap = geometry.max_patches if args.n_patches is None else geometry.check_n_patches(args.n_patches)
+    except ValueError as error:
+        parser.error(f"--n-patches: {error}")
+    for mean_tokens in args.mean_tokens:
+        problem = check_mean_tokens(mean_tokens, geometry.n_roots, cap)
+        if problem:
+            parser.error(problem)
+    _check_json_path(parser, args.json)
+    try:
+        scorer = create_scorer(args.scorer, args.min, args.max, **args.scorer_kwargs)
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        parser.error(f"--scorer {args.scorer}: {error} (its arguments go in --scorer-kwargs)")
+    try:  # the scorers read images in [0, 1]: no normalisation
+        dataset = build_dataset(args.data, args.split, (geometry.height, geometry.width), (0.0,) * 3, (1.0,) * 3,
+                                train=False, length=args.calibration_images, seed=args.seed,
+                                generator_kwargs=args.data_kwargs)
+        images = calibration_sample(dataset, args.calibration_images).to(args.device)
+    except UnreadableImageError as error:
+        release_loader(error)
+        parser.error(f"--data: {error.brief}")
+    except (ValueError, TypeError, OSError) as error:
+        parser.error(f"--data: {error}")
+    print(f"{geometry.height}x{geometry.width} px, {args.min}-{args.max} px leaves ({geometry.n_roots} roots, cap "
+          f"{cap}), scorer {args.scorer}, {images.shape[0]} images of {args.data} ({args.split}) on {args.device}:")
+    records = []
+    for mean_tokens in args.mean_tokens:
+        calibration = calibrate_threshold(scorer, images, mean_tokens, max_patches=cap, batch_size=args.batch)
+        records.append(calibration_record(calibration, images.shape[0]))
+        print(describe_calibration(calibration, images.shape[0]))
+    print("Give a threshold back as --threshold T (mixres mosaic, python -m mixres.train / mixres.evaluate), or "
+          "tokenize(..., threshold=T)")
+    if args.json is not None:
+        config = {"data": str(args.data), "split": args.split, "images": images.shape[0], "height": geometry.height,
+                  "width": geometry.width, "min_patch_size": args.min, "max_patch_size": args.max, "cap": cap,
+                  "scorer": args.scorer, "scorer_kwargs": args.scorer_kwargs, "device": str(args.device)}
+        _write_json(parser, args.json, {"config": config, "calibrations": records})
     return 0
 
 
@@ -477,9 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "size are tokenized together; every image is checked before anything is written.")
     mosaic.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     mosaic.add_argument("-n", "--n-patches", type=POSITIVE, default=None,
-                        help="leaves per image; an unreachable budget is an error naming the nearest valid ones "
-                             "(see mixres budgets) unless --nearest (default: the valid budget nearest to a third "
-                             "of the most)")
+                        help="leaves per image, or their cap with --threshold; an unreachable budget is an error "
+                             "naming the nearest valid ones (see mixres budgets) unless --nearest (default: the valid "
+                             "budget nearest to a third of the most; with --threshold, the most)")
+    add_threshold_option(mosaic, ": each image gets its own number of leaves, printed (mixres budgets --mean-tokens "
+                                 "finds a T for a mean)")
     mosaic.add_argument("--nearest", action="store_true",
                         help="round -n to each image's nearest valid budget (the smaller on a tie)")
     mosaic.add_argument("--scorer", default="pixel-blur", choices=COMMAND_LINE_SCORERS, help="the leaves' scorer")
@@ -539,15 +621,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench, parser=bench)
 
     budgets = commands.add_parser(
-        "budgets", formatter_class=HelpFormatter, help="list the valid n_patches of an image size",
+        "budgets", formatter_class=HelpFormatter,
+        help="list the valid n_patches of an image size, or calibrate adaptive budgets' thresholds",
         description="Lists the reachable n_patches of a quadtree over an image: from the grid of --max roots, "
-                    "each split adds 3 leaves, up to the grid of --min leaves.")
+                    "each split adds 3 leaves, up to the grid of --min leaves. With --mean-tokens and --data, "
+                    "calibrates instead the threshold of adaptive budgets (mixres.calibrate_threshold) whose mean "
+                    "token count per image is M on a sample of the images, with --scorer, and prints each t with "
+                    "the sample's mean, least and most tokens per image.")
     budgets.add_argument("--size", type=SIDE, required=True, help="image height")
     budgets.add_argument("--width", type=SIDE, default=None, help="image width (default: --size)")
     _add_patch_options(budgets)
     budgets.add_argument("--all", action="store_true",
                          help=f"list every budget (default: all up to {LISTED_BUDGETS}, else the first and last "
                               f"few)")
+    calibration = budgets.add_argument_group("calibration of adaptive budgets (--mean-tokens)")
+    calibration.add_argument("--mean-tokens", type=Real(1), nargs="+", default=None, metavar="M",
+                             help="the mean token counts per image to find thresholds for, from the roots' count to "
+                                  "the cap -n")
+    calibration.add_argument("--data", default=None,
+                             help="the images: a folder of class sub-folders (or of split folders), small-objects "
+                                  "(generated), or a timm dataset name (torch/cifar10, read under $MIXRES_DATA); "
+                                  "resized and centre-cropped to --size x --width")
+    calibration.add_argument("--split", default="val", help="the split of --data")
+    add_data_kwargs_option(calibration)
+    calibration.add_argument("--calibration-images", type=POSITIVE, default=256,
+                             help="images of the sample, spread evenly over the data")
+    calibration.add_argument("-n", "--n-patches", type=POSITIVE, default=None,
+                             help="the cap N_max on each image's leaves (default: the most, no cap)")
+    calibration.add_argument("--scorer", default="pixel-blur", choices=COMMAND_LINE_SCORERS,
+                             help="the leaves' scorer")
+    calibration.add_argument("--scorer-kwargs", type=json_object, default={}, metavar="JSON",
+                             help="the scorer's arguments, a JSON object")
+    calibration.add_argument("--batch", type=POSITIVE, default=64, help="images scored and split at a time")
+    add_seed_option(calibration, "seed of generated data (small-objects)")
+    add_device_option(calibration)
+    calibration.add_argument("--json", type=Path, default=None, metavar="PATH",
+                             help="also write the calibrations to PATH")
     budgets.set_defaults(run=_budgets, parser=budgets)
     return parser
 

@@ -9,6 +9,14 @@ about N tokens (the image resized to g x g patches, g = round(sqrt(N)), the posi
 (the scorer's share apart), and the images/s and microseconds per image of the whole forward (scorer, tokenize,
 ViT) on the device. Writes ``budgets.csv``, ``budgets.json`` and ``budgets.png`` (accuracy and throughput against
 the number of tokens; needs matplotlib) to ``--output``, and prints a table.
+
+Adaptive points (``--threshold T...`` or ``--mean-tokens M...``, each M calibrated on ``--calibration-images``
+evaluation images; a training checkpoint's own threshold is added by itself): the Quadformer with that threshold,
+each image getting its own number of leaves up to the cap ``--n-patches``. Their rows add the mean, least and most
+tokens per image over the evaluated images; their GMACs are the mean over those images of the MACs at each image's
+own length (what the packed forward computes; the padded forward computes the cap's for every image, shown as
+``gmacs_padded``); their images/s time the packed forward (scorer, tokenize, :func:`mixres.pack`, the ViT on packed
+rows), the layout to deploy where lengths vary.
 """
 from __future__ import annotations
 
@@ -21,30 +29,39 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset, Subset
+from torch.utils.data import IterableDataset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
+from ..checkpoints import read_torch_file
 from ..models import load_weights, read_state_dict
+from ..mosaic import check_threshold
+from ..packed import pack
 from ..pyramid import QuadtreeGeometry
-from .loaders import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, release_loader,
+from .adaptive import (adaptive_threshold, calibrate_model, calibration_record, calibration_sample, check_mean_tokens,
+                       describe_calibration)
+from .loaders import (SMALL_OBJECTS, UnreadableImageError, build_dataset, build_loader, evenly_spaced, release_loader,
                       report_unreadable, skip_unreadable_images)
 from .model_builder import build_model
-from .options import (COUNT, POSITIVE, HelpFormatter, IntegerList, add_amp_option, add_data_kwargs_option,
-                      add_device_option, add_model_options, add_seed_option, add_workers_option, autocast,
-                      check_model_options, require_file)
+from .options import (COUNT, POSITIVE, HelpFormatter, IntegerList, add_adaptive_options, add_amp_option,
+                      add_data_kwargs_option, add_device_option, add_model_options, add_seed_option, add_workers_option,
+                      autocast, check_model_options, format_threshold, require_file)
 from .timing import device_name, median_seconds
 
 __all__ = ["evaluate_budgets", "count_macs", "default_budgets", "parse_budgets", "write_results", "plot_budgets",
-           "format_table", "main", "build_parser", "COLUMNS", "MACS_NOTE"]
+           "format_table", "main", "build_parser", "COLUMNS", "MACS_NOTE", "MACS_ADAPTIVE_NOTE"]
 
 MACS_NOTE = ("GMACs per image from torch.utils.flop_counter.FlopCounterMode (MACs = FLOPs / 2): matmuls, linear "
              "layers, convolutions and attention, the scorer included (its share is shown apart). Not counted: "
              "normalisations, activations, pooling, image resizing and mixres's tokenize ops (quadtree, leaf "
              "resize, position gathering), which are data movement.")
-COLUMNS = ("method", "budget", "n_patches", "grid", "image_size", "top1", "top5", "gmacs", "scorer_gmacs",
-           "images_per_s", "us_per_image", "n_images", "batch_size", "amp", "scorer", "device", "device_name",
-           "torch")
+MACS_ADAPTIVE_NOTE = ("Adaptive rows: GMACs per image is the mean over the evaluated images of the MACs at each "
+                      "image's own length, what the packed forward computes; gmacs_padded is the padded forward's, the "
+                      "cap's for every image. Their images/s time the packed forward: scorer, tokenize, mixres.pack "
+                      "and the ViT on packed rows.")
+COLUMNS = ("method", "budget", "n_patches", "threshold", "source", "mean_tokens", "min_tokens", "max_tokens", "grid",
+           "image_size", "top1", "top5", "gmacs", "gmacs_padded", "scorer_gmacs", "images_per_s", "us_per_image",
+           "timed_forward", "n_images", "batch_size", "amp", "scorer", "device", "device_name", "torch")
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -91,13 +108,15 @@ def parse_budgets(text: str | Sequence[int], geometry: QuadtreeGeometry) -> list
 
 def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: str | torch.device = "cpu", *,
                      limit: int | None = None, amp: str | None = None, warmup: int = 2, timed_batches: int = 5,
-                     progress: bool = True) -> list[dict]:
-    """Top-1/top-5, GMACs and throughput of a Quadformer at each budget and of its uniform-grid baseline.
+                     progress: bool = True, thresholds: Sequence[tuple[str, object]] = ()) -> list[dict]:
+    """Top-1/top-5, GMACs and throughput of a Quadformer at each budget and of its uniform-grid baseline, and at
+    adaptive budgets.
 
     One pass over the data evaluates every configuration on each batch. MACs are counted on one image
-    (:func:`count_macs`); the throughput is timed on the first batch, after ``warmup`` untimed calls, as the median
-    of ``timed_batches`` calls of the whole forward (scorer, tokenize and ViT; for the uniform grid, resize and
-    ViT), synchronising on CUDA.
+    (:func:`count_macs`) at each length it is run at; the throughput is timed on the first batch, after ``warmup``
+    untimed calls, as the median of ``timed_batches`` calls of the whole forward (scorer, tokenize and ViT; for the
+    uniform grid, resize and ViT; for an adaptive point, scorer, tokenize, :func:`mixres.pack` and the ViT on packed
+    rows), synchronising on CUDA.
 
     Args:
         model: a :class:`mixres.models.Quadformer`; it is moved to ``device`` and put in eval mode. The baseline
@@ -110,15 +129,23 @@ def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: st
         amp: run under ``torch.autocast`` to ``"bf16"`` or ``"fp16"`` (the ``--amp`` values); None: not.
         warmup, timed_batches: untimed and timed calls of the throughput measurement.
         progress: show a tqdm progress bar.
+        thresholds: adaptive points, ``(source, threshold)`` each: a threshold of :func:`mixres.tokenize` (a number
+            or ``{patch size: number}``) and where it comes from (``"--threshold"``, ``"--mean-tokens 100"``...),
+            run with ``model.n_patches`` as the cap N_max.
 
     Returns:
-        One dict per (budget, method), budgets in the given order, the Quadformer first: the :data:`COLUMNS`
-        (``top5`` is None with fewer than 5 classes; ``scorer_gmacs`` is 0 for the uniform grid).
+        One dict per configuration: per budget in the given order the Quadformer then the uniform grid, then the
+        adaptive points in order (method ``"adaptive"``, budget the cap); the :data:`COLUMNS` (``top5`` is None
+        with fewer than 5 classes; ``scorer_gmacs`` is 0 for the uniform grid; a fixed budget's mean, least and
+        most tokens are its own).
     """
     from ..models import UniformGrid, grid_for_budget
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
+    if model.threshold is not None:
+        raise ValueError(f"the model has a threshold ({model.threshold!r}), but budgets are fixed ones: set "
+                         f"model.threshold = None and pass the threshold as thresholds=[('model', threshold)]")
     device = torch.device(device)
     model = model.to(device).eval()
     for budget in budgets:
@@ -127,18 +154,30 @@ def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: st
     height, width, side = model.geometry.height, model.geometry.width, model.min_patch_size
     scorer_name = type(model.scorer).__name__
 
+    def adaptive(images, threshold):
+        with adaptive_threshold(model, threshold):
+            mosaic = model.tokenize(images)
+        return model(pack(mosaic)), mosaic.lengths
+
     configs = []
     for budget in budgets:
         configs.append(dict(method="quadformer", budget=budget, n_patches=budget, grid="",
-                            image_size=f"{height}x{width}", scorer=scorer_name,
-                            forward=lambda images, n=budget: model(images, n_patches=n)))
+                            image_size=f"{height}x{width}", scorer=scorer_name, timed_forward="dense",
+                            forward=lambda images, n=budget: (model(images, n_patches=n), None)))
         rows, cols = grid_for_budget(budget, (height, width))
         configs.append(dict(method="uniform", budget=budget, n_patches=rows * cols, grid=f"{rows}x{cols}",
-                            image_size=f"{rows * side}x{cols * side}", scorer="",
-                            forward=lambda images, g=(rows, cols): uniform(images, g)))
+                            image_size=f"{rows * side}x{cols * side}", scorer="", timed_forward="dense",
+                            forward=lambda images, g=(rows, cols): (uniform(images, g), None)))
+    for source, threshold in thresholds:
+        configs.append(dict(method="adaptive", budget=model.n_patches, n_patches=model.n_patches,
+                            threshold=format_threshold(threshold), source=source, grid="",
+                            image_size=f"{height}x{width}", scorer=scorer_name, timed_forward="packed",
+                            forward=lambda images, t=threshold: adaptive(images, t)))
 
     top_k = (1, 5) if model.num_classes >= 5 else (1,)
     correct = [dict.fromkeys(top_k, 0) for _ in configs]
+    # Each adaptive point's count of images per length: [cap + 1], on the device until the end.
+    lengths = [torch.zeros(model.n_patches + 1, dtype=torch.int64, device=device) for _ in configs]
     seen, first = 0, None
     with tqdm(loader, desc=f"{len(configs)} configurations", unit="batch", disable=not progress) as batches, \
             torch.no_grad(), autocast(device, amp):
@@ -149,10 +188,13 @@ def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: st
             labels = torch.as_tensor(labels).to(device, non_blocking=True)
             if first is None:
                 first = images
-            for config, hits in zip(configs, correct):
-                predicted = config["forward"](images).topk(max(top_k), dim=1).indices
+            for config, hits, counts in zip(configs, correct, lengths):
+                logits, image_lengths = config["forward"](images)
+                predicted = logits.topk(max(top_k), dim=1).indices
                 for k in top_k:
                     hits[k] += int((predicted[:, :k] == labels[:, None]).any(dim=1).sum())
+                if image_lengths is not None:
+                    counts += torch.bincount(image_lengths, minlength=counts.numel())
             seen += images.shape[0]
             if limit is not None and seen >= limit:
                 break
@@ -161,19 +203,40 @@ def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: st
 
     one = first[:1]
     scorer_macs = count_macs(lambda: model.score(one))
+    macs_at = {}  # tokens -> the Quadformer's MACs on one image of that many leaves
+
+    def quadformer_macs(tokens: int) -> int:
+        if tokens not in macs_at:
+            with torch.no_grad():
+                macs_at[tokens] = count_macs(lambda: model(one, n_patches=tokens))
+        return macs_at[tokens]
+
     name, results = device_name(device), []
-    for config, hits in zip(configs, correct):
+    for config, hits, counts in zip(configs, correct, lengths):
         forward = config.pop("forward")
-        with torch.no_grad():
-            macs = count_macs(lambda: forward(one))
+        if config["method"] == "adaptive":
+            counts = counts.tolist()
+            used = [tokens for tokens, count in enumerate(counts) if count]
+            tokens = dict(mean_tokens=sum(n * counts[n] for n in used) / seen, min_tokens=used[0],
+                          max_tokens=used[-1])
+            macs = sum(quadformer_macs(n) * counts[n] for n in used) / seen
+            padded_macs = quadformer_macs(config["n_patches"])
+        else:
+            tokens = dict.fromkeys(("mean_tokens", "min_tokens", "max_tokens"), config["n_patches"])
+            if config["method"] == "quadformer":
+                macs = padded_macs = quadformer_macs(config["n_patches"])
+            else:
+                with torch.no_grad():
+                    macs = padded_macs = count_macs(lambda: forward(one))
         with torch.no_grad(), autocast(device, amp):
             seconds = median_seconds(lambda: forward(first), device, timed_batches, warmup)
         results.append({
-            **config,
+            "threshold": "", "source": "", **config, **tokens,
             "top1": hits[1] / seen,
             "top5": hits[5] / seen if 5 in hits else None,
             "gmacs": macs / 1e9,
-            "scorer_gmacs": scorer_macs / 1e9 if config["method"] == "quadformer" else 0.0,
+            "gmacs_padded": padded_macs / 1e9,
+            "scorer_gmacs": scorer_macs / 1e9 if config["method"] != "uniform" else 0.0,
             "images_per_s": first.shape[0] / seconds,
             "us_per_image": seconds / first.shape[0] * 1e6,
             "n_images": seen,
@@ -189,18 +252,21 @@ def evaluate_budgets(model, loader: Iterable, budgets: Sequence[int], device: st
 # ------------------------------------------------------------------------------------------------------- outputs
 def format_table(rows: Sequence[dict]) -> str:
     """The rows as a fixed-width text table."""
-    lines = [f"{'method':<11}{'budget':>7}{'tokens':>7}{'grid':>7}{'top-1':>8}{'top-5':>8}{'GMACs':>9}"
-             f"{'scorer':>9}{'images/s':>11}{'us/image':>10}"]
+    lines = [f"{'method':<11}{'budget':>7}{'tokens':>8}{'min':>5}{'max':>5}{'grid':>7}{'top-1':>8}{'top-5':>8}"
+             f"{'GMACs':>10}{'scorer':>10}{'images/s':>11}{'us/image':>10}  threshold"]
     for row in rows:
         top5 = f"{100 * row['top5']:7.2f}%" if row["top5"] is not None else f"{'-':>8}"
-        lines.append(f"{row['method']:<11}{row['budget']:>7}{row['n_patches']:>7}{row['grid'] or '-':>7}"
-                     f"{100 * row['top1']:7.2f}%{top5}{row['gmacs']:9.4g}{row['scorer_gmacs']:9.4g}"
-                     f"{row['images_per_s']:11.1f}{row['us_per_image']:10.1f}")
+        threshold = f"  {row['threshold']} ({row['source']})" if row["threshold"] else ""
+        lines.append(f"{row['method']:<11}{row['budget']:>7}{row['mean_tokens']:8.4g}{row['min_tokens']:>5}"
+                     f"{row['max_tokens']:>5}{row['grid'] or '-':>7}{100 * row['top1']:7.2f}%{top5}"
+                     f"{row['gmacs']:10.4g}{row['scorer_gmacs']:10.4g}{row['images_per_s']:11.1f}"
+                     f"{row['us_per_image']:10.1f}{threshold}")
     return "\n".join(lines)
 
 
 def plot_budgets(rows: Sequence[dict], path: str | Path, title: str = "") -> Path | None:
-    """Draws ``path``: top-1 against the number of tokens and images/s against it, one line per method. Returns
+    """Draws ``path``: top-1 against the (mean) number of tokens per image and images/s against it, one line per
+    method (fixed budgets, uniform grid, adaptive points). Returns
     None (and says how to install it) when matplotlib is missing."""
     try:
         from matplotlib.figure import Figure
@@ -209,15 +275,15 @@ def plot_budgets(rows: Sequence[dict], path: str | Path, title: str = "") -> Pat
         return None
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     accuracy, speed = figure.subplots(1, 2)
-    for method, style in (("quadformer", "o-"), ("uniform", "s--")):
-        points = sorted((row["n_patches"], row["top1"], row["images_per_s"]) for row in rows
+    for method, style in (("quadformer", "o-"), ("uniform", "s--"), ("adaptive", "^:")):
+        points = sorted((row["mean_tokens"], row["top1"], row["images_per_s"]) for row in rows
                         if row["method"] == method)
         if points:
             tokens, top1, rate = zip(*points)
             accuracy.plot(tokens, [100 * value for value in top1], style, label=method)
             speed.plot(tokens, rate, style, label=method)
     for axes, label in ((accuracy, "top-1 (%)"), (speed, "images/s")):
-        axes.set_xlabel("tokens per image")
+        axes.set_xlabel("tokens per image (adaptive: mean)")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
         axes.legend()
@@ -240,18 +306,24 @@ def write_results(rows: Sequence[dict], output: str | Path, config: dict | None 
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    paths["json"].write_text(json.dumps({"config": config or {}, "macs_note": MACS_NOTE, "rows": list(rows)},
-                                        indent=2) + "\n")
+    notes = {"macs_note": MACS_NOTE, "macs_adaptive_note": MACS_ADAPTIVE_NOTE}
+    paths["json"].write_text(json.dumps({"config": config or {}, **notes, "rows": list(rows)}, indent=2) + "\n")
     paths["png"] = plot_budgets(rows, output / "budgets.png", title)
     return paths
 
 
 # ------------------------------------------------------------------------------------------------------ command
-def _evenly_spaced(dataset, limit: int):
-    """At most ``limit`` items spread over the whole dataset: a folder sorted by class gives every class."""
-    if limit >= len(dataset):
-        return dataset
-    return Subset(dataset, [round(i * (len(dataset) - 1) / max(limit - 1, 1)) for i in range(limit)])
+def _training_checkpoint(path: Path) -> dict | None:
+    """The file at ``path`` when it is a checkpoint of ``python -m mixres.train`` (its threshold and options are
+    read), else None: a state dict, a safetensors file, a file that cannot be read (its weights are loaded later,
+    with their own error)."""
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        state = read_torch_file(path)
+    except (ValueError, OSError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("args"), dict) and "model" in state else None
 
 
 def _head_classes(state: dict[str, Tensor]) -> int | None:
@@ -289,6 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budgets", type=_BUDGETS, default=None,
                      help="comma-separated leaf budgets, e.g. 49,64,100,145,196 (default: 5 valid ones from the "
                           "fewest to the most)")
+    adaptive = parser.add_argument_group(
+        "adaptive budgets (points of the sweep beside --budgets)",
+        "Each image gets its own number of leaves, at most --n-patches. A training checkpoint (--checkpoint) that ran "
+        "with a threshold adds its own point. Their GMACs are the mean over the images at each image's own length "
+        "(the packed forward's; gmacs_padded: the padded forward's, the cap's); their images/s time the packed "
+        "forward.")
+    adaptive.add_argument("--n-patches", type=POSITIVE, default=None,
+                          help="the cap N_max of the adaptive points (default: the training checkpoint's "
+                               "--n-patches, else the model's)")
+    add_adaptive_options(adaptive, several=True)
     add_device_option(run)
     add_amp_option(run)
     run.add_argument("--warmup", type=COUNT, default=2, help="untimed forward calls before timing")
@@ -308,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     device = args.device
     torch.manual_seed(args.seed)
+    trained = _training_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    if args.n_patches is None and trained is not None:
+        args.n_patches = trained["args"].get("n_patches")
     try:
         if args.num_classes is None and args.checkpoint is not None:
             # A trained model's classes are in its checkpoint: its head says how many.
@@ -322,6 +407,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         budgets = parse_budgets(args.budgets, geometry) if args.budgets else default_budgets(geometry)
     except ValueError as error:
         parser.error(f"--budgets: {error}")
+    thresholds = [("--threshold", threshold) for threshold in args.threshold or ()]
+    for source, threshold in thresholds:
+        try:
+            check_threshold(threshold, geometry)
+        except (ValueError, TypeError) as error:
+            parser.error(f"--threshold {format_threshold(threshold)}: {error}")
+    for mean_tokens in args.mean_tokens or ():
+        problem = check_mean_tokens(mean_tokens, geometry.n_roots, model.n_patches)
+        if problem:
+            parser.error(problem)
+    if trained is not None and trained.get("threshold") is not None:
+        thresholds.append((f"checkpoint {args.checkpoint.name}", trained["threshold"]))
     try:
         dataset = build_dataset(args.data, args.split, (geometry.height, geometry.width),
                                 model.input_mean.flatten().tolist(), model.input_std.flatten().tolist(),
@@ -334,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         warnings.warn(f"the data has {len(classes)} classes but the model {model.num_classes}: set --num-classes",
                       stacklevel=2)
     if args.limit is not None and not isinstance(dataset, IterableDataset):
-        dataset = _evenly_spaced(dataset, args.limit)
+        dataset = evenly_spaced(dataset, args.limit)
     unreadable = None
     if args.skip_bad_images:
         size = len(dataset)
@@ -343,6 +440,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         except ValueError as error:
             parser.error(f"--skip-bad-images: {error} (--data {args.data})")
         print(report_unreadable(unreadable, size, "images"))
+    calibrations = []
+    if args.mean_tokens:
+        try:
+            images = calibration_sample(dataset, args.calibration_images).to(device)
+        except UnreadableImageError as error:
+            release_loader(error)
+            parser.error(f"--data: {error.brief} (--skip-bad-images leaves unreadable files out)")
+        for mean_tokens in args.mean_tokens:
+            calibration = calibrate_model(model.to(device), images, mean_tokens, model.n_patches, args.batch_size)
+            print(f"calibrated on the evaluation images: {describe_calibration(calibration, images.shape[0])}")
+            thresholds.append((f"--mean-tokens {mean_tokens:g}", calibration.threshold))
+            calibrations.append(calibration_record(calibration, images.shape[0]))
+        del images
     loader = build_loader(dataset, args.batch_size, train=False, workers=args.workers)
 
     print(f"{args.model}: {type(model.scorer).__name__} scorer, {model.min_patch_size}-{model.max_patch_size} px "
@@ -351,23 +461,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
           f"{f', autocast to {args.amp}' if args.amp else ''}")
     try:
         rows = evaluate_budgets(model, loader, budgets, device, limit=args.limit, amp=args.amp, warmup=args.warmup,
-                                timed_batches=args.timed_batches)
+                                timed_batches=args.timed_batches, thresholds=thresholds)
     except UnreadableImageError as error:
         release_loader(error)
         parser.error(f"--data: {error.brief} (--skip-bad-images leaves unreadable files out)")
     config = {key: str(value) if isinstance(value, (Path, torch.device)) else value
               for key, value in vars(args).items()}
-    config.update(budgets=budgets, scorer_class=type(model.scorer).__name__, min_patch_size=model.min_patch_size,
-                  max_patch_size=model.max_patch_size, image_size=[geometry.height, geometry.width])
+    config.update(budgets=budgets, thresholds=[[source, threshold] for source, threshold in thresholds],
+                  calibrations=calibrations, scorer_class=type(model.scorer).__name__,
+                  min_patch_size=model.min_patch_size, max_patch_size=model.max_patch_size,
+                  image_size=[geometry.height, geometry.width])
     if unreadable is not None:
         config["unreadable_skipped"] = unreadable
     paths = write_results(rows, args.output, config,
                           title=f"{args.model}, {type(model.scorer).__name__} scorer, {rows[0]['device_name']}")
     print(format_table(rows))
     print(MACS_NOTE)
-    print(f"images/s and us/image: the whole forward (scorer, tokenize, ViT) on batches of {rows[0]['batch_size']}, "
-          f"median of {args.timed_batches} after {args.warmup} warm-up calls; top-1 over {rows[0]['n_images']} "
-          f"images" + (f" ({len(unreadable)} unreadable ones left out)" if unreadable else ""))
+    if thresholds:
+        print(MACS_ADAPTIVE_NOTE)
+    print(f"images/s and us/image: the whole forward (scorer, tokenize, ViT; adaptive: packed) on batches of "
+          f"{rows[0]['batch_size']}, median of {args.timed_batches} after {args.warmup} warm-up calls; top-1 over "
+          f"{rows[0]['n_images']} images" + (f" ({len(unreadable)} unreadable ones left out)" if unreadable else ""))
     print("Wrote " + ", ".join(str(path) for path in paths.values() if path is not None))
     return rows
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from ..image_files import EIGHT_BIT_MODES, load_image
 
 __all__ = ["build_dataset", "build_loader", "ShardSampler", "SMALL_OBJECTS", "MAX_SEED", "read_image",
-           "UnreadableImageError", "release_loader", "skip_unreadable_images", "report_unreadable"]
+           "UnreadableImageError", "release_loader", "skip_unreadable_images", "report_unreadable", "evenly_spaced"]
 
 SMALL_OBJECTS = "small-objects"
 # The largest seed: the training order seeds torch's generator with seed + epoch, and generated data its validation
@@ -132,6 +132,13 @@ def report_unreadable(problems: list[str], total: int, what: str, shown: int = 1
     if len(problems) > shown:
         lines.append(f"  ... and {len(problems) - shown} more")
     return "\n".join(lines)
+
+
+def evenly_spaced(dataset: Dataset, limit: int) -> Dataset:
+    """At most ``limit`` items spread over the whole dataset: a folder sorted by class gives every class."""
+    if limit >= len(dataset):
+        return dataset
+    return Subset(dataset, [round(i * (len(dataset) - 1) / max(limit - 1, 1)) for i in range(limit)])
 
 
 class _Normalized(Dataset):

@@ -20,8 +20,9 @@ from .loaders import MAX_SEED
 
 __all__ = ["HelpFormatter", "add_model_options", "check_model_options", "add_device_option", "usable_device",
            "add_workers_option", "add_seed_option", "add_data_kwargs_option", "add_amp_option", "autocast",
-           "json_object", "require_file", "QUADFORMER_OPTIONS", "AMP_DTYPES", "COMMAND_LINE_SCORERS", "Integer", "Real",
-           "IntegerList", "INDEX_MAX", "SIDE_MAX", "SEED_MAX", "SIDE", "COUNT", "POSITIVE"]
+           "json_object", "require_file", "Threshold", "add_threshold_option", "add_adaptive_options",
+           "check_adaptive_options", "format_threshold", "QUADFORMER_OPTIONS", "AMP_DTYPES", "COMMAND_LINE_SCORERS",
+           "Integer", "Real", "IntegerList", "INDEX_MAX", "SIDE_MAX", "SEED_MAX", "SIDE", "COUNT", "POSITIVE"]
 
 # The options that configure a Quadformer, each named as the Quadformer argument it sets.
 QUADFORMER_OPTIONS = ("n_patches", "scorer", "scorer_kwargs", "pos_embed", "min_patch_size", "max_patch_size")
@@ -116,6 +117,48 @@ class Real:
 
     def __repr__(self) -> str:
         return f"Real({self.minimum}, {self.maximum}, inclusive={self.inclusive})"
+
+
+class Threshold:
+    """An argparse type: the stopping threshold of adaptive budgets (:func:`mixres.tokenize`'s ``threshold``), one
+    finite number for every patch size (``0.05``) or one per size (``64=0.05,32=0.02``) -> a float or
+    ``{size: float}``. NaN, infinities and malformed text are usage errors naming the option; which sizes a dict
+    must hold depends on the image, so that is checked where the geometry is known."""
+
+    def describe(self) -> str:
+        return "a finite number (0.05), or one per patch size (64=0.05,32=0.02)"
+
+    def __call__(self, text: str) -> float | dict[int, float]:
+        try:
+            if "=" not in text:
+                return self._finite(text)
+            values = {}
+            for item in text.split(","):
+                size, _, value = item.partition("=")
+                size = int(size)
+                if size < 1 or size in values:
+                    raise ValueError
+                values[size] = self._finite(value)
+            return values
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {_quoted(text)}") from None
+
+    @staticmethod
+    def _finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError
+        return value
+
+    def __repr__(self) -> str:
+        return "Threshold()"
+
+
+def format_threshold(threshold: float | dict[int, float]) -> str:
+    """A threshold as ``--threshold`` takes it, every digit kept (``repr``), so that it can be given back."""
+    if isinstance(threshold, dict):
+        return ",".join(f"{size}={value!r}" for size, value in threshold.items())
+    return repr(float(threshold))
 
 
 # The ranges most options share.
@@ -220,6 +263,44 @@ def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.img_size is not None and "img_size" in args.model_kwargs:
         parser.error("give the image size once: --img-size or img_size in --model-kwargs")
     require_file(parser, args, "pretrained_file")
+
+
+def add_threshold_option(group, note: str = "", **kwargs) -> None:
+    """Adds ``--threshold`` (:class:`Threshold`), the stopping rule of adaptive budgets; ``note`` ends its help."""
+    group.add_argument("--threshold", type=Threshold(), default=None, metavar="T", **kwargs,
+                       help="adaptive budgets: each image stops splitting once its best leaf scores at or below T, "
+                            "one number (0.05) or one per splittable patch size (64=0.05,32=0.02), with --n-patches "
+                            "as the cap N_max" + note)
+
+
+def add_adaptive_options(group, several: bool = False, sample: bool = True) -> None:
+    """Adds ``--threshold`` and ``--mean-tokens`` (one of them; with ``several``, each takes one or more values) and,
+    with ``sample``, ``--calibration-images``: the adaptive budgets of a Quadformer, ``--n-patches`` their cap."""
+    exclusive = group.add_mutually_exclusive_group()
+    count = dict(nargs="+") if several else {}
+    add_threshold_option(exclusive, " (several: one point each)" if several else "", **count)
+    exclusive.add_argument("--mean-tokens", type=Real(1), default=None, metavar="M", **count,
+                           help="adaptive budgets at the threshold whose mean token count is M on a sample of the "
+                                "images (mixres.calibrate_threshold), from the roots' count to the cap --n-patches"
+                                + (" (several: one point each)" if several else ""))
+    if sample:
+        group.add_argument("--calibration-images", type=POSITIVE, default=256,
+                           help="images of the sample that --mean-tokens calibrates the threshold on, spread evenly "
+                                "over the data")
+
+
+def check_adaptive_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error for ``--threshold`` or ``--mean-tokens`` with a model that cannot take adaptive budgets: not a
+    Quadformer, or the uniform grid (one fixed grid of tokens for every image)."""
+    given = "--threshold" if args.threshold is not None else "--mean-tokens" if args.mean_tokens is not None else None
+    if given is None:
+        return
+    if getattr(args, "uniform_grid", False):
+        parser.error(f"{given} gives each image its own number of tokens, which the uniform grid (--uniform-grid) "
+                     f"cannot: it reads one fixed grid; leave one of them out")
+    if not getattr(args, "quadformer", True):
+        parser.error(f"{given} sets adaptive budgets of a Quadformer: the model must be a quadformer_* one, not "
+                     f"{args.model!r}")
 
 
 def usable_device(text: str) -> torch.device:

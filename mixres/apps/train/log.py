@@ -8,7 +8,7 @@ from pathlib import Path
 __all__ = ["LOG_FIELDS", "append_log"]
 
 LOG_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "seconds",
-              "train_skipped", "val_skipped")
+              "train_skipped", "val_skipped", "threshold")
 
 
 def append_log(output: Path, row: dict) -> None:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loaders import build_loader
-from ..options import autocast
+from ...checks import is_number
+from ..options import autocast, format_threshold
 from .checkpoint import save_checkpoint
 from .distributed import reduce_sum, weights_digest
 from .log import append_log
@@ -118,6 +119,8 @@ def train_epochs(args: argparse.Namespace, model: nn.Module, train_set, val_set,
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics,
                "images_per_s": steps_per_epoch * args.batch_size * world / train_seconds,
                "seconds": time.perf_counter() - started, **skipped}
+        if getattr(model, "threshold", None) is not None:
+            row["threshold"] = model.threshold if is_number(model.threshold) else format_threshold(model.threshold)
         is_best = metrics["val_top1"] > best_top1
         best_top1 = max(best_top1, metrics["val_top1"])
         if rank == 0:
@@ -125,7 +128,8 @@ def train_epochs(args: argparse.Namespace, model: nn.Module, train_set, val_set,
             save_checkpoint(args.output / "last.pt", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                "best_top1": best_top1, "metrics": row, "args": saved_args, "world_size": world})
+                "best_top1": best_top1, "metrics": row, "args": saved_args, "world_size": world,
+                "threshold": getattr(model, "threshold", None)})
             if is_best:
                 shutil.copyfile(args.output / "last.pt", args.output / "best.tmp")
                 os.replace(args.output / "best.tmp", args.output / "best.pt")

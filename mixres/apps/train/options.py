@@ -26,7 +26,10 @@ from its weights instead. The others take effect from the resumed epoch on: ``--
 ``--warmup-epochs``, ``--weight-decay`` and ``--grad-clip`` as if the whole run had had them; ``--batch-size``, the
 number of processes and the data set the steps per epoch, and the schedule continues at the epochs done times this
 run's steps per epoch (a line says so when they differ from the checkpoint's); ``--n-patches``, ``--scorer``,
-``--amp``, ``--seed``, ``--workers``...
+``--threshold``, ``--mean-tokens``, ``--amp``, ``--seed``, ``--workers``...
+
+Adaptive budgets: ``--threshold T`` or ``--mean-tokens M`` (calibrated once on a sample of the training images)
+give each image its own number of leaves, capped at ``--n-patches``; see the option group's help.
 
 This module holds its parser and the checks that relate one option to another.
 """
@@ -38,8 +41,9 @@ from pathlib import Path
 
 import torch
 
-from ..options import (POSITIVE, HelpFormatter, Real, add_amp_option, add_data_kwargs_option, add_model_options,
-                       add_seed_option, add_workers_option, check_model_options)
+from ..options import (POSITIVE, HelpFormatter, Real, add_adaptive_options, add_amp_option, add_data_kwargs_option,
+                       add_model_options, add_seed_option, add_workers_option, check_adaptive_options,
+                       check_model_options)
 
 __all__ = ["build_parser", "parse_args"]
 
@@ -48,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixres.train", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     add_model_options(parser, num_classes_default="the training set's classes")
+    adaptive = parser.add_argument_group(
+        "adaptive budgets (Quadformer; --n-patches is the cap)",
+        "Each image gets its own number of leaves, at most --n-patches; the model trains and validates on padded "
+        "mosaics with masked attention and pooling. --mean-tokens calibrates the threshold once, at the start, on "
+        "--calibration-images training images (the evaluation transform, no augmentation); the threshold is printed, "
+        "logged (threshold in log.jsonl and log.csv) and saved in the checkpoints, where python -m mixres.evaluate "
+        "finds it. A resumed run with the checkpoint's --mean-tokens and cap keeps the checkpoint's threshold.")
+    add_adaptive_options(adaptive)
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="a folder, small-objects, or a timm dataset name")
     data.add_argument("--train-split", default="train")
@@ -99,6 +111,7 @@ def parse_args(argv: Sequence[str] | None = None,
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     check_model_options(parser, args)
+    check_adaptive_options(parser, args)
     # Each option's own range is its type's; these relate two options.
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr:g} must be at most --lr {args.lr:g}: the cosine goes down to it")

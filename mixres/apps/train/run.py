@@ -64,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     device, rank, world = setup_device(args)
     try:
+        args.calibration = _set_adaptive_budgets(parser, args, model, device, rank, world, checkpoint,
+                                                 (image_size, mean, std))
         skipped = {}
         if args.skip_bad_images:
             sizes = len(train_set), len(val_set)
@@ -83,6 +85,52 @@ def main(argv: Sequence[str] | None = None) -> dict:
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def _set_adaptive_budgets(parser: argparse.ArgumentParser, args: argparse.Namespace, model, device: torch.device,
+                          rank: int, world: int, checkpoint: dict | None, data_config: tuple) -> dict | None:
+    """Sets ``model.threshold`` from ``--threshold``, or from ``--mean-tokens``: calibrated on a sample of the
+    training images (the evaluation transform), or the checkpoint's calibration where it was for the same mean and
+    cap. Returns the calibration's record (None without ``--mean-tokens``), the same in every process."""
+    from ...mosaic import check_threshold
+    from ..adaptive import calibrate_model, calibration_record, calibration_sample, check_mean_tokens, \
+        describe_calibration
+
+    if args.threshold is not None:
+        try:
+            check_threshold(args.threshold, model.geometry)
+        except (ValueError, TypeError) as error:
+            parser.error(f"--threshold: {error}")
+        model.threshold = args.threshold
+        return None
+    if args.mean_tokens is None:
+        return None
+    cap = model.n_patches
+    problem = check_mean_tokens(args.mean_tokens, model.geometry.n_roots, cap)
+    if problem:
+        parser.error(problem)
+    saved = checkpoint["args"].get("calibration") if checkpoint is not None else None
+    if saved and saved["target"] == args.mean_tokens and saved["max_patches"] == cap:
+        record = saved
+        if rank == 0:
+            print(f"the checkpoint's calibration: threshold {record['threshold']!r}, {record['mean_tokens']:.2f} "
+                  f"tokens per image on average over {record['sample_images']} training images", flush=True)
+    else:
+        image_size, mean, std = data_config
+        sample = build_dataset(args.data, args.train_split, image_size, mean, std, train=False,
+                               length=args.train_length, seed=args.seed, generator_kwargs=args.data_kwargs)
+        images = calibration_sample(sample, args.calibration_images).to(device)
+        calibration = calibrate_model(model.to(device), images, args.mean_tokens, cap, args.batch_size)
+        record = calibration_record(calibration, images.shape[0])
+        if world > 1:  # each process computes the same; rank 0's is the one they all keep
+            shared = [record]
+            dist.broadcast_object_list(shared, src=0)
+            record = shared[0]
+        if rank == 0:
+            print(f"calibrated on the training images: {describe_calibration(calibration, images.shape[0])}",
+                  flush=True)
+    model.threshold = record["threshold"]
+    return record
 
 
 def _data_config(args: argparse.Namespace) -> tuple[tuple[int, int], tuple, tuple]:
