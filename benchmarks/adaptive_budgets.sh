@@ -38,8 +38,11 @@ DRY_RUN="${DRY_RUN:-0}"
 case "$DRY_RUN" in 0|1) ;; *) echo "DRY_RUN must be 0 or 1, got '$DRY_RUN'" >&2; exit 2 ;; esac
 case "$CAP" in max|[1-9]|[1-9][0-9]) ;; *) echo "CAP must be a whole multiple of M (1-99) or max, got '$CAP'" >&2
   exit 2 ;; esac
-# The Quadformer of benchmarks/small_objects.sh (see why max pooling there).
-MAX_POOLED_VIT='{"embed_dim": 96, "depth": 4, "num_heads": 3, "global_pool": "max", "class_token": false}'
+# The Quadformer of benchmarks/small_objects.sh (see why max pooling there), run on packed mosaics: an adaptive
+# budget's padded mosaics (N_max = CAP x M) would make every image cost N_max tokens in the ViT; packed, each costs
+# its own (the same logits; a fixed budget has no padding, so nothing to pack).
+MAX_POOLED_VIT='{"embed_dim": 96, "depth": 4, "num_heads": 3, "global_pool": "max", "class_token": false,
+  "token_layout": "packed"}'
 MODEL_KWARGS="${MODEL_KWARGS:-$MAX_POOLED_VIT}"
 WORKERS="${WORKERS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}"
 DEVICE_ARGS=()

@@ -12,6 +12,7 @@ import torch
 
 import mixres
 from mixres.models import POS_EMBEDS, Quadformer
+from mixres.models import quadformer as quadformer_module
 
 from helpers import float64_tolerance, pad_mosaics, raising_on_host_sync
 
@@ -239,7 +240,7 @@ def test_what_cannot_read_a_padded_mosaic_says_so():
             model(dataclasses.replace(padded, lengths=lengths))
 
 
-def test_a_threshold_makes_the_model_run_on_padded_mosaics():
+def test_a_threshold_makes_the_model_run_on_padded_mosaics(monkeypatch):
     """``Quadformer(threshold=t)``: tokenize stops each image where t says (a padded mosaic, lengths that differ),
     and the logits are each image's own at its length; ``threshold=None`` is the fixed budget again."""
     model = tiny_quadformer(global_pool="avg", class_token=False)
@@ -258,13 +259,25 @@ def test_a_threshold_makes_the_model_run_on_padded_mosaics():
             alone = model(model.tokenize(images[b:b + 1], n_patches=n))
             torch.testing.assert_close(logits[b:b + 1], alone, rtol=0, atol=float64_tolerance(alone))
     assert f"threshold={threshold!r}" in repr(model)
+    # token_layout="packed": the same logits, through mixres.pack.
+    packs = []
+    monkeypatch.setattr(quadformer_module, "pack", lambda mosaic: packs.append(mosaic) or mixres.pack(mosaic))
+    model.token_layout = "packed"
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), logits, rtol=0, atol=float64_tolerance(logits))
+    assert len(packs) == 1 and torch.equal(packs[0].lengths, mosaic.lengths)
     model.threshold = None
     assert not model.tokenize(images).is_padded
+    with torch.no_grad():
+        model(images)
+    assert len(packs) == 1  # a fixed budget has no padding to pack
 
 
-@pytest.mark.parametrize("threshold, error", [("high", TypeError), (float("nan"), ValueError),
-                                              ({32: 0.1}, ValueError)])
-def test_a_bad_threshold_fails_when_the_model_is_built(threshold, error):
-    with pytest.raises(error, match="threshold"):
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(threshold="high"), TypeError, "threshold"), (dict(threshold=float("nan")), ValueError, "threshold"),
+    (dict(threshold={32: 0.1}), ValueError, "threshold"),
+    (dict(token_layout="nested"), ValueError, "token_layout must be one of 'padded', 'packed', got 'nested'")])
+def test_a_bad_threshold_or_layout_fails_when_the_model_is_built(kwargs, error, match):
+    with pytest.raises(error, match=match):
         timm.create_model("quadformer_vit_tiny_patch16_224", img_size=IMAGE_SIZE, embed_dim=32, depth=1, num_heads=2,
-                          threshold=threshold)
+                          **kwargs)
