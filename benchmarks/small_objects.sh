@@ -25,6 +25,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
+# shellcheck source=benchmarks/training_runs.sh
+source benchmarks/training_runs.sh
 OUT="${1:-benchmarks/results/small_objects}"
 BUDGETS="${BUDGETS:-25 49}"
 DATA_KWARGS="${DATA_KWARGS:-{\}}"
@@ -44,28 +46,12 @@ DEVICE_ARGS=()
 RUNS=()
 for n in $BUDGETS; do RUNS+=("quadformer $n" "uniform $n"); done
 [ "$CONTROL" = 1 ] && RUNS+=("control $CONTROL_TOKENS")
-# mixres.train appends to a folder's log: a second run into the same OUT would mix two runs in one summary.
-for run in "${RUNS[@]}"; do
-  read -r method n <<<"$run"
-  if [ -e "$OUT/$method-$n/log.jsonl" ]; then
-    echo "$OUT/$method-$n/log.jsonl exists: move the previous results away, or give another OUT" >&2
-    exit 2
-  fi
-done
-COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
-git diff --quiet HEAD -- 2>/dev/null || COMMIT+=" (with uncommitted changes)"
-mkdir -p "$OUT"
-{
-  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "commit: $COMMIT"
-  echo "command: benchmarks/small_objects.sh $OUT"
-  echo "env: BUDGETS='$BUDGETS' EPOCHS=${EPOCHS:-10} TRAIN=${TRAIN:-30000} VAL=${VAL:-2000} BATCH=${BATCH:-128}" \
-    "LR=${LR:-1e-3} WORKERS=$WORKERS DEVICE=${DEVICE:-} DATA_KWARGS='$DATA_KWARGS' CONTROL=$CONTROL" \
-    "CONTROL_TOKENS=$CONTROL_TOKENS MODEL_KWARGS='$MODEL_KWARGS'"
-  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
-  "$PYTHON" -c 'import sys, torch, timm; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, timm" \
-    f" {timm.__version__}, cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else None}")'
-} >"$OUT/environment.txt"
+NAMES=()
+for run in "${RUNS[@]}"; do read -r method n <<<"$run"; NAMES+=("$method-$n"); done
+refuse_existing_runs "$OUT" "${NAMES[@]}"
+write_environment "$OUT" "benchmarks/small_objects.sh $OUT" "BUDGETS='$BUDGETS' EPOCHS=${EPOCHS:-10}\
+ TRAIN=${TRAIN:-30000} VAL=${VAL:-2000} BATCH=${BATCH:-128} LR=${LR:-1e-3} WORKERS=$WORKERS DEVICE=${DEVICE:-}\
+ DATA_KWARGS='$DATA_KWARGS' CONTROL=$CONTROL CONTROL_TOKENS=$CONTROL_TOKENS MODEL_KWARGS='$MODEL_KWARGS'"
 
 for run in "${RUNS[@]}"; do
   read -r method n <<<"$run"
