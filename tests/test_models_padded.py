@@ -261,7 +261,8 @@ def test_a_threshold_makes_the_model_run_on_padded_mosaics(monkeypatch):
     assert f"threshold={threshold!r}" in repr(model)
     # token_layout="packed": the same logits, through mixres.pack.
     packs = []
-    monkeypatch.setattr(quadformer_module, "pack", lambda mosaic: packs.append(mosaic) or mixres.pack(mosaic))
+    monkeypatch.setattr(quadformer_module, "pack",
+                        lambda mosaic, **kwargs: packs.append(mosaic) or mixres.pack(mosaic, **kwargs))
     model.token_layout = "packed"
     with torch.no_grad():
         torch.testing.assert_close(model(images), logits, rtol=0, atol=float64_tolerance(logits))
@@ -281,3 +282,13 @@ def test_a_bad_threshold_or_layout_fails_when_the_model_is_built(kwargs, error, 
     with pytest.raises(error, match=match):
         timm.create_model("quadformer_vit_tiny_patch16_224", img_size=IMAGE_SIZE, embed_dim=32, depth=1, num_heads=2,
                           **kwargs)
+
+
+def test_packed_rows_are_rounded_to_a_few_shapes():
+    """token_layout="packed" rounds the rows up (quadformer.rounded_rows): never fewer than the leaves, at most 1/16
+    more (or 8), and few distinct counts, so that per-shape kernel caches stay small."""
+    totals = range(1, 20_000)
+    rounded = [quadformer_module.rounded_rows(total) for total in totals]
+    assert all(total <= rows <= max(total + 7, total * 17 // 16 + 1) for total, rows in zip(totals, rounded))
+    assert len(set(rounded)) < 250
+    assert len({quadformer_module.rounded_rows(total) for total in range(2049, 4097)}) == 16  # steps of 128

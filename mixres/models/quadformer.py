@@ -18,7 +18,7 @@ from .padding import (attention_mask, check_blocks_for_padding, check_pooling_fo
                       pool_valid_tokens, run_blocks, zero_padding)
 from .position import LearnedXYEmbed, PositionEmbedding, pos_embed_class
 
-__all__ = ["Quadformer", "check_vit", "TOKEN_LAYOUTS"]
+__all__ = ["Quadformer", "check_vit", "TOKEN_LAYOUTS", "rounded_rows"]
 
 # How Quadformer.forward runs the padded mosaics it makes from images.
 TOKEN_LAYOUTS = ("padded", "packed")
@@ -78,7 +78,8 @@ class Quadformer(nn.Module):
             ``"padded"`` (default: static shapes, no host synchronisation: CUDA graphs, torch.compile) or
             ``"packed"`` (:func:`mixres.pack`, one host synchronisation per call: the token-wise layers run on the
             images' leaves only, about 2x as fast on the CPU when the mean length is half of ``n_patches``; the same
-            logits). Change it at any time (``model.token_layout = "packed"``).
+            logits; the rows rounded up by :func:`rounded_rows`). Change it at any time
+            (``model.token_layout = "packed"``).
 
     Inputs: images ``[B, C, H, W]`` with the ViT's C input channels (normalised as for the ViT; H, W multiples of
     max_patch_size; any float dtype: the ViT gets the tokens in its own dtype), or a prepared
@@ -455,8 +456,18 @@ class Quadformer(nn.Module):
             raise ValueError(f"n_patches={n_patches} was given with a mosaic of {x.n_patches} leaves")
         mosaic = x if isinstance(x, Mosaic) else self.tokenize(x, n_patches)
         if mosaic.is_padded and self.token_layout == "packed" and not isinstance(x, Mosaic):
-            return self(pack(mosaic))
+            total = int(mosaic.lengths.sum())  # the one host synchronisation of packing
+            return self(pack(mosaic, total_tokens=rounded_rows(total)))
         return self.forward_head(self.forward_features(mosaic), valid=mosaic.valid if mosaic.is_padded else None)
+
+
+def rounded_rows(total: int) -> int:
+    """``total`` rounded up to a multiple of 1/16 to 1/32 of it (at least 8): the rows of a packed batch. The linear
+    layers' kernels (oneDNN on the CPU) are built and cached per input shape, so a row count that changes with every
+    batch costs a new kernel per batch and memory that grows with each (measured: 1.8 MB per new shape, training
+    slowing down epoch after epoch); rounded, a few dozen shapes serve every batch, for at most 1/16 more rows."""
+    step = max(8, 1 << max(0, total.bit_length() - 5))
+    return -(-total // step) * step
 
 
 def check_vit(vit: nn.Module) -> tuple[int, int, tuple[int, int]]:
