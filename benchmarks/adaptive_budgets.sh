@@ -17,8 +17,8 @@
 #        (the CPU count, at most 8), DEVICE (cuda if available, else cpu), DATA_KWARGS (SmallObjects arguments as
 #        JSON; default '{"objects": [1, 4]}'), MODEL_KWARGS (the ViT's, as JSON; below), DRY_RUN (1: print the
 #        commands, run nothing, write nothing)
-# Prints a Markdown table (also OUT/summary.md) of each run's best and last validation top-1, its training images/s
-# and its tokens, then measures, on the same data, the tokens each budget gives the val images, which digits land
+# Prints a Markdown table (also OUT/summary.md, with the figure OUT/top1.png: benchmarks/adaptive_budgets_summary.py)
+# of each run's best and last validation top-1 and its training images/s, then measures, on the same data, the tokens each budget gives the val images, which digits land
 # in small leaves, and the inference images/s of fixed, padded and packed forwards at each M
 # (benchmarks/adaptive_budgets_coverage.py, into OUT/coverage.md; it needs no training: throughput does not depend
 # on the weights). The table to put in RESULTS.md is both: top-1 from summary.md, images/s from coverage.md.
@@ -30,6 +30,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
+# shellcheck source=benchmarks/training_runs.sh
+source benchmarks/training_runs.sh
 OUT="${1:-benchmarks/results/adaptive_budgets}"
 MEANS="${MEANS:-25 40 64}"
 CAP="${CAP:-3}"
@@ -77,28 +79,12 @@ run() {  # prints the command; runs it unless DRY_RUN=1
 }
 
 if [ "$DRY_RUN" = 0 ]; then
-  # mixres.train appends to a folder's log: a second run into the same OUT would mix two runs in one summary.
-  for entry in "${RUNS[@]}"; do
-    read -r kind m n <<<"$entry"
-    if [ -e "$OUT/$kind-$m/log.jsonl" ]; then
-      echo "$OUT/$kind-$m/log.jsonl exists: move the previous results away, or give another OUT" >&2
-      exit 2
-    fi
-  done
-  COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
-  git diff --quiet HEAD -- 2>/dev/null || COMMIT+=" (with uncommitted changes)"
-  mkdir -p "$OUT"
-  {
-    echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-    echo "commit: $COMMIT"
-    echo "command: benchmarks/adaptive_budgets.sh $OUT"
-    echo "env: MEANS='$MEANS' CAP=$CAP EPOCHS=${EPOCHS:-10} TRAIN=${TRAIN:-30000} VAL=${VAL:-2000}" \
-      "BATCH=${BATCH:-128} LR=${LR:-1e-3} WORKERS=$WORKERS DEVICE=${DEVICE:-} DATA_KWARGS='$DATA_KWARGS'" \
-      "MODEL_KWARGS='$MODEL_KWARGS'"
-    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
-    "$PYTHON" -c 'import sys, torch, timm; print(f"python {sys.version.split()[0]}, torch {torch.__version__}," \
-      f" timm {timm.__version__}, cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else None}")'
-  } >"$OUT/environment.txt"
+  NAMES=()
+  for entry in "${RUNS[@]}"; do read -r kind m n <<<"$entry"; NAMES+=("$kind-$m"); done
+  refuse_existing_runs "$OUT" "${NAMES[@]}"
+  write_environment "$OUT" "benchmarks/adaptive_budgets.sh $OUT" "MEANS='$MEANS' CAP=$CAP EPOCHS=${EPOCHS:-10}\
+ TRAIN=${TRAIN:-30000} VAL=${VAL:-2000} BATCH=${BATCH:-128} LR=${LR:-1e-3} WORKERS=$WORKERS DEVICE=${DEVICE:-}\
+ DATA_KWARGS='$DATA_KWARGS' MODEL_KWARGS='$MODEL_KWARGS'"
 fi
 
 for entry in "${RUNS[@]}"; do
@@ -122,27 +108,8 @@ for entry in "${RUNS[@]}"; do
   fi
 done
 
-SUMMARY=("$PYTHON" - "$OUT" "${RUNS[@]}")
-if [ "$DRY_RUN" = 1 ]; then
-  printf '%q ' "${SUMMARY[@]}"; echo "<<'PY' (the summary table of OUT/*/log.jsonl)"
-else
-  "${SUMMARY[@]}" <<'PY'
-import json, sys
-from pathlib import Path
-
-out, runs = Path(sys.argv[1]), [run.split() for run in sys.argv[2:]]
-lines = ["| M | budget | n_patches | best val top-1 (%) | last val top-1 (%) | epochs | train images/s |",
-         "|---:|---|---|---:|---:|---:|---:|"]
-for kind, m, n in runs:
-    rows = [json.loads(line) for line in (out / f"{kind}-{m}" / "log.jsonl").read_text().splitlines()]
-    budget = f"{n} for every image" if kind == "fixed" else f"threshold for a mean of {m}, cap {n}"
-    lines.append(f"| {m} | {kind} | {budget} | {max(r['val_top1'] for r in rows):.1f} | {rows[-1]['val_top1']:.1f} "
-                 f"| {rows[-1]['epoch']} | {rows[-1]['images_per_s']:.0f} |")
-table = "\n".join(lines)
-print(table)
-(out / "summary.md").write_text(table + "\n")
-PY
-fi
+# summary.md (top-1 and training images/s of each run) and top1.png, from the runs' logs.
+run "$PYTHON" benchmarks/adaptive_budgets_summary.py "$OUT" --title "SmallObjects $DATA_KWARGS, 256 px: fixed vs adaptive"
 
 # The caps' factor for the coverage script: CAP itself, and max (whose rows show what the cap costs, if anything).
 CAPS=(max)
