@@ -18,7 +18,8 @@
 #        JSON; default '{"objects": [1, 4]}'), MODEL_KWARGS (the ViT's, as JSON; below), DRY_RUN (1: print the
 #        commands, run nothing, write nothing)
 # Prints a Markdown table (also OUT/summary.md, with the figure OUT/top1.png: benchmarks/adaptive_budgets_summary.py)
-# of each run's best and last validation top-1 and its training images/s, then measures, on the same data, the tokens each budget gives the val images, which digits land
+# of each run's best and last validation top-1 and its training images/s, then measures, on the same data, the
+# tokens each budget gives the val images, which digits land
 # in small leaves, and the inference images/s of fixed, padded and packed forwards at each M
 # (benchmarks/adaptive_budgets_coverage.py, into OUT/coverage.md; it needs no training: throughput does not depend
 # on the weights). The table to put in RESULTS.md is both: top-1 from summary.md, images/s from coverage.md.
@@ -109,7 +110,8 @@ for entry in "${RUNS[@]}"; do
 done
 
 # summary.md (top-1 and training images/s of each run) and top1.png, from the runs' logs.
-run "$PYTHON" benchmarks/adaptive_budgets_summary.py "$OUT" --title "SmallObjects $DATA_KWARGS, 256 px: fixed vs adaptive"
+run "$PYTHON" benchmarks/adaptive_budgets_summary.py "$OUT" \
+  --title "SmallObjects $DATA_KWARGS, 256 px: fixed vs adaptive"
 
 # The caps' factor for the coverage script: CAP itself, and max (whose rows show what the cap costs, if anything).
 CAPS=(max)

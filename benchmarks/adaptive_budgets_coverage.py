@@ -2,9 +2,9 @@
 
     python benchmarks/adaptive_budgets_coverage.py [--output FILE] [--val-items 2000] [--means 25 40 64] ...
 
-The task is ``SmallObjects(objects=(1, 4))`` (issue 15, item 6; ``--data-kwargs`` for others): 1 to 4 digits per 256 px image, the label the
-largest, so an image is read for sure only when every one of its digits is legible. For each mean token count M of
-``--means``, PixelBlur(16, 64) tokenizes the first ``--val-items`` val items
+The task is ``SmallObjects(objects=(1, 4))`` (issue 15, item 6; ``--data-kwargs`` for others): 1 to 4 digits per
+256 px image, the label the largest, so an image is read for sure only when every one of its digits is legible.
+For each mean token count M of ``--means``, PixelBlur(16, 64) tokenizes the first ``--val-items`` val items
 
 - with a fixed budget: ``n_patches`` = the valid budget (16 + 3k) nearest M, the same for every image;
 - with an adaptive one, for each cap of ``--caps`` (a multiple of M, rounded down to a valid budget, or ``max``:
@@ -131,8 +131,8 @@ def main(argv=None) -> str:
     parser.add_argument("--calibration-items", type=int, default=1000,
                         help="train items the thresholds are calibrated on (default: 1000)")
     parser.add_argument("--data-kwargs", type=json.loads, default={"objects": [1, 4]},
-                        help='SmallObjects\' arguments, a JSON object, as benchmarks/adaptive_budgets.sh\'s DATA_KWARGS '
-                        '(default: \'{"objects": [1, 4]}\')')
+                        help='SmallObjects\' arguments, a JSON object, as benchmarks/adaptive_budgets.sh\'s '
+                        'DATA_KWARGS (default: \'{"objects": [1, 4]}\')')
     parser.add_argument("--seed", type=int, default=0,
                         help="SmallObjects' seed: 1 gives the val images that mixres.train --seed 0 validates on "
                         "(default: 0)")
@@ -185,7 +185,8 @@ def main(argv=None) -> str:
     lines = [f"# {__doc__.splitlines()[0]}", "",
              f"`python benchmarks/adaptive_budgets_coverage.py` with `{' '.join(argv) if argv else 'its defaults'}`"
              f" (`--val-items {args.val_items} --calibration-items {args.calibration_items} --data-kwargs "
-             f"'{json.dumps(args.data_kwargs)}' --seed {args.seed} --means {' '.join(f'{m:g}' for m in args.means)} --caps "
+             f"'{json.dumps(args.data_kwargs)}' --seed {args.seed} --means "
+             f"{' '.join(f'{m:g}' for m in args.means)} --caps "
              f"{' '.join(args.caps)} --timing-batch {args.timing_batch} --rounds {args.rounds} --warmup "
              f"{args.warmup} --threads {args.threads}`).",
              f"torch {torch.__version__}, {cpu_name()}, {args.threads} thread(s). "
