@@ -2,11 +2,12 @@
 (OUT/summary.md, also printed) and a figure of validation top-1 against the mean tokens per image, fixed and adaptive
 budgets (OUT/top1.png).
 
-    python benchmarks/adaptive_budgets_summary.py OUT [--title TITLE]
+    python benchmarks/adaptive_budgets_summary.py OUT [MORE ...] [--title TITLE]
 
 Reads OUT/fixed-M/log.jsonl and OUT/adaptive-M/log.jsonl (one row per epoch: ``val_top1``, ``images_per_s``,
-``epoch``) for every M it finds: each run's best and last epoch's top-1 and its last epoch's training images/s.
-The figure needs matplotlib (without it, the table alone).
+``epoch``) for every M it finds, in OUT and in each further folder (runs of the same settings made at another time;
+a run found twice is an error): each run's best and last epoch's top-1 and its last epoch's training images/s. Writes
+into OUT. The figure needs matplotlib (without it, the table alone).
 """
 from __future__ import annotations
 
@@ -16,14 +17,18 @@ import re
 from pathlib import Path
 
 
-def runs(out: Path) -> dict[str, dict[int, list[dict]]]:
-    """{"fixed" | "adaptive": {M: the log's rows}} of the runs under ``out``."""
+def runs(*folders: Path) -> dict[str, dict[int, list[dict]]]:
+    """{"fixed" | "adaptive": {M: the log's rows}} of the runs under ``folders``."""
     found: dict[str, dict[int, list[dict]]] = {"fixed": {}, "adaptive": {}}
-    for log in sorted(out.glob("*/log.jsonl")):
-        match = re.fullmatch(r"(fixed|adaptive)-(\d+)", log.parent.name)
-        if match:
-            rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            found[match[1]][int(match[2])] = rows
+    for folder in folders:
+        for log in sorted(folder.glob("*/log.jsonl")):
+            match = re.fullmatch(r"(fixed|adaptive)-(\d+)", log.parent.name)
+            if not match:
+                continue
+            if int(match[2]) in found[match[1]]:
+                raise SystemExit(f"{log.parent.name} is in more than one of the folders given")
+            found[match[1]][int(match[2])] = [json.loads(line) for line in log.read_text().splitlines()
+                                              if line.strip()]
     return found
 
 
@@ -43,11 +48,12 @@ def table(found: dict[str, dict[int, list[dict]]]) -> str:
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="the folder benchmarks/adaptive_budgets.sh wrote")
+    parser.add_argument("out", type=Path, help="a folder benchmarks/adaptive_budgets.sh wrote; the outputs go here")
+    parser.add_argument("more", type=Path, nargs="*", help="more such folders, whose runs join the table")
     parser.add_argument("--title", default="Fixed against adaptive budgets at equal mean tokens",
                         help="the figure's title (say what the task was)")
     args = parser.parse_args(argv)
-    found = runs(args.out)
+    found = runs(args.out, *args.more)
     summary = table(found)
     print(summary)
     (args.out / "summary.md").write_text(summary + "\n")
