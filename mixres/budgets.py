@@ -8,7 +8,6 @@ sample of images is a given number.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .checks import check_images, check_int, check_nan_policy
+from .checks import check_images, check_int, check_nan_policy, check_per_size_keys, is_number
 from .pyramid import QuadtreeGeometry
 from .scoring import is_scorer, packed_scores, scorer_patch_sizes
 
@@ -142,7 +141,7 @@ def calibrate_threshold(scores, images: Tensor, mean_tokens: float, max_patches:
 
 
 def _check_mean_tokens(mean_tokens, n_roots: int, max_patches: int) -> float:
-    if isinstance(mean_tokens, bool) or not isinstance(mean_tokens, numbers.Real):
+    if not is_number(mean_tokens):
         raise TypeError(f"mean_tokens must be a real number (leaves per image), got {type(mean_tokens).__name__} "
                         f"{mean_tokens!r}")
     value = float(mean_tokens)
@@ -160,15 +159,11 @@ def _check_level_weights(level_weights, geometry: QuadtreeGeometry) -> list[floa
     if not isinstance(level_weights, Mapping):
         raise TypeError(f"level_weights must be a dict {{patch size: weight}} or None, got "
                         f"{type(level_weights).__name__}")
-    keys = list(level_weights)
-    if not all(isinstance(key, numbers.Integral) and not isinstance(key, bool) for key in keys) or sorted(
-            keys) != sorted(sizes):
-        raise ValueError(f"level_weights must have one weight per splittable patch size, keys {sizes} (the "
-                         f"smallest size, {geometry.min_patch_size}, is never split), got keys {keys}")
+    check_per_size_keys("level_weights", level_weights, sizes, geometry.min_patch_size, what="weight")
     weights = []
     for size in sizes:
         weight = level_weights[size]
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        if not is_number(weight):
             raise TypeError(f"level_weights[{size}] must be a number, got {type(weight).__name__} {weight!r}")
         if not (math.isfinite(weight) and weight > 0):
             # A zero or negative weight would make the token count grow with t, or not depend on it.

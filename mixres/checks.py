@@ -18,8 +18,8 @@ from torch import Tensor
 __all__ = ["FLOAT_DTYPES", "RESIZE_MODES", "NAN_POLICIES", "check_int", "check_plain_int", "check_tensor",
            "check_rank", "check_float_dtype", "check_floating", "check_device", "check_batch", "check_images",
            "check_map", "check_boxes", "check_boxes_inside", "is_padding_box", "check_budgets", "check_budget_values",
-           "check_thresholds", "check_threshold_values", "check_threshold_number", "is_number", "check_resize_mode",
-           "check_nan_policy", "check_lengths"]
+           "check_thresholds", "check_threshold_values", "check_threshold_number", "check_per_size_keys", "is_number",
+           "check_resize_mode", "check_nan_policy", "check_lengths"]
 
 # The dtypes of images and tokens.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -231,6 +231,16 @@ def check_threshold_values(thresholds: Tensor, sizes: list[int], op: str | None,
 def is_number(value) -> bool:
     """Whether ``value`` is a real number a threshold may be: a Python or NumPy int or float, not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_per_size_keys(name: str, mapping, sizes: list[int], min_patch_size: int, what: str = "entry") -> None:
+    """A ValueError unless ``mapping``'s keys are ints, exactly the splittable patch sizes ``sizes`` (a dict of one
+    value per size: tokenize's threshold, calibrate_threshold's level_weights)."""
+    keys = list(mapping)
+    if not all(isinstance(key, numbers.Integral) and not isinstance(key, bool) for key in keys) or sorted(
+            map(int, keys)) != sorted(sizes):
+        raise ValueError(f"{name} must have one {what} per splittable patch size, keys {sizes} (the smallest size, "
+                         f"{min_patch_size}, is never split), got keys {keys}")
 
 
 def check_threshold_number(value, dtype: torch.dtype | None, op: str | None, name: str = "thresholds",

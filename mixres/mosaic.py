@@ -1,7 +1,6 @@
 """``mixres.tokenize``: images and patch scores in, a mixed-resolution mosaic of tokens out."""
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -11,7 +10,8 @@ from torch import Tensor
 
 from . import ops
 from .checks import (NAN_POLICIES, check_budget_values, check_budgets, check_floating, check_images, check_int,
-                     check_nan_policy, check_resize_mode, check_threshold_number, check_threshold_values, is_number)
+                     check_nan_policy, check_per_size_keys, check_resize_mode, check_threshold_number,
+                     check_threshold_values, is_number)
 from .grid import tokens_to_grid
 from .pyramid import QuadtreeGeometry
 from .scoring import is_scorer, packed_scores, scorer_patch_sizes
@@ -165,11 +165,7 @@ def _threshold_values(threshold, geometry: QuadtreeGeometry) -> list | Tensor:
     dtype and shape checked; its values are the op's)."""
     sizes = geometry.splittable_sizes
     if isinstance(threshold, Mapping):
-        keys = list(threshold)
-        if not all(isinstance(key, numbers.Integral) and not isinstance(key, bool) for key in keys) or sorted(
-                map(int, keys)) != sorted(sizes):
-            raise ValueError(f"threshold as a dict must have one entry per splittable patch size, keys {sizes} (the "
-                             f"smallest size, {geometry.min_patch_size}, is never split), got keys {keys}")
+        check_per_size_keys("threshold as a dict", threshold, sizes, geometry.min_patch_size)
         threshold = [threshold[size] for size in sizes]
     if isinstance(threshold, Tensor):
         check_floating("threshold", threshold)
@@ -195,7 +191,13 @@ def check_threshold(threshold, geometry: QuadtreeGeometry) -> None:
     number finite (in float32, the scorers' dtype). A tensor's values are checked where they are used."""
     values = _threshold_values(threshold, geometry)
     if not isinstance(values, Tensor):
-        _thresholds(values, geometry, torch.empty(0))
+        _rounded_thresholds(values, geometry.splittable_sizes, torch.float32)
+
+
+def _rounded_thresholds(values: list, sizes: list[int], dtype: torch.dtype) -> list[float]:
+    """Threshold numbers, one per size, checked finite and rounded to the scores' ``dtype``."""
+    return [check_threshold_number(value, dtype, None, "threshold", f" for patch size {size} (threshold[{level}])")
+            for level, (value, size) in enumerate(zip(values, sizes, strict=True))]
 
 
 def _thresholds(values: list | Tensor, geometry: QuadtreeGeometry, packed: Tensor) -> Tensor:
@@ -210,9 +212,7 @@ def _thresholds(values: list | Tensor, geometry: QuadtreeGeometry, packed: Tenso
         if values.device.type == "cpu" and not torch.compiler.is_compiling():  # free here; else the op checks
             check_threshold_values(values, sizes, None, name="threshold")
         return values.to(device=packed.device, dtype=packed.dtype, non_blocking=True).contiguous()
-    rounded = [check_threshold_number(value, packed.dtype, None, "threshold",
-                                      f" for patch size {size} (threshold[{level}])")
-               for level, (value, size) in enumerate(zip(values, sizes, strict=True))]
+    rounded = _rounded_thresholds(values, sizes, packed.dtype)
     if not rounded:
         return packed.new_empty(0)
     return torch.stack([torch.full((), value, dtype=packed.dtype, device=packed.device) for value in rounded])

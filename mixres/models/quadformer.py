@@ -310,6 +310,28 @@ class Quadformer(nn.Module):
             prefix = prefix + vit.pos_embed[:, :vit.num_prefix_tokens]
         return prefix
 
+    def _block_inputs(self, mosaic: Mosaic | PackedMosaic) -> tuple[Tensor, dict, bool]:
+        """What the blocks take for ``mosaic``: the token sequence entering them (embedded, patch dropout,
+        ``norm_pre``); the keywords :func:`mixres.models.padding.run_blocks` passes on besides it (a padded mosaic's
+        key-padding mask, built on the device from lengths: no host synchronisation; a packed one's block and
+        sequences; none otherwise); and whether grad checkpointing is on. A ViT that cannot take a padded or packed
+        mosaic is refused here."""
+        vit = self.vit
+        packed = isinstance(mosaic, PackedMosaic)
+        if packed or mosaic.is_padded:
+            check_blocks_for_padding(vit)
+        if packed:
+            check_blocks_for_packing(vit)
+        x = vit.norm_pre(vit.patch_drop(self.embed(mosaic)))
+        if packed:
+            block_kwargs = {"forward": packed_block,
+                            "sequences": Sequences(mosaic, vit.num_prefix_tokens, self.packed_attention)}
+        elif mosaic.is_padded:
+            block_kwargs = {"attn_mask": attention_mask(mosaic.valid, x.shape[1] - mosaic.n_patches, x.dtype)}
+        else:
+            block_kwargs = {}
+        return x, block_kwargs, getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting()
+
     def forward_features(self, x: Tensor | Mosaic | PackedMosaic, n_patches: int | None = None) -> Tensor:
         """Images or a mosaic -> the normed token features ``[B, prefix + N, D]``.
 
@@ -321,23 +343,11 @@ class Quadformer(nn.Module):
         attending to its own only (``self.packed_attention``); pool with ``forward_head(x, packed=mosaic)``."""
         vit = self.vit
         mosaic = x if isinstance(x, (Mosaic, PackedMosaic)) else self.tokenize(x, n_patches)
-        packed = isinstance(mosaic, PackedMosaic)
-        if packed or mosaic.is_padded:
-            check_blocks_for_padding(vit)
-        if packed:
-            check_blocks_for_packing(vit)
-        x = self.embed(mosaic)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
-        checkpointing = getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting()
-        if packed:
-            sequences = Sequences(mosaic, vit.num_prefix_tokens, self.packed_attention)
-            x = run_blocks(vit.blocks, x, checkpointing, forward=packed_block, sequences=sequences)
-        elif mosaic.is_padded:
-            # The mask is built on the device from lengths: no host synchronisation. timm's checkpoint_seq cannot
-            # pass it, so the blocks run one by one, each checkpointed on its own.
-            mask = attention_mask(mosaic.valid, x.shape[1] - mosaic.n_patches, x.dtype)
-            x = run_blocks(vit.blocks, x, checkpointing, attn_mask=mask)
+        x, block_kwargs, checkpointing = self._block_inputs(mosaic)
+        if block_kwargs:
+            # timm's checkpoint_seq (and nn.Sequential) pass x alone: the blocks run one by one, each checkpointed on
+            # its own.
+            x = run_blocks(vit.blocks, x, checkpointing, **block_kwargs)
         elif checkpointing:
             from timm.models import checkpoint_seq
 
@@ -386,12 +396,8 @@ class Quadformer(nn.Module):
         vit = self.vit
         mosaic = x if isinstance(x, Mosaic) else self.tokenize(x, n_patches)
         take_indices, max_index = feature_take_indices(len(vit.blocks), indices)
-        if mosaic.is_padded:
-            check_blocks_for_padding(vit)
-        x = vit.norm_pre(vit.patch_drop(self.embed(mosaic)))
+        x, block_kwargs, checkpointing = self._block_inputs(mosaic)
         n_prefix = x.shape[1] - mosaic.n_patches
-        block_kwargs = {"attn_mask": attention_mask(mosaic.valid, n_prefix, x.dtype)} if mosaic.is_padded else {}
-        checkpointing = getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting()
         intermediates = []
         for index, block in enumerate(vit.blocks[:max_index + 1] if stop_early else vit.blocks):
             x = run_blocks([block], x, checkpointing, **block_kwargs)
