@@ -121,7 +121,7 @@ def insert_prefix(x: Tensor, prefix: Tensor | None, cu_seqlens: Tensor) -> Tenso
     steps = torch.arange(batch + 1, device=cu_seqlens.device)
     starts = cu_seqlens.long() + n_prefix * steps  # where each image starts in the output; the tail at [B]
     positions = torch.arange(leaves + batch * n_prefix, device=x.device)
-    images = torch.searchsorted(starts[1:], positions, right=True)  # B for the tail
+    images = row_images(starts, positions.shape[0])  # B for the tail
     offsets = positions - starts[images]
     is_prefix = (offsets < n_prefix) & (images < batch)
     # Rows of cat([x, prefix]): a leaf moves up by the prefix tokens of the images up to its own.
